@@ -1,0 +1,1 @@
+"""Pieces every stage shares: configs, layers, checkpoints, data, images, EMA."""

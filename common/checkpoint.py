@@ -1,0 +1,128 @@
+"""Components on disk: a directory with ``config.json`` and ``model.safetensors``.
+
+Writes are atomic (temporary file, fsync, rename), so a save killed half-way leaves the previous
+files intact. Loading is strict: a missing or unexpected key, or a shape that differs, is an error
+that names them. Legacy pickled ``.ckpt`` files are read with ``torch.load(weights_only=True)``,
+which refuses pickled code instead of running it.
+"""
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+from typing import Any, Callable, TypeVar
+
+import torch
+from safetensors.torch import load_file, save_file
+from torch import Tensor, nn
+
+from common.config import from_dict, to_dict
+
+CONFIG_FILE = "config.json"
+WEIGHTS_FILE = "model.safetensors"
+FORMAT_VERSION = 1
+T = TypeVar("T")
+
+
+class CheckpointError(RuntimeError):
+    """A component directory or checkpoint that cannot be loaded as asked."""
+
+
+def atomic_write(path: str | Path, write: Callable[[Path], None]) -> Path:
+    """Call ``write(tmp)`` on a temporary sibling of ``path``, then rename it over ``path``."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    try:
+        write(tmp)
+        with open(tmp, "rb") as handle:
+            os.fsync(handle.fileno())
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+    directory = os.open(path.parent, os.O_RDONLY)
+    try:
+        os.fsync(directory)  # make the rename itself durable
+    finally:
+        os.close(directory)
+    return path
+
+
+def save_component(directory: str | Path, kind: str, config: Any, state: nn.Module | dict[str, Tensor]) -> Path:
+    """Save one component: its kind and config as JSON, its weights as safetensors."""
+    directory = Path(directory)
+    state_dict = state.state_dict() if isinstance(state, nn.Module) else state
+    # Copies to CPU so tied or non-contiguous tensors serialise; safetensors refuses shared storage.
+    tensors = {name: tensor.detach().to("cpu", copy=True).contiguous() for name, tensor in state_dict.items()}
+    meta = {"kind": kind, "format_version": FORMAT_VERSION, "config": to_dict(config)}
+    atomic_write(directory / WEIGHTS_FILE, lambda tmp: save_file(tensors, str(tmp), metadata={"kind": kind}))
+    atomic_write(directory / CONFIG_FILE, lambda tmp: tmp.write_text(json.dumps(meta, indent=2) + "\n"))
+    return directory
+
+
+def read_component_config(directory: str | Path, kind: str, config_cls: type[T]) -> T:
+    """Read and validate the config of a component directory that must hold ``kind``."""
+    directory = Path(directory)
+    config_path = directory / CONFIG_FILE
+    if not config_path.is_file():
+        raise CheckpointError(
+            f"{directory} is not a latentgen component directory: {CONFIG_FILE} is missing. "
+            f"Point to a directory written by save_component / save_pretrained (it holds "
+            f"{CONFIG_FILE} and {WEIGHTS_FILE})."
+        )
+    try:
+        meta = json.loads(config_path.read_text())
+    except json.JSONDecodeError as error:
+        raise CheckpointError(f"{config_path} is not valid JSON ({error}); re-save the component.") from error
+    found = meta.get("kind")
+    if found != kind:
+        raise CheckpointError(f"{directory} holds a {found!r} component, but a {kind!r} was expected.")
+    return from_dict(config_cls, meta.get("config", {}))
+
+
+def load_component(directory: str | Path, kind: str, config_cls: type[T]) -> tuple[T, dict[str, Tensor]]:
+    """Return the validated config and the weights of a component directory."""
+    directory = Path(directory)
+    config = read_component_config(directory, kind, config_cls)
+    weights = directory / WEIGHTS_FILE
+    if not weights.is_file():
+        raise CheckpointError(f"{directory} has a {CONFIG_FILE} but no {WEIGHTS_FILE}; the save did not finish.")
+    return config, load_file(str(weights))
+
+
+def load_state_strict(module: nn.Module, state_dict: dict[str, Tensor], source: str = "checkpoint") -> None:
+    """Load weights, failing with the names of missing, unexpected and mis-shaped tensors."""
+    own = module.state_dict()
+    missing = sorted(set(own) - set(state_dict))
+    unexpected = sorted(set(state_dict) - set(own))
+    mis_shaped = [
+        f"{k}: {tuple(state_dict[k].shape)} in {source}, {tuple(own[k].shape)} in the model"
+        for k in sorted(set(own) & set(state_dict))
+        if own[k].shape != state_dict[k].shape
+    ]
+    problems = []
+    for label, names in (("missing keys", missing), ("unexpected keys", unexpected), ("shape mismatches", mis_shaped)):
+        if names:
+            shown = ", ".join(names[:10]) + (f", ... ({len(names) - 10} more)" if len(names) > 10 else "")
+            problems.append(f"{len(names)} {label}: {shown}")
+    if problems:
+        raise CheckpointError(
+            f"{source} does not fit {type(module).__name__}: " + "; ".join(problems)
+            + ". Was it saved from a model with a different config?"
+        )
+    module.load_state_dict(state_dict, strict=True)
+
+
+def load_legacy_checkpoint(path: str | Path) -> dict[str, Any]:
+    """Read a pickled ``.ckpt``/``.pt`` for conversion, refusing anything but tensors and plain data."""
+    path = Path(path)
+    if not path.is_file():
+        raise CheckpointError(f"checkpoint {path} does not exist")
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as error:  # torch raises UnpicklingError or RuntimeError depending on the payload
+        raise CheckpointError(
+            f"refused to load {path}: it holds objects other than tensors and plain data ({error}). "
+            "Only weights are read from legacy checkpoints; pickled code is never executed. "
+            "If you trust the file, extract its 'state_dict' in a separate script and save it as safetensors."
+        ) from error

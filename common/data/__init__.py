@@ -1,0 +1,50 @@
+"""Built-in datasets behind one interface.
+
+Every dataset is a map-style ``torch.utils.data.Dataset`` whose items are
+``{"image": (3, H, W) float in [-1, 1], "caption": str, "label": int}``.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Literal
+
+from torch.utils.data import Dataset
+
+
+@dataclass(frozen=True)
+class DataConfig:
+    """Which images to train or evaluate on.
+
+    name: ``shapes`` (procedural), ``emoji`` (Noto Color Emoji glyphs) or ``folder`` (``path``).
+    resolution: square side in pixels.
+    split: ``train`` or ``heldout`` (the fixed evaluation split), or ``all``.
+    size: number of items of the procedural ``shapes`` dataset (its stream is infinite).
+    seed: seed of the procedural data and of the augmentations.
+    path: image folder for ``folder``.
+    augment: captioned augmentations (emoji: background colours), train split only.
+    """
+
+    name: Literal["shapes", "emoji", "folder"] = "shapes"
+    resolution: int = 32
+    split: Literal["train", "heldout", "all"] = "train"
+    size: int = 10_000
+    seed: int = 0
+    path: str = ""
+    augment: bool = False
+
+
+def build_dataset(config: DataConfig) -> Dataset:
+    """Instantiate the dataset a ``DataConfig`` names."""
+    if config.name == "shapes":
+        from common.data.shapes import ShapesDataset
+
+        return ShapesDataset(config.resolution, size=config.size, seed=config.seed, split=config.split)
+    if config.name == "emoji":
+        from common.data.emoji import EmojiDataset
+
+        return EmojiDataset(config.resolution, split=config.split, augment=config.augment, seed=config.seed)
+    if not config.path:
+        raise ValueError("data.path is empty: the folder dataset needs data.path=/path/to/images")
+    from common.data.folder import FolderDataset
+
+    return FolderDataset(config.path, config.resolution)
