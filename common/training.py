@@ -1,0 +1,237 @@
+"""What every training script shares: the run config, the accelerator, a resumable data stream,
+atomic training checkpoints, metrics logs and the step/wall-clock budget.
+
+A run directory looks like::
+
+    run_dir/config.yaml                resolved config
+    run_dir/metrics.jsonl              one JSON object per logged step
+    run_dir/checkpoints/step_00001000  accelerate state: models, optimizers, schedulers, RNG, EMA, ...
+    run_dir/checkpoints/latest         name of the newest complete checkpoint
+"""
+from __future__ import annotations
+
+import json
+import logging
+import math
+import os
+import shutil
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Iterator, Literal
+
+import torch
+from accelerate import Accelerator
+from accelerate.utils import set_seed
+from torch.utils.data import DataLoader, Dataset, Sampler
+
+from common.checkpoint import atomic_write
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class RunConfig:
+    """How a training run is driven (shared by every stage).
+
+    steps / max_minutes: stop at whichever comes first (max_minutes 0 = no wall-clock budget).
+    batch_size: per process; the effective batch is batch_size * processes * grad_accum.
+    precision: accelerate's mixed precision; bf16 also works (and is faster) on recent CPUs.
+    max_skipped_steps: a step with a non-finite loss is skipped; after this many the run stops.
+    """
+
+    out_dir: str = "runs/default"
+    steps: int = 1000
+    max_minutes: float = 0.0
+    batch_size: int = 32
+    grad_accum: int = 1
+    precision: Literal["no", "bf16", "fp16"] = "bf16"
+    seed: int = 0
+    log_every: int = 25
+    sample_every: int = 500
+    save_every: int = 500
+    keep_checkpoints: int = 2
+    num_workers: int = 0
+    ema_decay: float = 0.999
+    max_skipped_steps: int = 10
+    progress: bool = True
+
+
+@dataclass(frozen=True)
+class OptimConfig:
+    """AdamW with linear warm-up then cosine decay to ``lr_floor`` x lr by the last step."""
+
+    lr: float = 2e-4
+    betas: tuple[float, float] = (0.9, 0.99)
+    weight_decay: float = 0.0
+    warmup_steps: int = 100
+    lr_floor: float = 0.1
+    grad_clip: float = 1.0
+
+
+def make_optimizer(params: Any, optim: OptimConfig, total_steps: int, lr: float | None = None
+                   ) -> tuple[torch.optim.Optimizer, torch.optim.lr_scheduler.LambdaLR]:
+    """An AdamW optimizer over ``params`` and its warm-up + cosine schedule (stepped once per step)."""
+    optimizer = torch.optim.AdamW(params, lr=lr or optim.lr, betas=optim.betas, weight_decay=optim.weight_decay)
+    schedule = torch.optim.lr_scheduler.LambdaLR(
+        optimizer, lambda step: cosine_warmup(step, optim.warmup_steps, total_steps, optim.lr_floor))
+    return optimizer, schedule
+
+
+def make_accelerator(run: RunConfig) -> Accelerator:
+    """An Accelerator for ``run`` with tensorboard logging into the run directory, seeded."""
+    Path(run.out_dir).mkdir(parents=True, exist_ok=True)
+    # Schedulers step once per optimizer step whatever the process count (accelerate's default
+    # steps them once per process, which silently changes the schedule with the cluster size).
+    accelerator = Accelerator(mixed_precision=run.precision, gradient_accumulation_steps=run.grad_accum,
+                              log_with="tensorboard", project_dir=run.out_dir, step_scheduler_with_optimizer=False)
+    accelerator.init_trackers("tensorboard")
+    set_seed(run.seed, device_specific=True)
+    return accelerator
+
+
+class StreamSampler(Sampler[int]):
+    """An endless, seeded stream of dataset indices, sharded over processes, that can start mid-way.
+
+    Epoch e is a permutation drawn from ``seed + e``; process r takes every ``world``-th index from
+    position r. Starting at ``start`` (counted in this process's samples) reproduces exactly the
+    indices an uninterrupted run would have seen, which is what makes resume bit-exact.
+    """
+
+    def __init__(self, length: int, seed: int = 0, rank: int = 0, world: int = 1, start: int = 0) -> None:
+        if length < world:
+            raise ValueError(f"the dataset has {length} items, fewer than the {world} processes")
+        self.length, self.seed, self.rank, self.world, self.start = length, seed, rank, world, start
+
+    def __iter__(self) -> Iterator[int]:
+        per_epoch = self.length // self.world
+        epoch, offset = divmod(self.start, per_epoch)
+        while True:
+            order = torch.randperm(self.length, generator=torch.Generator().manual_seed(self.seed + epoch))
+            yield from order[self.rank::self.world][offset:per_epoch].tolist()
+            epoch, offset = epoch + 1, 0
+
+    def __len__(self) -> int:  # endless; DataLoader only needs a number
+        return 2**62
+
+
+def make_loader(dataset: Dataset, run: RunConfig, accelerator: Accelerator, step: int = 0) -> Iterator[dict]:
+    """Endless batches for this process, positioned at optimizer step ``step``."""
+    samples_done = step * run.batch_size * run.grad_accum
+    sampler = StreamSampler(len(dataset), run.seed, accelerator.process_index, accelerator.num_processes, samples_done)
+    loader = DataLoader(dataset, batch_size=run.batch_size, sampler=sampler, num_workers=run.num_workers,
+                        drop_last=True, pin_memory=accelerator.device.type == "cuda",
+                        persistent_workers=run.num_workers > 0)
+    for batch in loader:
+        yield {k: v.to(accelerator.device, non_blocking=True) if torch.is_tensor(v) else v for k, v in batch.items()}
+
+
+def checkpoint_root(run_dir: str | Path) -> Path:
+    return Path(run_dir) / "checkpoints"
+
+
+def save_training_state(accelerator: Accelerator, run_dir: str | Path, step: int, keep: int = 2) -> Path:
+    """Save everything accelerate tracks (models, optimizers, schedulers, RNG, registered objects).
+
+    The state is written to ``step_N.tmp`` and renamed only once complete, then ``latest`` is
+    switched atomically, so a crash mid-save leaves the previous checkpoint as the one resumed.
+    """
+    root = checkpoint_root(run_dir)
+    final, tmp = root / f"step_{step:08d}", root / f"step_{step:08d}.tmp"
+    if accelerator.is_main_process:
+        shutil.rmtree(tmp, ignore_errors=True)
+    accelerator.wait_for_everyone()
+    accelerator.save_state(str(tmp))
+    accelerator.wait_for_everyone()
+    if accelerator.is_main_process:
+        (tmp / "step.json").write_text(json.dumps({"step": step}))
+        shutil.rmtree(final, ignore_errors=True)
+        os.replace(tmp, final)
+        atomic_write(root / "latest", lambda path: path.write_text(final.name))
+        for old in sorted(p for p in root.glob("step_*") if p.is_dir() and not p.name.endswith(".tmp"))[:-keep]:
+            shutil.rmtree(old, ignore_errors=True)
+    accelerator.wait_for_everyone()
+    return final
+
+
+def latest_checkpoint(run_dir: str | Path) -> Path | None:
+    """The newest complete training checkpoint of a run, or None."""
+    pointer = checkpoint_root(run_dir) / "latest"
+    if not pointer.is_file():
+        return None
+    path = checkpoint_root(run_dir) / pointer.read_text().strip()
+    return path if (path / "step.json").is_file() else None
+
+
+def resume_training_state(accelerator: Accelerator, run_dir: str | Path) -> int:
+    """Restore the newest checkpoint of ``run_dir`` if there is one; return its step (0 otherwise)."""
+    path = latest_checkpoint(run_dir)
+    if path is None:
+        return 0
+    accelerator.load_state(str(path))
+    step = json.loads((path / "step.json").read_text())["step"]
+    accelerator.print(f"resumed from {path} at step {step}")
+    return step
+
+
+class Budget:
+    """Stop after ``steps`` optimizer steps or ``max_minutes`` of wall time, whichever comes first.
+
+    Under several processes the wall-clock decision is taken by the main process and broadcast,
+    so all processes stop at the same step.
+    """
+
+    def __init__(self, run: RunConfig, accelerator: Accelerator) -> None:
+        self.steps, self.seconds = run.steps, run.max_minutes * 60
+        self.accelerator = accelerator
+        self.start = time.monotonic()
+
+    @property
+    def elapsed(self) -> float:
+        return time.monotonic() - self.start
+
+    def done(self, step: int) -> bool:
+        if step >= self.steps:
+            return True
+        if not self.seconds:
+            return False
+        flag = torch.tensor([float(self.elapsed >= self.seconds)], device=self.accelerator.device)
+        if self.accelerator.num_processes > 1:
+            torch.distributed.broadcast(flag, src=0)  # in place: every process adopts rank 0's clock
+        return bool(flag.item())
+
+
+class MetricsLog:
+    """Append metrics to ``metrics.jsonl`` (main process) and to the accelerator's trackers."""
+
+    def __init__(self, accelerator: Accelerator, run_dir: str | Path) -> None:
+        self.accelerator = accelerator
+        self.path = Path(run_dir) / "metrics.jsonl"
+
+    def log(self, step: int, values: dict[str, Any]) -> dict[str, float]:
+        clean = {k: float(v.detach().float().mean()) if torch.is_tensor(v) else float(v) for k, v in values.items()}
+        if self.accelerator.is_main_process:
+            with open(self.path, "a") as handle:
+                handle.write(json.dumps({"step": step, **clean}) + "\n")
+        self.accelerator.log(clean, step=step)
+        return clean
+
+
+def read_metrics(run_dir: str | Path) -> list[dict[str, float]]:
+    """The logged metrics of a run, in order."""
+    path = Path(run_dir) / "metrics.jsonl"
+    return [json.loads(line) for line in path.read_text().splitlines()] if path.is_file() else []
+
+
+def all_finite(value: torch.Tensor, accelerator: Accelerator) -> bool:
+    """True when ``value`` is finite on every process (so all processes skip or stop together)."""
+    flag = torch.isfinite(value.detach()).all().float().reshape(1)
+    return bool(accelerator.reduce(flag, reduction="min").item()) if accelerator.num_processes > 1 else bool(flag)
+
+
+def cosine_warmup(step: int, warmup: int, total: int, floor: float = 0.1) -> float:
+    """LR multiplier: linear warm-up for ``warmup`` steps, then cosine decay to ``floor``."""
+    if step < warmup:
+        return (step + 1) / warmup
+    progress = min(1.0, (step - warmup) / max(1, total - warmup))
+    return floor + (1 - floor) * 0.5 * (1 + math.cos(math.pi * progress))

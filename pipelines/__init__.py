@@ -1,0 +1,1 @@
+"""Pipelines chain the text encoder, a generator and the autoencoder's decoder."""
