@@ -121,8 +121,11 @@ def load_legacy_checkpoint(path: str | Path) -> dict[str, Any]:
     try:
         return torch.load(path, map_location="cpu", weights_only=True)
     except Exception as error:  # torch raises UnpicklingError or RuntimeError depending on the payload
+        # torch's own text advises weights_only=False; keep only the line that names the offending object.
+        lines = str(error).splitlines()
+        reason = next((line.strip() for line in lines if "Unsupported" in line or "GLOBAL" in line), lines[0])
         raise CheckpointError(
-            f"refused to load {path}: it holds objects other than tensors and plain data ({error}). "
+            f"refused to load {path}: it holds objects other than tensors and plain data ({reason}). "
             "Only weights are read from legacy checkpoints; pickled code is never executed. "
             "If you trust the file, extract its 'state_dict' in a separate script and save it as safetensors."
         ) from error

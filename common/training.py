@@ -59,22 +59,27 @@ class RunConfig:
 
 @dataclass(frozen=True)
 class OptimConfig:
-    """AdamW with linear warm-up then cosine decay to ``lr_floor`` x lr by the last step."""
+    """AdamW with linear warm-up, then cosine decay to ``lr_floor`` x lr at ``decay_steps``.
+
+    The schedule is its own setting rather than ``run.steps``, so where a run stops (step cap,
+    wall-clock budget, interruption) never changes the learning rate it trains with.
+    ``decay_steps: 0`` keeps the learning rate constant after the warm-up.
+    """
 
     lr: float = 2e-4
     betas: tuple[float, float] = (0.9, 0.99)
     weight_decay: float = 0.0
     warmup_steps: int = 100
+    decay_steps: int = 0
     lr_floor: float = 0.1
     grad_clip: float = 1.0
 
 
-def make_optimizer(params: Any, optim: OptimConfig, total_steps: int, lr: float | None = None
-                   ) -> tuple[torch.optim.Optimizer, torch.optim.lr_scheduler.LambdaLR]:
+def make_optimizer(params: Any, optim: OptimConfig) -> tuple[torch.optim.Optimizer, torch.optim.lr_scheduler.LambdaLR]:
     """An AdamW optimizer over ``params`` and its warm-up + cosine schedule (stepped once per step)."""
-    optimizer = torch.optim.AdamW(params, lr=lr or optim.lr, betas=optim.betas, weight_decay=optim.weight_decay)
+    optimizer = torch.optim.AdamW(params, lr=optim.lr, betas=optim.betas, weight_decay=optim.weight_decay)
     schedule = torch.optim.lr_scheduler.LambdaLR(
-        optimizer, lambda step: cosine_warmup(step, optim.warmup_steps, total_steps, optim.lr_floor))
+        optimizer, lambda step: cosine_warmup(step, optim.warmup_steps, optim.decay_steps, optim.lr_floor))
     return optimizer, schedule
 
 
@@ -83,8 +88,11 @@ def make_accelerator(run: RunConfig) -> Accelerator:
     Path(run.out_dir).mkdir(parents=True, exist_ok=True)
     # Schedulers step once per optimizer step whatever the process count (accelerate's default
     # steps them once per process, which silently changes the schedule with the cluster size).
+    # cpu=True when there is no accelerator: only then does `accelerate launch --multi_gpu` on a CPU
+    # machine give real multi-process training (gloo) instead of N independent single processes.
     accelerator = Accelerator(mixed_precision=run.precision, gradient_accumulation_steps=run.grad_accum,
-                              log_with="tensorboard", project_dir=run.out_dir, step_scheduler_with_optimizer=False)
+                              log_with="tensorboard", project_dir=run.out_dir, step_scheduler_with_optimizer=False,
+                              cpu=not torch.accelerator.is_available())
     accelerator.init_trackers("tensorboard")
     set_seed(run.seed, device_specific=True)
     return accelerator
@@ -119,9 +127,12 @@ def make_loader(dataset: Dataset, run: RunConfig, accelerator: Accelerator, step
     """Endless batches for this process, positioned at optimizer step ``step``."""
     samples_done = step * run.batch_size * run.grad_accum
     sampler = StreamSampler(len(dataset), run.seed, accelerator.process_index, accelerator.num_processes, samples_done)
+    # The loader gets its own generator: starting an iterator draws a worker seed, and drawing it from
+    # the global RNG would shift the RNG stream a resumed run restores.
     loader = DataLoader(dataset, batch_size=run.batch_size, sampler=sampler, num_workers=run.num_workers,
                         drop_last=True, pin_memory=accelerator.device.type == "cuda",
-                        persistent_workers=run.num_workers > 0)
+                        persistent_workers=run.num_workers > 0,
+                        generator=torch.Generator().manual_seed(run.seed + accelerator.process_index))
     for batch in loader:
         yield {k: v.to(accelerator.device, non_blocking=True) if torch.is_tensor(v) else v for k, v in batch.items()}
 
@@ -230,8 +241,11 @@ def all_finite(value: torch.Tensor, accelerator: Accelerator) -> bool:
 
 
 def cosine_warmup(step: int, warmup: int, total: int, floor: float = 0.1) -> float:
-    """LR multiplier: linear warm-up for ``warmup`` steps, then cosine decay to ``floor``."""
+    """LR multiplier: linear warm-up for ``warmup`` steps, then cosine decay to ``floor`` at ``total``
+    (``total`` 0: constant after the warm-up)."""
     if step < warmup:
         return (step + 1) / warmup
+    if total <= 0:
+        return 1.0
     progress = min(1.0, (step - warmup) / max(1, total - warmup))
     return floor + (1 - floor) * 0.5 * (1 + math.cos(math.pi * progress))

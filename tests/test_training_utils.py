@@ -41,3 +41,4 @@ def test_ema_tracks_with_warmup_and_round_trips():
 def test_cosine_warmup_shape():
     assert cosine_warmup(0, 10, 100) == 0.1 and cosine_warmup(9, 10, 100) == 1.0
     assert abs(cosine_warmup(100, 10, 100) - 0.1) < 1e-9
+    assert cosine_warmup(5000, 10, 0) == 1.0  # no decay configured

@@ -1,0 +1,81 @@
+"""Evaluate a trained autoencoder on a dataset split and print JSON.
+
+    python -m autoencoder.evaluate RUN_DIR --data emoji --split heldout
+
+RUN_DIR is a training run (its ``autoencoder/`` component is used) or a component directory.
+Reports PSNR, SSIM, LPIPS (null when the VGG weights are not available: never a made-up number),
+the fraction of the codebook used on the split, and the code perplexity.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+import torch
+
+from autoencoder.model import Autoencoder
+from autoencoder.perceptual import PerceptualWeightsError, build_perceptual
+from common.data import DataConfig, build_dataset
+from common.metrics import codebook_stats, psnr, ssim
+
+
+def component_dir(path: str | Path) -> Path:
+    """Accept a run directory or the component directory itself."""
+    path = Path(path)
+    return path / "autoencoder" if (path / "autoencoder" / "config.json").is_file() else path
+
+
+@torch.no_grad()
+def evaluate(model: Autoencoder, data: DataConfig, batch_size: int = 64, lpips_weights: str = "") -> dict:
+    """Reconstruction quality and codebook use of ``model`` on ``data``."""
+    dataset = build_dataset(data)
+    try:
+        perceptual = build_perceptual("lpips", lpips_weights)
+    except PerceptualWeightsError:
+        perceptual = None
+    device = next(model.parameters()).device
+    sums = {"psnr": 0.0, "ssim": 0.0, "lpips": 0.0}
+    indices = []
+    for start in range(0, len(dataset), batch_size):
+        x = torch.stack([dataset[i]["image"] for i in range(start, min(start + batch_size, len(dataset)))]).to(device)
+        out = model(x)
+        recon = out.recon.float().clamp(-1, 1)
+        sums["psnr"] += psnr(recon, x).sum().item()
+        sums["ssim"] += ssim(recon, x).sum().item()
+        if perceptual is not None:
+            sums["lpips"] += perceptual.to(device)(recon, x).sum().item()
+        if out.quant is not None:
+            indices.append(out.quant.indices.flatten().cpu())
+    count = len(dataset)
+    result = {"images": count, "psnr": sums["psnr"] / count, "ssim": sums["ssim"] / count,
+              "lpips": sums["lpips"] / count if perceptual is not None else None,
+              "codebook_used": None, "perplexity": None}
+    if indices:
+        used, perplexity = codebook_stats(torch.cat(indices), model.config.codebook_size)
+        result.update(codebook_used=used, perplexity=perplexity, codebook_size=model.config.codebook_size)
+    return result
+
+
+def main(argv: list[str] | None = None) -> dict:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("run_dir")
+    parser.add_argument("--data", default="emoji", choices=["shapes", "emoji", "folder"])
+    parser.add_argument("--split", default="heldout", choices=["train", "heldout", "all"])
+    parser.add_argument("--path", default="", help="image folder for --data folder")
+    parser.add_argument("--resolution", type=int, default=0, help="default: the model's training resolution")
+    parser.add_argument("--size", type=int, default=1000, help="number of images for --data shapes")
+    parser.add_argument("--lpips-weights", default="", help="path to vgg16-397923af.pth, if not in the torch cache")
+    args = parser.parse_args(argv)
+    model = Autoencoder.from_pretrained(component_dir(args.run_dir)).eval()
+    resolution = args.resolution or model.config.resolution
+    data = DataConfig(name=args.data, resolution=resolution, split=args.split, path=args.path, size=args.size)
+    result = {"run": str(args.run_dir), "data": args.data, "split": args.split, "resolution": resolution,
+              **evaluate(model, data, lpips_weights=args.lpips_weights)}
+    print(json.dumps(result, indent=2))
+    return result
+
+
+if __name__ == "__main__":
+    main(sys.argv[1:])

@@ -1,0 +1,126 @@
+"""Training-step speed of our VQ-GAN against taming-transformers' at identical architecture and weights.
+
+    python -m bench.autoencoder_vs_taming [--device cpu] [--batch 8] [--resolution 64] [--repeats 10]
+
+Both models run forward + backward (L1 reconstruction + quantizer loss) on the same batch in one
+process, alternating run by run so that drifting clocks and caches hit both alike; the medians are
+compared (ratio = taming / ours, so > 1 means ours is faster). Then our model alone: fp32 against
+bf16 autocast, and against the channels-last memory format.
+"""
+from __future__ import annotations
+
+import argparse
+import contextlib
+import statistics
+import time
+import warnings
+from typing import Callable
+
+import torch
+from torch import Tensor, nn
+
+from autoencoder.convert import from_taming_state_dict
+
+with warnings.catch_warnings():
+    warnings.simplefilter("ignore")
+    from taming.modules.diffusionmodules.model import Decoder as TamingDecoder
+    from taming.modules.diffusionmodules.model import Encoder as TamingEncoder
+    from taming.modules.vqvae.quantize import VectorQuantizer as TamingQuantizer
+
+
+class TamingVQGAN(nn.Module):
+    """taming's VQModel generator path (encoder, quant convs, quantizer, decoder) without Lightning."""
+
+    def __init__(self, resolution: int, codebook_size: int, code_dim: int) -> None:
+        super().__init__()
+        arch = dict(ch=64, out_ch=3, ch_mult=(1, 1, 2, 2), num_res_blocks=2, attn_resolutions=(resolution // 4,),
+                    dropout=0.0, in_channels=3, resolution=resolution, z_channels=64, double_z=False)
+        self.encoder, self.decoder = TamingEncoder(**arch), TamingDecoder(**arch)
+        self.quantize = TamingQuantizer(codebook_size, code_dim, beta=0.25)
+        self.quant_conv = nn.Conv2d(64, code_dim, 1)
+        self.post_quant_conv = nn.Conv2d(code_dim, 64, 1)
+
+    def forward(self, x: Tensor) -> tuple[Tensor, Tensor]:
+        z_q, loss, _ = self.quantize(self.quant_conv(self.encoder(x)))
+        return self.decoder(self.post_quant_conv(z_q)), loss
+
+
+def taming_step(model: TamingVQGAN, x: Tensor) -> None:
+    recon, q_loss = model(x)
+    ((recon - x).abs().mean() + q_loss).backward()
+
+
+def our_step(model: nn.Module, x: Tensor, autocast: bool = False) -> None:
+    context = torch.autocast(x.device.type, dtype=torch.bfloat16) if autocast else contextlib.nullcontext()
+    with context:
+        out = model(x)
+        loss = (out.recon.float() - x).abs().mean() + out.quantizer_loss
+    loss.backward()
+
+
+def timed(step: Callable[[], None], model: nn.Module, device: torch.device) -> float:
+    model.zero_grad(set_to_none=True)
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+    start = time.perf_counter()
+    step()
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+    return time.perf_counter() - start
+
+
+def alternate(runs: dict[str, tuple[Callable[[], None], nn.Module]], repeats: int, warmup: int,
+              device: torch.device) -> dict[str, float]:
+    """Median seconds per step of each run, timed in round-robin order."""
+    times: dict[str, list[float]] = {name: [] for name in runs}
+    for index in range(warmup + repeats):
+        for name, (step, model) in runs.items():
+            elapsed = timed(step, model, device)
+            if index >= warmup:
+                times[name].append(elapsed)
+    return {name: statistics.median(values) for name, values in times.items()}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--batch", type=int, default=8)
+    parser.add_argument("--resolution", type=int, default=64)
+    parser.add_argument("--repeats", type=int, default=10)
+    parser.add_argument("--warmup", type=int, default=2)
+    args = parser.parse_args()
+    device = torch.device(args.device)
+    torch.manual_seed(0)
+    theirs = TamingVQGAN(args.resolution, codebook_size=1024, code_dim=8).to(device).train()
+    ours = from_taming_state_dict(theirs.state_dict(), resolution=args.resolution).to(device).train()
+    x = torch.rand(args.batch, 3, args.resolution, args.resolution, device=device) * 2 - 1
+    config = ours.config
+    print(f"device {device}, threads {torch.get_num_threads()}, torch {torch.__version__}")
+    print(f"config: {args.resolution}px, base {config.base_channels}, channel_mult {config.channel_mult}, "
+          f"res blocks {config.num_res_blocks}, attention at {config.attn_resolutions} + mid, "
+          f"K={config.codebook_size}, D={config.code_dim}, batch {args.batch}, "
+          f"{sum(p.numel() for p in ours.parameters()) / 1e6:.1f} M parameters")
+
+    with torch.no_grad():
+        same = (theirs(x)[0] - ours.eval()(x).recon).abs().max().item()
+    ours.train()
+    print(f"identical weights: max |recon difference| {same:.1e}")
+
+    channels_last = from_taming_state_dict(theirs.state_dict(), resolution=args.resolution).to(device).train()
+    channels_last = channels_last.to(memory_format=torch.channels_last)
+    x_last = x.contiguous(memory_format=torch.channels_last)
+    medians = alternate({"taming fp32": (lambda: taming_step(theirs, x), theirs),
+                         "ours fp32": (lambda: our_step(ours, x), ours),
+                         "ours bf16 autocast": (lambda: our_step(ours, x, autocast=True), ours),
+                         "ours fp32 channels_last": (lambda: our_step(channels_last, x_last), channels_last)},
+                        args.repeats, args.warmup, device)
+    for name, seconds in medians.items():
+        print(f"  {name:<24} median {seconds * 1e3:8.1f} ms / step (forward + backward)")
+    for baseline, candidate in (("taming fp32", "ours fp32"), ("ours fp32", "ours bf16 autocast"),
+                                ("ours fp32", "ours fp32 channels_last"), ("taming fp32", "ours bf16 autocast")):
+        print(f"  {baseline} / {candidate} = {medians[baseline] / medians[candidate]:.2f}")
+    print("  (ratio > 1: the second is faster)")
+
+
+if __name__ == "__main__":
+    main()
