@@ -38,6 +38,8 @@ class RunConfig:
     batch_size: per process; the effective batch is batch_size * processes * grad_accum.
     precision: accelerate's mixed precision; bf16 also works (and is faster) on recent CPUs.
     max_skipped_steps: a step with a non-finite loss is skipped; after this many the run stops.
+    cpu_threads: torch threads per process when training on CPU; 0 = the usable cores divided among
+        the processes on this machine (``accelerate launch`` alone would leave one thread per process).
     """
 
     out_dir: str = "runs/default"
@@ -54,6 +56,7 @@ class RunConfig:
     num_workers: int = 0
     ema_decay: float = 0.999
     max_skipped_steps: int = 10
+    cpu_threads: int = 0
     progress: bool = True
 
 
@@ -94,6 +97,9 @@ def make_accelerator(run: RunConfig) -> Accelerator:
                               log_with="tensorboard", project_dir=run.out_dir, step_scheduler_with_optimizer=False,
                               cpu=not torch.accelerator.is_available())
     accelerator.init_trackers("tensorboard")
+    if accelerator.device.type == "cpu":
+        cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+        torch.set_num_threads(run.cpu_threads or max(1, cores // int(os.environ.get("LOCAL_WORLD_SIZE", 1))))
     set_seed(run.seed, device_specific=True)
     return accelerator
 
