@@ -87,3 +87,12 @@ def test_bad_override_fails_before_training(tmp_path):
                             capture_output=True, text=True, timeout=120)
     assert result.returncode != 0 and "Did you mean 'lr'" in result.stderr
     assert not (tmp_path / "runs").exists()
+
+
+def test_bf16_with_gradient_accumulation_counts_optimizer_steps(tmp_path):
+    run_dir = tmp_path / "accum"
+    train(tmp_path, f"run.out_dir={run_dir}", "run.steps=3", "run.grad_accum=2", "run.precision=bf16")
+    metrics = read_metrics(run_dir)
+    assert [m["step"] for m in metrics] == [1, 2, 3]
+    assert all(m["total"] == m["total"] for m in metrics)
+    assert json.loads((run_dir / "checkpoints" / "step_00000003" / "step.json").read_text())["step"] == 3
