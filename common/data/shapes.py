@@ -38,7 +38,7 @@ SPLITS: tuple[str, ...] = ("train", "heldout", "all")
 
 _COLOUR_NAMES = tuple(COLOURS)
 _PALETTE = np.array([COLOURS[name] for name in _COLOUR_NAMES], dtype=np.float32) / 255.0
-_SIDE = {"small": 0.46, "large": 0.78}  # shape side as a fraction of the grid cell
+_SIDE = {"small": 0.6, "large": 0.9}  # shape side as a fraction of the grid cell (a 32 px small square is 6 px)
 _FILL = {"circle": math.pi / 4, "square": 1.0, "triangle": 0.5}  # area / bounding-box area
 _JITTER = 0.4  # centre jitter as a fraction of the free margin, so shapes stay inside their cell
 _SPLIT_STREAM = {"train": 0, "all": 0, "heldout": 1}  # heldout draws from its own seed stream
@@ -183,7 +183,7 @@ _MAX_RESIDUAL = 0.2  # RGB distance of the shape's colour from the nearest palet
 _MIN_OPACITY = 0.3  # the shape's most inked pixels must be at least this far from white to its colour
 _SKEW = 0.2  # vertical skew separating triangles (< -0.24 even blurred) from symmetric shapes (~0)
 _DEAD_BAND = 0.1  # opacities below this count as background, above 1 - this as solid
-_AREA_RANGE = (0.04, 1.2)  # shape area in grid cells; small triangle ~0.11, large square ~0.61
+_AREA_RANGE = (0.04, 1.2)  # shape area in grid cells; small triangle ~0.18, large square ~0.81
 _SIZE_SPLIT = math.sqrt(_SIDE["small"] * _SIDE["large"])
 
 
