@@ -6,7 +6,7 @@ import socket
 import pytest
 import torch
 
-from diffusion.text_encoder import TextEmbedding, TextEncoder, TextEncoderConfig, bundled_model_dir
+from common.text_encoder import TextEmbedding, TextEncoder, TextEncoderConfig, bundled_model_dir
 
 pytest.importorskip("transformers")
 
@@ -60,9 +60,9 @@ def test_padding_does_not_change_real_tokens(encoder: TextEncoder) -> None:
 
 def test_long_prompts_are_truncated_with_one_warning(encoder: TextEncoder, caplog) -> None:
     prompts = ["word " * 300, "word " * 400, "short"]  # 302 and 402 tokens with [CLS]/[SEP]
-    with caplog.at_level(logging.WARNING, logger="diffusion.text_encoder"):
+    with caplog.at_level(logging.WARNING, logger="common.text_encoder"):
         text = encoder.encode(prompts)
-    warnings = [r for r in caplog.records if r.name == "diffusion.text_encoder"]
+    warnings = [r for r in caplog.records if r.name == "common.text_encoder"]
     assert len(warnings) == 1
     assert "2 of 3 prompts" in warnings[0].getMessage() and "192 tokens dropped" in warnings[0].getMessage()
     assert text.states.shape[1] == encoder.max_length

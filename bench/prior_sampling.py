@@ -1,0 +1,121 @@
+"""Sampling speed of the token prior: our static KV cache vs full recomputation vs taming's minGPT ``sample()``.
+
+    python bench/prior_sampling.py [--layers 8] [--width 512] [--heads 8] [--tokens 256] [--batch 8]
+                                   [--repeats 3] [--threads 0] [--device cpu]
+
+All three sample ``--tokens`` codes (a 16 x 16 grid by default) from a class prefix of one token, with
+random weights and the same architecture (layers, width, heads, MLP 4x, codebook 1024):
+
+- ``cached``: :func:`prior.sampling.sample_tokens` with its static key/value cache (the default path);
+- ``uncached``: the same function with ``use_cache=False`` (recomputes the whole sequence every step);
+- ``taming``: ``taming.modules.transformer.mingpt.sample`` from taming-transformers 0.0.1, which
+  recomputes the whole sequence every step.
+
+Each is run ``--warmup`` times untimed, then ``--repeats`` times; the JSON report gives the median seconds per
+call and the ratios taming / cached and uncached / cached. No guidance (taming has none).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import sys
+import time
+from typing import Callable
+
+import torch
+
+from prior.sampling import sample_tokens
+from prior.transformer import GPT, Condition, PriorConfig
+
+CODEBOOK = 1024
+
+
+def timed(fn: Callable[[], object], repeats: int, warmup: int, device: torch.device) -> list[float]:
+    """Wall-clock seconds of ``repeats`` calls after ``warmup`` untimed calls."""
+    for _ in range(warmup):
+        fn()
+    times = []
+    for _ in range(repeats):
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        start = time.perf_counter()
+        fn()
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        times.append(time.perf_counter() - start)
+    return times
+
+
+def build_ours(args: argparse.Namespace, device: torch.device) -> tuple[GPT, Callable[[bool], torch.Tensor]]:
+    grid = int(args.tokens ** 0.5)
+    if grid * grid != args.tokens:
+        raise SystemExit(f"--tokens must be a square number, got {args.tokens}")
+    config = PriorConfig(codebook_size=CODEBOOK, grid_size=grid, condition="class", num_classes=1000,
+                         width=args.width, depth=args.layers, heads=args.heads)
+    model = GPT(config).to(device).eval()
+    labels = torch.arange(args.batch, device=device) % 1000
+
+    def sample(use_cache: bool) -> torch.Tensor:
+        generator = torch.Generator(device).manual_seed(0)
+        return sample_tokens(model, model.prefix(Condition(labels=labels)), generator=generator, use_cache=use_cache)
+
+    return model, sample
+
+
+def build_taming(args: argparse.Namespace, device: torch.device) -> tuple[torch.nn.Module, Callable[[], torch.Tensor]]:
+    from taming.modules.transformer import mingpt
+
+    model = mingpt.GPT(vocab_size=CODEBOOK, block_size=args.tokens + 1, n_layer=args.layers, n_head=args.heads,
+                       n_embd=args.width).to(device).eval()
+    start = torch.zeros(args.batch, 1, dtype=torch.long, device=device)  # one conditioning token, like our prefix
+
+    def sample() -> torch.Tensor:
+        return mingpt.sample(model, start, steps=args.tokens, temperature=1.0, sample=True)[:, 1:]
+
+    return model, sample
+
+
+def main(argv: list[str] | None = None) -> dict:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--layers", type=int, default=8)
+    parser.add_argument("--width", type=int, default=512)
+    parser.add_argument("--heads", type=int, default=8)
+    parser.add_argument("--tokens", type=int, default=256)
+    parser.add_argument("--batch", type=int, default=8)
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--warmup", type=int, default=1)
+    parser.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: torch's default)")
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    args = parser.parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    device = torch.device(args.device)
+    torch.manual_seed(0)
+    ours, sample = build_ours(args, device)
+    theirs, taming_sample = build_taming(args, device)
+    with torch.no_grad():
+        seconds = {
+            "cached": timed(lambda: sample(True), args.repeats, args.warmup, device),
+            "uncached": timed(lambda: sample(False), args.repeats, args.warmup, device),
+            "taming": timed(taming_sample, args.repeats, args.warmup, device),
+        }
+    medians = {name: statistics.median(values) for name, values in seconds.items()}
+    report = {
+        "device": str(device) if device.type != "cuda" else torch.cuda.get_device_name(device),
+        "threads": torch.get_num_threads(),
+        "settings": {k: getattr(args, k) for k in ("layers", "width", "heads", "tokens", "batch", "repeats", "warmup")},
+        "parameters": {"ours": sum(p.numel() for p in ours.parameters()),
+                       "taming": sum(p.numel() for p in theirs.parameters())},
+        "seconds": seconds,
+        "median_seconds": medians,
+        "tokens_per_second_cached": args.batch * args.tokens / medians["cached"],
+        "ratio_taming_over_cached": medians["taming"] / medians["cached"],
+        "ratio_uncached_over_cached": medians["uncached"] / medians["cached"],
+    }
+    print(json.dumps(report, indent=2))
+    return report
+
+
+if __name__ == "__main__":
+    main(sys.argv[1:])

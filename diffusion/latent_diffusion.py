@@ -1,0 +1,287 @@
+"""Latent diffusion as one object: frozen autoencoder + U-Net + text encoder + noise schedule.
+
+    pipe = LatentDiffusion.from_pretrained("runs/shapes32_diffusion/pipeline")
+    images = pipe.generate(["a small red circle at the top left"], guidance=4.0,
+                           generator=torch.Generator().manual_seed(0))   # (1, 3, 32, 32) in [-1, 1]
+
+A pipeline directory::
+
+    dir/pipeline.json   {"kind": "text_to_image", "format_version": 1, "diffusion": {DiffusionConfig},
+                         "text_encoder": {TextEncoderConfig} | null, "latent_scale": float}
+    dir/autoencoder/    component directory (config.json + model.safetensors)
+    dir/unet/           component directory
+
+The U-Net works on scaled latents z * latent_scale; :meth:`LatentDiffusion.decode` divides the scale
+out (and snaps VQ latents to the codebook) before decoding. This module also holds what training
+shares with the benchmarks: :class:`DiffusionConfig`, condition dropout and the training loss.
+
+Shapes: B batch, D latent channels, h w latent grid, L tokens, E text width.
+"""
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Literal
+
+import torch
+from torch import Tensor, nn
+
+from autoencoder.model import Autoencoder
+from common.checkpoint import CheckpointError, atomic_write
+from common.config import from_dict, to_dict
+from diffusion.guidance import classifier_free, inpainting
+from diffusion.latent_cache import decode_latents, encode_latents, pad_tokens
+from diffusion.objectives import Denoiser, Prediction, Weighting, diffusion_loss, loss_weight, training_target
+from diffusion.samplers import Callback, get_sampler
+from diffusion.schedules import (
+    NoiseSchedule, ScheduleKind, Spacing, img2img_timesteps, make_schedule, q_sample, timesteps_for,
+)
+from common.text_encoder import TextEmbedding, TextEncoder, TextEncoderConfig
+from diffusion.unet import NULL_CLASS, UNet
+
+PIPELINE_FILE = "pipeline.json"
+PIPELINE_KIND = "text_to_image"
+FORMAT_VERSION = 1
+
+
+@dataclass(frozen=True)
+class DiffusionConfig:
+    """The diffusion process and its training objective.
+
+    Attributes:
+        schedule: beta ramp, see :func:`diffusion.schedules.make_schedule`.
+        num_steps: T, the number of training timesteps.
+        beta_start, beta_end: ends of the linear ramps (ignored by "cosine").
+        zero_terminal_snr: rescale the schedule to zero SNR at T-1 (pair with "v" or "x0" prediction).
+        prediction: what the U-Net predicts: "epsilon", "x0" or "v".
+        weighting: "none" or "min_snr" (Min-SNR-gamma loss weights, Hang et al. 2023).
+        snr_gamma: gamma of min_snr.
+        cond_drop_prob: probability that training replaces an item's condition by the null one
+            (the "" caption, the null class), which is what makes classifier-free guidance work.
+        spacing: how sampling picks its timesteps ("trailing" starts at T-1).
+    """
+
+    schedule: ScheduleKind = "scaled_linear"
+    num_steps: int = 1000
+    beta_start: float = 0.00085
+    beta_end: float = 0.012
+    zero_terminal_snr: bool = False
+    prediction: Prediction = "epsilon"
+    weighting: Weighting = "min_snr"
+    snr_gamma: float = 5.0
+    cond_drop_prob: float = 0.1
+    spacing: Spacing = "trailing"
+
+    def __post_init__(self) -> None:
+        if not 0.0 <= self.cond_drop_prob < 1.0:
+            raise ValueError(f"cond_drop_prob must be in [0, 1), got {self.cond_drop_prob}")
+        if self.zero_terminal_snr and self.prediction == "epsilon":
+            raise ValueError("zero_terminal_snr needs prediction 'v' or 'x0': an epsilon network cannot "
+                             "recover x0 from pure noise at the last timestep")
+
+    def make_schedule(self) -> NoiseSchedule:
+        """The noise schedule this config describes."""
+        return make_schedule(self.schedule, self.num_steps, self.beta_start, self.beta_end, self.zero_terminal_snr)
+
+
+def drop_condition(ids: Tensor, prob: float, null_id: int, generator: torch.Generator | None = None) -> Tensor:
+    """Replace each of ``ids`` (B,) by ``null_id`` with probability ``prob`` (condition dropout)."""
+    if prob <= 0:
+        return ids
+    drop = torch.rand(ids.shape, generator=generator, device=ids.device if generator is None else generator.device)
+    return torch.where(drop.to(ids.device) < prob, torch.full_like(ids, null_id), ids)
+
+
+def training_loss(unet: nn.Module, schedule: NoiseSchedule, config: DiffusionConfig, latents: Tensor,
+                  text: TextEmbedding | None = None, class_labels: Tensor | None = None) -> Tensor:
+    """The weighted denoising loss (B,) of clean scaled latents (B, D, h, w), t ~ U{0, ..., T-1}.
+
+    Draws t and the noise from the global RNG (what accelerate checkpoints, so resume is exact).
+    ``class_labels`` are already shifted (label + 1, or NULL_CLASS) as the U-Net takes them.
+    """
+    batch = latents.shape[0]
+    t = torch.randint(0, schedule.num_steps, (batch,), device=latents.device)
+    noise = torch.randn_like(latents)
+    x_t = q_sample(schedule, latents, t, noise)
+    context = dict(context=text.states, context_mask=text.mask) if text is not None else {}
+    output = unet(x_t, t, class_labels=class_labels, **context)
+    target = training_target(config.prediction, latents, noise, schedule, t)
+    weights = loss_weight(config.weighting, schedule, t, config.snr_gamma, config.prediction)
+    return diffusion_loss(output, target, weights)
+
+
+class LatentDiffusion(nn.Module):
+    """Autoencoder + U-Net + text encoder + schedule: the pieces the text-to-image pipelines compose.
+
+    Args:
+        autoencoder: the frozen stage-1 model (VQ or KL).
+        unet: the denoising network, on scaled latents with D = autoencoder code_dim channels.
+        text_encoder: the frozen text encoder, or None for a U-Net without cross-attention.
+        config: the diffusion process the U-Net was trained with.
+        latent_scale: the factor between autoencoder latents and U-Net latents.
+    """
+
+    def __init__(self, autoencoder: Autoencoder, unet: UNet, text_encoder: TextEncoder | None,
+                 config: DiffusionConfig, latent_scale: float) -> None:
+        super().__init__()
+        check_compatible(autoencoder, unet, text_encoder)
+        self.autoencoder, self.unet, self.text_encoder = autoencoder.eval(), unet, text_encoder
+        self.config, self.latent_scale = config, float(latent_scale)
+        self.schedule = config.make_schedule()
+
+    @property
+    def device(self) -> torch.device:
+        return next(self.unet.parameters()).device
+
+    # ------------------------------------------------------------------------------------ save / load
+    def save_pretrained(self, directory: str | Path) -> Path:
+        """Write the pipeline directory (components first, ``pipeline.json`` last)."""
+        directory = Path(directory)
+        self.autoencoder.save_pretrained(directory / "autoencoder")
+        self.unet.save_pretrained(directory / "unet")
+        meta = {"kind": PIPELINE_KIND, "format_version": FORMAT_VERSION, "diffusion": to_dict(self.config),
+                "text_encoder": to_dict(self.text_encoder.config) if self.text_encoder is not None else None,
+                "latent_scale": self.latent_scale}
+        atomic_write(directory / PIPELINE_FILE, lambda tmp: tmp.write_text(json.dumps(meta, indent=2) + "\n"))
+        return directory
+
+    @classmethod
+    def from_pretrained(cls, directory: str | Path, text_encoder: TextEncoder | None = None) -> LatentDiffusion:
+        """Load a pipeline directory on CPU; pass an already loaded ``text_encoder`` to share it."""
+        directory = Path(directory)
+        path = directory / PIPELINE_FILE
+        if not path.is_file():
+            raise CheckpointError(f"{directory} is not a pipeline directory: {PIPELINE_FILE} is missing "
+                                  f"(training writes one to <run_dir>/pipeline)")
+        meta = json.loads(path.read_text())
+        if meta.get("kind") != PIPELINE_KIND or meta.get("format_version") != FORMAT_VERSION:
+            raise CheckpointError(f"{path} holds kind {meta.get('kind')!r} format {meta.get('format_version')}; "
+                                  f"expected {PIPELINE_KIND!r} format {FORMAT_VERSION}")
+        config = from_dict(DiffusionConfig, meta["diffusion"])
+        if text_encoder is None and meta.get("text_encoder") is not None:
+            text_encoder = TextEncoder(from_dict(TextEncoderConfig, meta["text_encoder"]))
+        autoencoder = Autoencoder.from_pretrained(directory / "autoencoder")
+        unet = UNet.from_pretrained(directory / "unet").eval()
+        return cls(autoencoder, unet, text_encoder, config, meta["latent_scale"])
+
+    # ------------------------------------------------------------------------------------- the pieces
+    def encode_prompts(self, prompts: list[str]) -> TextEmbedding:
+        """Prompts -> TextEmbedding(states (B, L, E), mask (B, L)) on the U-Net's device."""
+        if self.text_encoder is None:
+            raise ValueError("this pipeline has no text encoder (its U-Net has no cross-attention)")
+        text = self.text_encoder.encode(list(prompts))
+        return TextEmbedding(text.states.to(self.device), text.mask.to(self.device))
+
+    @torch.no_grad()
+    def encode_images(self, images: Tensor) -> Tensor:
+        """Images (B, 3, H, W) in [-1, 1] -> scaled latents (B, D, h, w) as the U-Net sees them."""
+        return encode_latents(self.autoencoder, images.to(self.device)) * self.latent_scale
+
+    @torch.no_grad()
+    def decode(self, latents: Tensor) -> Tensor:
+        """Scaled latents (B, D, h, w) -> images (B, 3, H, W) in [-1, 1]."""
+        return decode_latents(self.autoencoder, latents.to(self.device).float() / self.latent_scale)
+
+    def latent_shape(self, batch: int, size: int | None = None) -> tuple[int, int, int, int]:
+        """(B, D, h, w) for images of ``size`` pixels (default: the autoencoder's training resolution)."""
+        ae = self.autoencoder.config
+        side = (size or ae.resolution) // ae.downsample_factor
+        return batch, ae.code_dim, side, side
+
+    def timesteps(self, steps: int, sampler: str) -> Tensor:
+        """The sampling timesteps, in the style each sampler was matched to diffusers with."""
+        style = "dpmsolver" if sampler == "dpmpp_2m" else "ddim"
+        return timesteps_for(self.schedule, steps, self.config.spacing, style=style)
+
+    @torch.no_grad()
+    def sample_latents(self, cond: TextEmbedding | None, uncond: TextEmbedding | None,
+                       shape: tuple[int, ...], *, steps: int = 20, guidance: float = 1.0, rescale: float = 0.0,
+                       sampler: str = "dpmpp_2m", generator: torch.Generator | None = None,
+                       init_latents: Tensor | None = None, strength: float = 1.0, mask: Tensor | None = None,
+                       known_latents: Tensor | None = None, class_labels: Tensor | None = None,
+                       callback: Callback | None = None, **sampler_options: Any) -> Tensor:
+        """Run a sampler from noise (or from noised ``init_latents``) to scaled latents (B, D, h, w).
+
+        Args:
+            cond: the prompts' embeddings (B rows), or None without text.
+            uncond: the unconditional / negative embeddings (1 or B rows); None with guidance 1.
+            shape: (B, D, h, w).
+            steps: sampling steps before img2img truncation.
+            guidance: classifier-free guidance scale w (1: conditional only, 0: unconditional only).
+            rescale: guidance rescale phi in [0, 1].
+            sampler: a name of :data:`diffusion.samplers.SAMPLERS`.
+            generator: the only source of randomness (initial noise, img2img noise, stochastic steps).
+            init_latents: (B, D, h, w) scaled latents to start from (img2img); ``strength`` 0 returns them.
+            strength: fraction of the trajectory re-run from ``init_latents``.
+            mask, known_latents: inpainting: where ``mask`` (B or 1, 1, h, w) is 1, the result equals
+                ``known_latents`` (B, D, h, w).
+            class_labels: (B,) dataset labels (not shifted) for a class-conditional U-Net.
+            callback: ``callback(i, x_t, x0_hat)`` after each step.
+            sampler_options: extra sampler options, e.g. ``eta`` for "ddim".
+        """
+        timesteps = self.timesteps(steps, sampler)
+        device = self.device
+        if init_latents is not None:
+            if strength == 0:
+                return init_latents.to(device).clone()
+            timesteps = img2img_timesteps(timesteps, strength)
+        x = torch.randn(shape, generator=generator, device=generator.device if generator else device).to(device)
+        if init_latents is not None:  # SDEdit: noise the input to the first kept timestep
+            start = torch.full((shape[0],), int(timesteps[0]), device=device)
+            x = q_sample(self.schedule, init_latents.to(device).float(), start, x)
+        denoiser = self._guided_denoiser(cond, uncond, guidance, rescale, class_labels)
+        if mask is not None:
+            if known_latents is None:
+                raise ValueError("inpainting needs known_latents together with mask")
+            denoiser = inpainting(denoiser, known_latents.to(device), mask.to(device))
+        return get_sampler(sampler)(denoiser, x, self.schedule, timesteps, generator=generator,
+                                    callback=callback, **sampler_options)
+
+    def _guided_denoiser(self, cond: TextEmbedding | None, uncond: TextEmbedding | None, guidance: float,
+                         rescale: float, class_labels: Tensor | None):
+        denoiser = Denoiser(self.unet, self.schedule, self.config.prediction)
+        cond_kwargs: dict[str, Any] = {}
+        uncond_kwargs: dict[str, Any] = {}
+        if cond is not None:
+            if uncond is None:
+                uncond = cond  # only used with guidance 1, where it is never evaluated
+            length = max(cond.states.shape[1], uncond.states.shape[1])  # [cond; uncond] share one length
+            cond, uncond = pad_tokens(cond, length), pad_tokens(uncond, length)
+            cond_kwargs.update(context=cond.states.to(self.device), context_mask=cond.mask.to(self.device))
+            uncond_kwargs.update(context=uncond.states.to(self.device), context_mask=uncond.mask.to(self.device))
+        if class_labels is not None:
+            labels = class_labels.to(self.device).long() + 1  # the U-Net's id 0 is the null class
+            cond_kwargs["class_labels"] = labels
+            uncond_kwargs["class_labels"] = torch.full_like(labels, NULL_CLASS)
+        if not cond_kwargs or guidance == 1.0:
+            return lambda x, t: denoiser(x, t, **cond_kwargs)
+        return classifier_free(denoiser, cond_kwargs, uncond_kwargs, guidance, rescale)
+
+    @torch.no_grad()
+    def generate(self, prompts: list[str], *, negative_prompts: list[str] | None = None, steps: int = 20,
+                 guidance: float = 4.0, rescale: float = 0.0, sampler: str = "dpmpp_2m",
+                 generator: torch.Generator | None = None, size: int | None = None,
+                 class_labels: Tensor | None = None, **sampler_options: Any) -> Tensor:
+        """Text -> images (B, 3, H, W) in [-1, 1]; negative prompts (1 or B) replace the null prompt ""."""
+        cond = self.encode_prompts(prompts) if self.text_encoder is not None else None
+        uncond = None
+        if cond is not None and guidance != 1.0:
+            uncond = self.encode_prompts(negative_prompts if negative_prompts else [""])
+        batch = len(prompts) if prompts else int(class_labels.shape[0])
+        latents = self.sample_latents(cond, uncond, self.latent_shape(batch, size), steps=steps, guidance=guidance,
+                                      rescale=rescale, sampler=sampler, generator=generator,
+                                      class_labels=class_labels, **sampler_options)
+        return self.decode(latents)
+
+
+def check_compatible(autoencoder: Autoencoder, unet: UNet, text_encoder: TextEncoder | None) -> None:
+    """Fail with a clear message when the components do not fit together."""
+    code_dim, config = autoencoder.config.code_dim, unet.config
+    if (config.in_channels, config.out_channels) != (code_dim, code_dim):
+        raise ValueError(f"the U-Net maps {config.in_channels} -> {config.out_channels} channels but the "
+                         f"autoencoder's latents have code_dim={code_dim} channels")
+    width = text_encoder.width if text_encoder is not None else 0
+    if config.context_dim != width:
+        raise ValueError(f"the U-Net's context_dim={config.context_dim} does not match the text encoder width "
+                         f"{width}" + (" (no text encoder)" if text_encoder is None else ""))

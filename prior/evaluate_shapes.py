@@ -1,0 +1,77 @@
+"""Score a shapes token prior: prompt accuracy and diversity, printed as JSON.
+
+    python -m prior.evaluate_shapes runs/shapes32_quick_prior --guidance 2 --top-k 0 --temperature 1
+    python -m prior.evaluate_shapes runs/shapes32_quick_prior --sweep 0,1,2,4     # prints a list
+
+RUN_DIR is a training run directory (its ``pipeline/`` is used) or a pipeline directory. The prompts,
+scorer and output format are those of ``python -m diffusion.evaluate_shapes``
+(:func:`common.evaluation.evaluate_shapes`), so the two generators are compared on the same terms.
+Options left out take the pipeline's recorded sampling defaults; every result repeats the settings
+that produced it.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+
+import torch
+
+from common.evaluation import evaluate_shapes
+from prior.generate import TokenPrior, find_pipeline
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("run_dir", help="training run directory or pipeline directory")
+    parser.add_argument("--guidance", type=float, default=None, help="guidance scale (default: the pipeline's)")
+    parser.add_argument("--sweep", default="", help="comma-separated guidance scales, e.g. 0,1,2,4 (overrides --guidance)")
+    parser.add_argument("--guidance-tokens", type=int, default=None, help="guide only the first N tokens (0: all)")
+    parser.add_argument("--temperature", type=float, default=None)
+    parser.add_argument("--top-k", type=int, default=None, help="0 keeps every code")
+    parser.add_argument("--top-p", type=float, default=None, help="1 keeps every code")
+    parser.add_argument("--negative", default="", help="negative prompt (default: the learned null condition)")
+    parser.add_argument("--prompts", type=int, default=32, help="number of fixed evaluation prompts")
+    parser.add_argument("--samples", type=int, default=4, help="samples per prompt")
+    parser.add_argument("--seed", type=int, default=0, help="sampling seed")
+    parser.add_argument("--batch-size", type=int, default=64, help="images per sampling call")
+    parser.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: torch's default)")
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    return parser.parse_args(argv)
+
+
+def evaluate(pipe: TokenPrior, args: argparse.Namespace, guidance: float) -> dict:
+    """Score one guidance scale; the result repeats every setting that produced it."""
+    given = {"guidance_tokens": args.guidance_tokens, "temperature": args.temperature, "top_k": args.top_k,
+             "top_p": args.top_p}
+    sampling = {**vars(pipe.sampling), **{k: v for k, v in given.items() if v is not None}, "guidance": guidance}
+
+    def generate(prompts: list[str], seed: int) -> torch.Tensor:
+        negative = [args.negative] * len(prompts) if args.negative else None
+        generator = torch.Generator(pipe.device).manual_seed(seed)
+        return pipe.generate(prompts, negative_prompts=negative, generator=generator, **sampling)
+
+    start = time.perf_counter()
+    scores = evaluate_shapes(generate, num_prompts=args.prompts, samples_per_prompt=args.samples, seed=args.seed,
+                             batch_size=args.batch_size)
+    settings = {"run_dir": str(args.run_dir), **sampling, "negative": args.negative, "seed": args.seed}
+    return {**settings, **scores, "seconds": round(time.perf_counter() - start, 2)}
+
+
+def main(argv: list[str] | None = None) -> dict | list[dict]:
+    args = parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    pipe = TokenPrior.from_pretrained(find_pipeline(args.run_dir), device=args.device)
+    default = args.guidance if args.guidance is not None else pipe.sampling.guidance
+    scales = [float(s) for s in args.sweep.split(",") if s.strip()] if args.sweep else [default]
+    results = [evaluate(pipe, args, scale) for scale in scales]
+    report = results if args.sweep else results[0]
+    json.dump(report, sys.stdout, indent=2)
+    sys.stdout.write("\n")
+    return report
+
+
+if __name__ == "__main__":
+    main(sys.argv[1:])

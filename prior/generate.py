@@ -1,0 +1,197 @@
+"""The tokens-to-image bundle: text encoder (or class names) -> token prior -> autoencoder decoder.
+
+A pipeline directory::
+
+    dir/pipeline.json    {"kind": "tokens_to_image", "format_version": 1,
+                          "prior": {"sampling": {...}, "class_names": [...] | null},
+                          "text_encoder": {"name_or_path": ..., "max_length": ...} | null}
+    dir/autoencoder/     config.json + model.safetensors (a VQ autoencoder)
+    dir/prior/           config.json + model.safetensors (the GPT)
+
+    pipe = TokenPrior.from_pretrained("runs/shapes32_prior/pipeline")
+    images = pipe.generate(["a small red circle at the top left"], guidance=3.0,
+                           generator=torch.Generator().manual_seed(0))      # (1, 3, H, W) in [-1, 1]
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+from pathlib import Path
+from typing import Any
+
+import torch
+from einops import rearrange
+from torch import Tensor
+
+from autoencoder.model import VQGAN, Autoencoder
+from common.checkpoint import CheckpointError, atomic_write, load_component, load_state_strict, save_component
+from common.config import from_dict, to_dict
+from prior.sampling import SamplingConfig, sample_tokens
+from prior.text import TextEncoderConfig, encode_prompts, load_text_encoder
+from prior.transformer import COMPONENT_KIND, GPT, Condition, Prefix, PriorConfig
+
+PIPELINE_FILE = "pipeline.json"
+PIPELINE_KIND = "tokens_to_image"
+FORMAT_VERSION = 1
+
+
+class TokenPrior:
+    """Autoencoder + GPT prior (+ the text encoder's config, loaded on first use).
+
+    Args:
+        autoencoder: a VQ autoencoder whose codebook the prior models.
+        prior: the GPT.
+        text_config: the text encoder config for a text prior (None otherwise).
+        class_names: for a class prior, the prompt naming each class (prompts map to labels by name;
+            None for classes without a name).
+        sampling: the default sampling settings.
+    """
+
+    def __init__(self, autoencoder: VQGAN, prior: GPT, text_config: TextEncoderConfig | None = None,
+                 class_names: list[str | None] | None = None, sampling: SamplingConfig | None = None) -> None:
+        if autoencoder.config.codebook_size != prior.config.codebook_size:
+            raise ValueError(f"the prior models {prior.config.codebook_size} codes, the autoencoder has "
+                             f"{autoencoder.config.codebook_size}")
+        if prior.config.condition == "text" and text_config is None:
+            raise ValueError("a text prior needs its text encoder config")
+        self.autoencoder, self.prior = autoencoder.eval(), prior.eval()
+        self.text_config, self.class_names = text_config, class_names
+        self.sampling = sampling or SamplingConfig()
+        self._text_encoder: Any = None
+
+    @property
+    def device(self) -> torch.device:
+        return self.prior.position_embedding.device
+
+    def to(self, device: torch.device | str) -> TokenPrior:
+        self.autoencoder.to(device)
+        self.prior.to(device)
+        if self._text_encoder is not None:
+            self._text_encoder.to(device)
+        return self
+
+    @property
+    def text_encoder(self) -> Any:
+        """The frozen text encoder, loaded on first use."""
+        if self._text_encoder is None:
+            self._text_encoder = load_text_encoder(self.text_config, self.device)
+        return self._text_encoder
+
+    # -------------------------------------------------------------------------------- conditions
+    def condition(self, prompts: list[str] | None = None, labels: Tensor | None = None) -> Condition:
+        """The condition for prompts (text priors, or class priors with class names) or class labels."""
+        kind = self.prior.config.condition
+        if kind == "text":
+            if prompts is None:
+                raise ValueError("a text prior needs prompts")
+            states, mask = encode_prompts(self.text_encoder, prompts, self.prior.config.text_tokens)
+            return Condition(states=states.to(self.device), mask=mask.to(self.device))
+        if kind == "class":
+            if labels is None:
+                labels = self._labels_of(prompts)
+            return Condition(labels=torch.as_tensor(labels, device=self.device).long())
+        return Condition()
+
+    def _labels_of(self, prompts: list[str] | None) -> Tensor:
+        if prompts is None or self.class_names is None:
+            raise ValueError("a class prior needs labels (or prompts, when the pipeline has class names)")
+        index = {name: label for label, name in enumerate(self.class_names) if name is not None}
+        unknown = [p for p in prompts if p not in index]
+        if unknown:
+            raise ValueError(f"{len(unknown)} prompts name no class of this prior, e.g. {unknown[0]!r}")
+        return torch.tensor([index[p] for p in prompts])
+
+    def _prefixes(self, prompts: list[str] | None, labels: Tensor | None,
+                  negative_prompts: list[str] | None, batch: int) -> tuple[Prefix, Prefix | None]:
+        cond = self.prior.prefix(self.condition(prompts, labels), batch=batch)
+        if self.prior.config.condition == "none":
+            return cond, None  # nothing to guide towards
+        if negative_prompts is None:
+            return cond, self.prior.null_prefix(batch)
+        if self.prior.config.condition != "text":
+            raise ValueError("negative prompts need a text prior (a class prior's only negative is the null class)")
+        if len(negative_prompts) != batch:
+            raise ValueError(f"{len(negative_prompts)} negative prompts for {batch} prompts")
+        empty = torch.tensor([not p for p in negative_prompts], device=self.device)  # "" -> the learned null
+        return cond, self.prior.prefix(self.condition(negative_prompts), drop=empty)
+
+    # -------------------------------------------------------------------------------- generation
+    @torch.no_grad()
+    def generate(self, prompts: list[str] | None = None, *, labels: Tensor | None = None,
+                 negative_prompts: list[str] | None = None, num_samples: int | None = None,
+                 guidance: float | None = None, guidance_tokens: int | None = None,
+                 temperature: float | None = None, top_k: int | None = None, top_p: float | None = None,
+                 generator: torch.Generator | None = None) -> Tensor:
+        """Sample images; unset sampling options take the pipeline's defaults (``self.sampling``).
+
+        Args:
+            prompts: B prompts (text priors; class priors with class names).
+            labels: (B,) class ids (class priors).
+            negative_prompts: B prompts for the unconditional rows of guidance ("" = the null condition).
+            num_samples: B for an unconditional prior.
+            guidance, guidance_tokens, temperature, top_k, top_p: see :class:`SamplingConfig`.
+            generator: the only source of randomness.
+
+        Returns:
+            (B, 3, H, W) images in [-1, 1].
+        """
+        batch = len(prompts) if prompts is not None else len(labels) if labels is not None else num_samples
+        if not batch:
+            raise ValueError("give prompts, labels or num_samples")
+        given = dict(guidance=guidance, guidance_tokens=guidance_tokens, temperature=temperature, top_k=top_k,
+                     top_p=top_p)
+        settings = dataclasses.replace(self.sampling, **{k: v for k, v in given.items() if v is not None})
+        cond, uncond = self._prefixes(prompts, labels, negative_prompts, batch)
+        tokens = sample_tokens(self.prior, cond, uncond, generator=generator, **dataclasses.asdict(settings))
+        return self.decode(tokens)
+
+    def decode(self, tokens: Tensor) -> Tensor:
+        """Code indices (B, N) -> images (B, 3, H, W) in [-1, 1]."""
+        grid = rearrange(tokens, "b (h w) -> b h w", h=self.prior.config.grid_size)
+        return self.autoencoder.decode_indices(grid).float().clamp(-1, 1)
+
+    # -------------------------------------------------------------------------------- save / load
+    def save_pretrained(self, directory: str | Path) -> Path:
+        """Write the pipeline directory (see the module docstring)."""
+        directory = Path(directory)
+        self.autoencoder.save_pretrained(directory / "autoencoder")
+        save_component(directory / "prior", COMPONENT_KIND, self.prior.config, self.prior)
+        meta = {"kind": PIPELINE_KIND, "format_version": FORMAT_VERSION,
+                "prior": {"sampling": to_dict(self.sampling), "class_names": self.class_names},
+                "text_encoder": to_dict(self.text_config) if self.text_config is not None else None}
+        atomic_write(directory / PIPELINE_FILE, lambda tmp: tmp.write_text(json.dumps(meta, indent=2) + "\n"))
+        return directory
+
+    @classmethod
+    def from_pretrained(cls, directory: str | Path, device: torch.device | str = "cpu") -> TokenPrior:
+        """Load a pipeline directory strictly (unknown keys, kinds or weights are errors)."""
+        directory = Path(directory)
+        path = directory / PIPELINE_FILE
+        if not path.is_file():
+            raise CheckpointError(f"{directory} is not a token prior pipeline: {PIPELINE_FILE} is missing")
+        meta = json.loads(path.read_text())
+        if meta.get("kind") != PIPELINE_KIND or meta.get("format_version") != FORMAT_VERSION:
+            raise CheckpointError(f"{path} holds kind {meta.get('kind')!r} version {meta.get('format_version')}, "
+                                  f"expected {PIPELINE_KIND!r} version {FORMAT_VERSION}")
+        unknown = (set(meta) - {"kind", "format_version", "prior", "text_encoder"}) | (
+            set(meta.get("prior", {})) - {"sampling", "class_names"})
+        if unknown:
+            raise CheckpointError(f"{path} has unknown keys {sorted(unknown)}; was it written by a newer version?")
+        autoencoder = Autoencoder.from_pretrained(directory / "autoencoder")
+        if not isinstance(autoencoder, VQGAN):
+            raise CheckpointError(f"{directory / 'autoencoder'} is not a VQ autoencoder")
+        config, state = load_component(directory / "prior", COMPONENT_KIND, PriorConfig)
+        prior = GPT(config)
+        load_state_strict(prior, state, str(directory / "prior"))
+        text = meta.get("text_encoder")
+        return cls(autoencoder, prior, from_dict(TextEncoderConfig, text) if text is not None else None,
+                   meta["prior"].get("class_names"), from_dict(SamplingConfig, meta["prior"]["sampling"])).to(device)
+
+
+def find_pipeline(path: str | Path) -> Path:
+    """A pipeline directory, given it or a training run directory that holds ``pipeline/``."""
+    path = Path(path)
+    for candidate in (path, path / "pipeline"):
+        if (candidate / PIPELINE_FILE).is_file():
+            return candidate
+    raise CheckpointError(f"no {PIPELINE_FILE} in {path} or {path / 'pipeline'}")

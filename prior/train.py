@@ -1,0 +1,190 @@
+"""Train the token prior (stage 2b) on code indices of a trained stage 1 autoencoder.
+
+    accelerate launch prior/train.py configs/prior/shapes32_quick.yaml [key=value ...]
+
+The dataset is tokenised once (and its captions encoded once) into a cache keyed by the autoencoder
+weights and the data/text settings. Each step trains next-token prediction with pkeep input
+corruption and condition dropout. Everything is resumable: re-running the same command continues
+from ``run.out_dir``'s latest checkpoint. The EMA weights are saved as a pipeline in ``<out_dir>/pipeline``.
+"""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import math
+import sys
+from dataclasses import dataclass, field
+
+import torch
+from tqdm import tqdm
+
+from autoencoder.model import Autoencoder
+from common.config import ConfigError, dump_config, load_config
+from common.data import DataConfig
+from common.ema import EMA
+from common.images import save_grid
+from common.training import (
+    Budget, MetricsLog, OptimConfig, RunConfig, all_finite, make_accelerator, make_loader, make_optimizer,
+    resume_training_state, save_training_state,
+)
+from prior.generate import TokenPrior
+from prior.losses import LossConfig, condition_dropout, corrupt_tokens, next_token_loss
+from prior.sampling import SamplingConfig, sample_tokens
+from prior.text import TextEncoderConfig, fit_length
+from prior.token_cache import TokenData, TokenDataset, TokensConfig, load_or_build_tokens
+from prior.transformer import GPT, Condition, PriorConfig, parameter_groups
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    model: PriorConfig = field(default_factory=PriorConfig)
+    tokens: TokensConfig = field(default_factory=TokensConfig)
+    text: TextEncoderConfig = field(default_factory=TextEncoderConfig)
+    loss: LossConfig = field(default_factory=LossConfig)
+    sample: SamplingConfig = field(default_factory=SamplingConfig)
+    optim: OptimConfig = field(default_factory=lambda: OptimConfig(lr=3e-4, betas=(0.9, 0.95), weight_decay=0.05))
+    data: DataConfig = field(default_factory=DataConfig)
+    run: RunConfig = field(default_factory=lambda: RunConfig(out_dir="runs/prior"))
+
+
+def resolve_model_config(config: PriorConfig, data: TokenData, codebook_size: int) -> PriorConfig:
+    """Fill the zero fields of ``config`` from stage 1 and the data; fail on explicit values that disagree."""
+    grid = math.isqrt(data.tokens.shape[1])
+    derived = {"codebook_size": codebook_size, "grid_size": grid,
+               "num_classes": data.num_classes if config.condition == "class" else 0,
+               "text_dim": data.text_states.shape[-1] if data.text_states is not None else 0}
+    for name, value in derived.items():
+        given = getattr(config, name)
+        if given and value and given != value and name != "num_classes":
+            raise ConfigError(f"model.{name}={given}, but stage 1 / the data give {value}; set it to 0 to derive it")
+        if given and name == "num_classes" and given < value:
+            raise ConfigError(f"model.num_classes={given}, but the data has labels up to {value - 1}")
+    config = dataclasses.replace(config, **{k: getattr(config, k) or v for k, v in derived.items()})
+    config.validate()
+    return config
+
+
+def batch_condition(batch: dict, data: TokenData, kind: str) -> Condition:
+    """The condition of a batch: its labels, or its captions' cached text states."""
+    if kind == "class":
+        return Condition(labels=batch["label"])
+    if kind == "text":
+        ids = batch["caption"].to(data.text_states.device)
+        return Condition(states=data.text_states[ids], mask=data.text_mask[ids])
+    return Condition()
+
+
+def preview_condition(data: TokenData, kind: str, count: int, device: torch.device) -> tuple[Condition, list[str]]:
+    """Fixed conditions for the sample grids: the first ``count`` distinct captions (or labels)."""
+    first: dict[int, int] = {}  # caption id -> first item showing it
+    for item, caption in enumerate(data.caption_ids.tolist()):
+        first.setdefault(caption, item)
+        if len(first) == count:
+            break
+    items = torch.tensor(list(first.values()))
+    batch = {"label": data.labels[items].to(device), "caption": items.new_tensor(list(first))}
+    return batch_condition(batch, data, kind), [data.captions[c] for c in first]
+
+
+@torch.no_grad()
+def write_samples(model: GPT, autoencoder: Autoencoder, cond: Condition, rows: int, sampling: SamplingConfig,
+                  path: str, samples: int = 4) -> None:
+    """A grid with one row per preview condition and ``samples`` columns, from a fixed generator."""
+    count = rows * samples
+    repeated = {k: v.repeat_interleave(samples, dim=0) for k, v in cond._asdict().items() if v is not None}
+    prefix = model.prefix(Condition(**repeated), batch=count)
+    uncond = model.null_prefix(count) if model.config.condition != "none" else None
+    generator = torch.Generator(model.position_embedding.device).manual_seed(0)
+    tokens = sample_tokens(model, prefix, uncond, generator=generator, **dataclasses.asdict(sampling))
+    grid = tokens.reshape(-1, model.config.grid_size, model.config.grid_size)
+    save_grid(autoencoder.decode_indices(grid).float().clamp(-1, 1), path, columns=samples, scale=2)
+
+
+def train_step(batch, model, data: TokenData, opt, accelerator, cfg: TrainConfig):
+    """One optimizer (micro-)step; returns (loss terms, whether the loss was finite)."""
+    tokens = batch["tokens"]
+    kind = cfg.model.condition
+    inputs = corrupt_tokens(tokens[:, :-1], cfg.loss.pkeep, cfg.model.codebook_size)
+    drop = condition_dropout(tokens.shape[0], cfg.loss.cond_drop if kind != "none" else 0.0, tokens.device)
+    terms = next_token_loss(model(inputs, batch_condition(batch, data, kind), drop), tokens)
+    if not all_finite(terms.loss, accelerator):
+        opt.zero_grad(set_to_none=True)
+        return terms, False
+    accelerator.backward(terms.loss)
+    if accelerator.sync_gradients and cfg.optim.grad_clip:
+        accelerator.clip_grad_norm_(model.parameters(), cfg.optim.grad_clip)
+    opt.step()
+    opt.zero_grad(set_to_none=True)
+    return terms, True
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("config", help="YAML file under configs/prior/")
+    parser.add_argument("overrides", nargs="*", help="dotted overrides, e.g. optim.lr=3e-4")
+    args = parser.parse_args(argv)
+    cfg = load_config(TrainConfig, args.config, args.overrides)
+    accelerator = make_accelerator(cfg.run)
+    out_dir, kind = cfg.run.out_dir, cfg.model.condition
+    text = cfg.text if kind == "text" else None
+    with accelerator.main_process_first():  # the main process builds the cache, the others read it
+        data = load_or_build_tokens(cfg.tokens, cfg.data, text, accelerator.device)
+    autoencoder = Autoencoder.from_pretrained(cfg.tokens.autoencoder).to(accelerator.device)
+    cfg = dataclasses.replace(cfg, model=resolve_model_config(cfg.model, data, autoencoder.config.codebook_size))
+    if accelerator.is_main_process:
+        dump_config(cfg, f"{out_dir}/config.yaml")
+    if data.text_states is not None:  # cut or pad the cached states to the prior's text slots, once
+        states, mask = fit_length(data.text_states, data.text_mask, cfg.model.text_tokens)
+        data = data._replace(text_states=states.to(accelerator.device), text_mask=mask.to(accelerator.device))
+
+    model = GPT(cfg.model).train()
+    opt, sched = make_optimizer(parameter_groups(model, cfg.optim.weight_decay), cfg.optim)
+    model, opt, sched = accelerator.prepare(model, opt, sched)
+    ema = EMA(accelerator.unwrap_model(model), cfg.run.ema_decay)
+    accelerator.register_for_checkpointing(ema)
+    step = resume_training_state(accelerator, out_dir)
+
+    batches = make_loader(TokenDataset(data), cfg.run, accelerator, step)
+    preview, captions = preview_condition(data, kind, 8, accelerator.device)
+    metrics, budget = MetricsLog(accelerator, out_dir), Budget(cfg.run, accelerator)
+    bar = tqdm(total=cfg.run.steps, initial=step, disable=not (cfg.run.progress and accelerator.is_main_process),
+               desc="prior", dynamic_ncols=True)
+    accelerator.print(f"{len(data.tokens)} token sequences of {data.tokens.shape[1]}; model "
+                      f"{sum(p.numel() for p in model.parameters()) / 1e6:.2f}M parameters; preview: {captions}")
+    skipped = 0
+    while not budget.done(step):
+        batch = next(batches)
+        with accelerator.accumulate(model):
+            terms, ok = train_step(batch, model, data, opt, accelerator, cfg)
+        if not ok:
+            skipped += 1
+            accelerator.print(f"step {step}: non-finite loss {terms.loss.item()}, update skipped ({skipped} so far)")
+            if skipped > cfg.run.max_skipped_steps:
+                raise RuntimeError(f"{skipped} non-finite losses: stopping; the last checkpoint is intact")
+            continue
+        if not accelerator.sync_gradients:
+            continue  # gradient accumulation: the optimizer has not stepped yet
+        sched.step()
+        ema.update(accelerator.unwrap_model(model))
+        step += 1
+        bar.update(1)
+        if step % cfg.run.log_every == 0 or step == 1:
+            logged = metrics.log(step, {**terms._asdict(), "lr": sched.get_last_lr()[0], "seconds": budget.elapsed})
+            bar.set_postfix(loss=f"{logged['loss']:.3f}", acc=f"{logged['accuracy']:.3f}")
+        if accelerator.is_main_process and step % cfg.run.sample_every == 0:
+            write_samples(ema.shadow, autoencoder, preview, len(captions), cfg.sample,
+                          f"{out_dir}/samples/step_{step:08d}.png")
+        if step % cfg.run.save_every == 0:
+            save_training_state(accelerator, out_dir, step, cfg.run.keep_checkpoints)
+    bar.close()
+    save_training_state(accelerator, out_dir, step, cfg.run.keep_checkpoints)
+    if accelerator.is_main_process:
+        class_names = data.class_names() if kind == "class" else None
+        TokenPrior(autoencoder, ema.shadow, text, class_names, cfg.sample).save_pretrained(f"{out_dir}/pipeline")
+        write_samples(ema.shadow, autoencoder, preview, len(captions), cfg.sample, f"{out_dir}/samples/final.png")
+        accelerator.print(f"done: {step} steps in {budget.elapsed / 60:.1f} min; pipeline saved to {out_dir}/pipeline")
+    accelerator.end_training()
+
+
+if __name__ == "__main__":
+    main(sys.argv[1:])
