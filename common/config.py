@@ -25,6 +25,14 @@ class ConfigError(ValueError):
     """A config file or override that does not fit its dataclass."""
 
 
+class _Override(str):
+    """Command-line text, parsed only once the field's type is known: ``run.precision=no`` must stay
+    the string "no" for a string field, where YAML alone would read it as False."""
+
+    def parse(self) -> Any:
+        return yaml.safe_load(self) if self else ""
+
+
 def load_config(cls: type[T], path: str | Path | None = None, overrides: Sequence[str] = ()) -> T:
     """Build ``cls`` from an optional YAML file, then apply ``key.sub=value`` overrides."""
     data: dict[str, Any] = {}
@@ -77,7 +85,7 @@ def _apply_override(data: dict[str, Any], override: str) -> None:
         node = node.setdefault(part, {})
         if not isinstance(node, dict):
             raise ConfigError(f"override {override!r}: {part} is a value, not a section")
-    node[leaf] = yaml.safe_load(raw) if raw else ""
+    node[leaf] = _Override(raw)
 
 
 def _unknown_key_message(full_key: str, key: str, valid: list[str]) -> str:
@@ -90,10 +98,13 @@ def _coerce(hint: Any, value: Any, where: str) -> Any:
     """Check ``value`` against the annotation ``hint``; convert only where it is lossless."""
     origin = typing.get_origin(hint)
     args = typing.get_args(hint)
+    if isinstance(value, _Override) and origin not in (Union, types.UnionType):
+        wants_text = hint is str or (origin is Literal and all(isinstance(a, str) for a in args))
+        value = str(value) if wants_text else value.parse()
     if dataclasses.is_dataclass(hint):
         return from_dict(hint, value, f"{where}.")
     if origin in (Union, types.UnionType):
-        if value is None and type(None) in args:
+        if type(None) in args and (value is None or isinstance(value, _Override) and value.parse() is None):
             return None
         errors = []
         for arg in (a for a in args if a is not type(None)):

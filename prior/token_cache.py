@@ -4,7 +4,8 @@ Shape vocabulary: M dataset items, N tokens per item (h * w, raster order), U un
 L text tokens (the longest caption's), D text width.
 
 The cache is one safetensors file named by a hash of everything it depends on: the autoencoder's
-weights and config, the data config and the text encoder config. Each caption is encoded once;
+weights and config, the data config, a fingerprint of the data itself (its length and first items, so
+a change to a dataset's code is noticed too) and the text encoder config. Each caption is encoded once;
 the file is written atomically, so an interrupted extraction leaves no cache behind.
 """
 from __future__ import annotations
@@ -90,8 +91,19 @@ class TokenDataset(Dataset):
                 "caption": self.data.caption_ids[index]}
 
 
-def cache_key(autoencoder_dir: str | Path, data: DataConfig, text: TextEncoderConfig | None) -> str:
-    """A hex digest of the autoencoder (weights + config), the data config and the text settings."""
+def data_fingerprint(dataset: Dataset, items: int = 4) -> str:
+    """A hex digest of the dataset's length and its first ``items`` items (pixels, caption, label)."""
+    digest = hashlib.sha256(str(len(dataset)).encode())
+    for index in range(min(items, len(dataset))):
+        item = dataset[index]
+        digest.update(item["image"].float().numpy().tobytes())
+        digest.update(f"{item['caption']}\0{int(item['label'])}".encode())
+    return digest.hexdigest()
+
+
+def cache_key(autoencoder_dir: str | Path, data: DataConfig, text: TextEncoderConfig | None,
+              fingerprint: str = "") -> str:
+    """A hex digest of the autoencoder (weights + config), the data (config + fingerprint) and the text settings."""
     directory = Path(autoencoder_dir)
     digest = hashlib.sha256()
     for name in (CONFIG_FILE, WEIGHTS_FILE):
@@ -102,7 +114,7 @@ def cache_key(autoencoder_dir: str | Path, data: DataConfig, text: TextEncoderCo
         with open(path, "rb") as handle:
             for chunk in iter(lambda: handle.read(1 << 20), b""):
                 digest.update(chunk)
-    settings = {"format": CACHE_FORMAT, "data": to_dict(data),
+    settings = {"format": CACHE_FORMAT, "data": to_dict(data), "fingerprint": fingerprint,
                 "text": to_dict(text) if text is not None else None}
     digest.update(json.dumps(settings, sort_keys=True).encode())
     return digest.hexdigest()[:20]
@@ -132,24 +144,26 @@ def load_or_build_tokens(config: TokensConfig, data: DataConfig, text: TextEncod
         text: the text encoder for text conditioning; None skips text encoding.
         device: where the encoders run.
     """
-    path = Path(config.cache_dir) / f"tokens-{cache_key(config.autoencoder, data, text)}.safetensors"
-    if not path.is_file():
-        # Building initialises models and data loaders from the global RNG; a run that builds the cache
-        # must draw the same random numbers afterwards as one that finds it (exact resume).
-        with torch.random.fork_rng(devices=[]):
-            build_token_cache(path, config, data, text, device)
+    # Building initialises models and data loaders from the global RNG; a run that builds the cache
+    # must draw the same random numbers afterwards as one that finds it (exact resume).
+    with torch.random.fork_rng(devices=[]):
+        dataset = build_dataset(data)
+        key = cache_key(config.autoencoder, data, text, data_fingerprint(dataset))
+        path = Path(config.cache_dir) / f"tokens-{key}.safetensors"
+        if not path.is_file():
+            build_token_cache(path, config, dataset, text, device)
     return read_token_cache(path)
 
 
-def build_token_cache(path: Path, config: TokensConfig, data: DataConfig, text: TextEncoderConfig | None,
+def build_token_cache(path: Path, config: TokensConfig, dataset: Dataset, text: TextEncoderConfig | None,
                       device: torch.device | str) -> Path:
-    """Tokenise ``data`` (and encode its unique captions) into the safetensors file ``path``."""
+    """Tokenise ``dataset`` (and encode its unique captions) into the safetensors file ``path``."""
     autoencoder = Autoencoder.from_pretrained(config.autoencoder)
     if not isinstance(autoencoder, VQGAN):
         raise CheckpointError(f"{config.autoencoder} holds a {autoencoder.config.kind!r} autoencoder; the token "
                               "prior needs a vector-quantized one (kind: vq)")
-    logger.info("extracting tokens of %s with %s into %s", data.name, config.autoencoder, path)
-    tokens, labels, item_captions = extract_tokens(autoencoder, build_dataset(data), config.batch_size, device,
+    logger.info("extracting tokens of %d items with %s into %s", len(dataset), config.autoencoder, path)
+    tokens, labels, item_captions = extract_tokens(autoencoder, dataset, config.batch_size, device,
                                                    config.num_workers)
     captions = list(dict.fromkeys(item_captions))
     ids = {caption: i for i, caption in enumerate(captions)}

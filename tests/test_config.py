@@ -99,3 +99,17 @@ def test_missing_file_and_non_mapping(tmp_path):
     (tmp_path / "list.yaml").write_text("- 1\n- 2\n")
     with pytest.raises(ConfigError, match="mapping"):
         load_config(Train, tmp_path / "list.yaml")
+
+
+@dataclass(frozen=True)
+class Run:
+    precision: Literal["no", "bf16", "fp16"] = "bf16"
+    name: str = "x"
+    path: str | None = "p"
+
+
+def test_override_text_keeps_its_string_meaning():
+    # YAML 1.1 reads no/on/off/yes as booleans; string fields must get the text as written.
+    cfg = load_config(Run, None, ["precision=no", "name=off", "path=null"])
+    assert cfg.precision == "no" and cfg.name == "off" and cfg.path is None
+    assert load_config(Run, None, ["name=123", "path=yes"]) == Run(name="123", path="yes")

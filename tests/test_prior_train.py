@@ -12,7 +12,7 @@ import torch
 import yaml
 
 from autoencoder.model import VQGAN, AutoencoderConfig
-from common.data import DataConfig
+from common.data import DataConfig, shapes
 from common.training import read_metrics
 from prior.generate import TokenPrior
 from prior.token_cache import TokensConfig, load_or_build_tokens
@@ -73,6 +73,10 @@ def test_token_cache_is_built_once_per_setting(autoencoder_dir, tmp_path):
     assert torch.equal(again.tokens, first.tokens) and files[0].stat().st_mtime_ns == stamp, "read, not rebuilt"
     load_or_build_tokens(config, DataConfig(name="shapes", resolution=16, size=41))
     assert len(list(tmp_path.iterdir())) == 2, "another data config is another cache"
+    with pytest.MonkeyPatch.context() as patch:  # same config, but the dataset code draws other images
+        patch.setitem(shapes._SIDE, "small", 0.5)
+        load_or_build_tokens(config, data)
+    assert len(list(tmp_path.iterdir())) == 3, "changed data is another cache"
     names = first.class_names()
     assert names is not None and all(names[first.labels[i]] == first.captions[first.caption_ids[i]] for i in range(40))
 
