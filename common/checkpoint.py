@@ -37,6 +37,9 @@ def atomic_write(path: str | Path, write: Callable[[Path], None]) -> Path:
         write(tmp)
         with open(tmp, "rb") as handle:
             os.fsync(handle.fileno())
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(tmp, 0o666 & ~umask)  # some writers (safetensors) create 0600; components are shared files
         os.replace(tmp, path)
     finally:
         tmp.unlink(missing_ok=True)

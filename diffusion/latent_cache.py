@@ -24,7 +24,6 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
-from dataclasses import dataclass
 from importlib import metadata
 from pathlib import Path
 

@@ -116,3 +116,13 @@ def test_sigkill_during_save_keeps_previous_checkpoint(tmp_path):
         child.wait()
     config, state = load_component(target, "tiny", TinyConfig)
     assert config == TinyConfig(width=4) and torch.equal(state["w0"], previous["w0"])
+
+
+def test_saved_files_are_readable_by_others(tmp_path):
+    umask = os.umask(0o022)
+    try:
+        save_component(tmp_path, "tiny", TinyConfig(), nn.Linear(2, 2))
+    finally:
+        os.umask(umask)
+    assert (tmp_path / WEIGHTS_FILE).stat().st_mode & 0o777 == 0o644
+    assert (tmp_path / CONFIG_FILE).stat().st_mode & 0o777 == 0o644
