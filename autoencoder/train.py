@@ -25,8 +25,8 @@ from common.data import DataConfig, build_dataset
 from common.ema import EMA
 from common.images import save_grid
 from common.training import (
-    Budget, MetricsLog, OptimConfig, RunConfig, all_finite, make_accelerator, make_loader, make_optimizer,
-    resume_training_state, save_training_state,
+    Budget, MetricsLog, NonFiniteSkips, OptimConfig, RunConfig, all_finite, make_accelerator, make_loader,
+    make_optimizer, resume_training_state, save_training_state,
 )
 
 
@@ -118,17 +118,14 @@ def main(argv: list[str] | None = None) -> None:
     metrics, budget = MetricsLog(accelerator, out_dir), Budget(cfg.run, accelerator)
     bar = tqdm(total=cfg.run.steps, initial=step, disable=not (cfg.run.progress and accelerator.is_main_process),
                desc="autoencoder", dynamic_ncols=True)
-    skipped = 0
+    skips = NonFiniteSkips(cfg.run, accelerator)
     while not budget.done(step):
         batch = next(batches)
         with accelerator.accumulate(model, disc):
             terms, out, ok = generator_step(batch, model, disc, perceptual, opt_g, accelerator, cfg, step)
             d_logs = discriminator_step(batch["image"], out.recon, disc, opt_d, accelerator, cfg, step) if ok else {}
         if not ok:
-            skipped += 1
-            accelerator.print(f"step {step}: non-finite loss {terms.total.item()}, update skipped ({skipped} so far)")
-            if skipped > cfg.run.max_skipped_steps:
-                raise RuntimeError(f"{skipped} non-finite losses: stopping; the last checkpoint is intact")
+            skips.skip(step, terms.total)
             continue
         if not accelerator.sync_gradients:
             continue  # gradient accumulation: the optimizers have not stepped yet

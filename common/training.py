@@ -240,6 +240,22 @@ def read_metrics(run_dir: str | Path) -> list[dict[str, float]]:
     return [json.loads(line) for line in path.read_text().splitlines()] if path.is_file() else []
 
 
+class NonFiniteSkips:
+    """Count optimizer steps skipped for a non-finite loss; stop the run past ``run.max_skipped_steps``.
+
+    Skipping (rather than stepping) keeps NaN/inf out of the weights, the EMA and every checkpoint.
+    """
+
+    def __init__(self, run: RunConfig, accelerator: Accelerator) -> None:
+        self.limit, self.accelerator, self.count = run.max_skipped_steps, accelerator, 0
+
+    def skip(self, step: int, loss: torch.Tensor) -> None:
+        self.count += 1
+        self.accelerator.print(f"step {step}: non-finite loss {loss.item()}, update skipped ({self.count} so far)")
+        if self.count > self.limit:
+            raise RuntimeError(f"{self.count} non-finite losses: stopping; the last checkpoint is intact")
+
+
 def all_finite(value: torch.Tensor, accelerator: Accelerator) -> bool:
     """True when ``value`` is finite on every process (so all processes skip or stop together)."""
     flag = torch.isfinite(value.detach()).all().float().reshape(1)

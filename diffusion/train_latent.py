@@ -26,8 +26,8 @@ from common.data import DataConfig
 from common.ema import EMA
 from common.images import save_grid
 from common.training import (
-    Budget, MetricsLog, OptimConfig, RunConfig, all_finite, make_accelerator, make_loader, make_optimizer,
-    resume_training_state, save_training_state,
+    Budget, MetricsLog, NonFiniteSkips, OptimConfig, RunConfig, all_finite, make_accelerator, make_loader,
+    make_optimizer, resume_training_state, save_training_state,
 )
 from diffusion.latent_cache import NULL_ID, LatentCache, load_or_build_cache, resolve_autoencoder_dir
 from diffusion.latent_diffusion import DiffusionConfig, LatentDiffusion, drop_condition, training_loss
@@ -153,16 +153,13 @@ def main(argv: list[str] | None = None) -> None:
     metrics, budget = MetricsLog(accelerator, out_dir), Budget(cfg.run, accelerator)
     bar = tqdm(total=cfg.run.steps, initial=step, disable=not (cfg.run.progress and main_process),
                desc="diffusion", dynamic_ncols=True)
-    skipped = 0
+    skips = NonFiniteSkips(cfg.run, accelerator)
     while not budget.done(step):
         batch = next(batches)
         with accelerator.accumulate(unet):
             loss, norm, ok = train_step(batch, unet, cache, pipe, cfg, opt, accelerator)
         if not ok:
-            skipped += 1
-            accelerator.print(f"step {step}: non-finite loss {loss.item()}, update skipped ({skipped} so far)")
-            if skipped > cfg.run.max_skipped_steps:
-                raise RuntimeError(f"{skipped} non-finite losses: stopping; the last checkpoint is intact")
+            skips.skip(step, loss)
             continue
         if not accelerator.sync_gradients:
             continue  # gradient accumulation: the optimizer has not stepped yet

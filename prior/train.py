@@ -24,8 +24,8 @@ from common.data import DataConfig
 from common.ema import EMA
 from common.images import save_grid
 from common.training import (
-    Budget, MetricsLog, OptimConfig, RunConfig, all_finite, make_accelerator, make_loader, make_optimizer,
-    resume_training_state, save_training_state,
+    Budget, MetricsLog, NonFiniteSkips, OptimConfig, RunConfig, all_finite, make_accelerator, make_loader,
+    make_optimizer, resume_training_state, save_training_state,
 )
 from prior.generate import TokenPrior
 from prior.losses import LossConfig, condition_dropout, corrupt_tokens, next_token_loss
@@ -151,16 +151,13 @@ def main(argv: list[str] | None = None) -> None:
                desc="prior", dynamic_ncols=True)
     accelerator.print(f"{len(data.tokens)} token sequences of {data.tokens.shape[1]}; model "
                       f"{sum(p.numel() for p in model.parameters()) / 1e6:.2f}M parameters; preview: {captions}")
-    skipped = 0
+    skips = NonFiniteSkips(cfg.run, accelerator)
     while not budget.done(step):
         batch = next(batches)
         with accelerator.accumulate(model):
             terms, ok = train_step(batch, model, data, opt, accelerator, cfg)
         if not ok:
-            skipped += 1
-            accelerator.print(f"step {step}: non-finite loss {terms.loss.item()}, update skipped ({skipped} so far)")
-            if skipped > cfg.run.max_skipped_steps:
-                raise RuntimeError(f"{skipped} non-finite losses: stopping; the last checkpoint is intact")
+            skips.skip(step, terms.loss)
             continue
         if not accelerator.sync_gradients:
             continue  # gradient accumulation: the optimizer has not stepped yet
