@@ -1,1 +1,35 @@
-"""Pipelines chain the text encoder, a generator and the autoencoder's decoder."""
+"""Pipelines chain the text encoder, a generator and the autoencoder's decoder.
+
+    from pipelines import TextToImage
+    pipe = TextToImage.from_pretrained("runs/emoji32_diffusion")      # run directory or its pipeline/
+    result = pipe(["dog face", "red apple"], num_images_per_prompt=2, seed=0)
+    result.images[0].save("dog.png")                                   # 4 PIL images, prompt by prompt
+
+Classes (all with ``from_pretrained``, ``save_pretrained``, ``.to(device)`` and a call that returns a
+:class:`PipelineOutput` with ``.images``):
+
+- :class:`TextToImage`: prompts -> latent diffusion with classifier-free guidance -> decoder.
+- :class:`ClassToImage`: class labels -> class-conditional latent diffusion -> decoder.
+- :class:`ImageToImage`, :class:`Inpaint`: an input image (and mask) as the starting point.
+- :class:`TokensToImage`: prompts -> autoregressive token prior -> VQ decoder, same call as TextToImage.
+- :func:`load_pipeline`: the right class for a directory, from its ``pipeline.json`` kind.
+
+The command line is ``python -m pipelines.generate RUN_OR_PIPELINE_DIR "a prompt" -n 4 -o grid.png``.
+"""
+from pipelines.base import Pipeline, PipelineKindError, PipelineOutput
+from pipelines.image_to_image import ImageToImage, Inpaint
+from pipelines.loading import load_pipeline
+from pipelines.text_to_image import ClassToImage, TextToImage
+from pipelines.tokens_to_image import TokensToImage
+
+__all__ = [
+    "ClassToImage",
+    "ImageToImage",
+    "Inpaint",
+    "Pipeline",
+    "PipelineKindError",
+    "PipelineOutput",
+    "TextToImage",
+    "TokensToImage",
+    "load_pipeline",
+]

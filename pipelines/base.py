@@ -1,0 +1,150 @@
+"""What every pipeline shares: the result type, loading by kind, and the progress/callback hook.
+
+A pipeline is a thin user-facing object over one generator bundle that already knows how to save and
+load itself (:class:`diffusion.latent_diffusion.LatentDiffusion` or :class:`prior.generate.TokenPrior`).
+This module adds what users of diffusers expect on top: ``from_pretrained`` that accepts a training
+run directory as well as its ``pipeline/``, a clear error when the directory holds another kind of
+pipeline, ``.to(device)`` that returns the pipeline, and results with an ``.images`` attribute.
+"""
+from __future__ import annotations
+
+import json
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, ClassVar, TypeVar
+
+import torch
+from PIL import Image
+from torch import Tensor
+from tqdm.auto import tqdm
+
+from common.checkpoint import CheckpointError
+from common.images import tensor_to_pil
+from diffusion.samplers import Callback
+from prior.generate import PIPELINE_FILE, find_pipeline
+
+PipelineT = TypeVar("PipelineT", bound="Pipeline")
+
+# The class that loads each kind written to pipeline.json, named in wrong-kind errors (strings, so
+# this module need not import the concrete pipelines).
+CLASS_FOR_KIND = {
+    "text_to_image": "TextToImage (or ImageToImage / Inpaint on the same directory; ClassToImage if its U-Net "
+                     "is conditioned on class labels only)",
+    "tokens_to_image": "TokensToImage",
+}
+
+
+class PipelineKindError(CheckpointError):
+    """A pipeline directory (or bundle) that the requested pipeline class cannot run."""
+
+
+@dataclass(frozen=True)
+class PipelineOutput:
+    """What a pipeline call returns (diffusers' convention: always an object with ``.images``).
+
+    Attributes:
+        images: ``output_type="pil"``: a list of B RGB PIL images; ``"pt"``: a float32 tensor
+            (B, 3, H, W) in [0, 1] on the pipeline's device; ``"latent"``: the generator's raw output
+            (scaled latents (B, D, h, w) for diffusion, code indices (B, h, w) for the token prior).
+            Images come prompt by prompt: the ``num_images_per_prompt`` images of prompt 0 first.
+    """
+
+    images: list[Image.Image] | Tensor
+
+
+def read_kind(directory: Path) -> tuple[str, dict[str, Any]]:
+    """The ``kind`` recorded in ``directory/pipeline.json``, and the whole record."""
+    meta = json.loads((directory / PIPELINE_FILE).read_text())
+    return str(meta.get("kind")), meta
+
+
+def resolve(path: str | Path) -> tuple[Path, str, dict[str, Any]]:
+    """A pipeline directory given it or a training run directory holding ``pipeline/``, with its kind."""
+    directory = find_pipeline(path)
+    kind, meta = read_kind(directory)
+    return directory, kind, meta
+
+
+class Pipeline:
+    """Base class: subclasses set :attr:`kind` and implement ``_load``, ``save_pretrained`` and ``to``.
+
+    Attributes:
+        kind: the ``pipeline.json`` kind this class runs.
+    """
+
+    kind: ClassVar[str] = ""
+
+    @classmethod
+    def from_pretrained(cls: type[PipelineT], path: str | Path) -> PipelineT:
+        """Load a pipeline directory, or the ``pipeline/`` of a training run directory, on CPU.
+
+        Loading is strict: a directory of another kind, missing or unexpected weights, or unknown
+        config keys raise :class:`common.checkpoint.CheckpointError` naming the problem.
+        """
+        directory, kind, meta = resolve(path)
+        if kind != cls.kind:
+            raise PipelineKindError(
+                f"{directory / PIPELINE_FILE} holds a {kind!r} pipeline, which {cls.__name__} cannot run; load it "
+                f"with {CLASS_FOR_KIND.get(kind, 'no pipeline class (unknown kind)')}, or pipelines.load_pipeline()")
+        cls._check_meta(directory, meta)
+        return cls._load(directory)
+
+    @classmethod
+    def _check_meta(cls, directory: Path, meta: dict[str, Any]) -> None:
+        """Refuse, before loading any weights, a directory of the right kind this class still cannot run."""
+
+    @classmethod
+    def _load(cls: type[PipelineT], directory: Path) -> PipelineT:
+        raise NotImplementedError
+
+    def save_pretrained(self, path: str | Path) -> Path:
+        """Write a pipeline directory that ``from_pretrained`` (and :func:`pipelines.load_pipeline`) reads."""
+        raise NotImplementedError
+
+    def to(self: PipelineT, device: torch.device | str) -> PipelineT:
+        """Move every component to ``device``; returns the pipeline itself."""
+        raise NotImplementedError
+
+    @property
+    def device(self) -> torch.device:
+        raise NotImplementedError
+
+    @property
+    def default_guidance_scale(self) -> float:
+        """What ``guidance_scale=None`` means for this pipeline."""
+        raise NotImplementedError
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}(device={self.device})"
+
+
+def to_output(images: Tensor, output_type: str) -> PipelineOutput:
+    """Images (B, 3, H, W) in [-1, 1] -> the requested :class:`PipelineOutput` ("pil" or "pt")."""
+    if output_type == "pil":
+        return PipelineOutput(tensor_to_pil(images))
+    return PipelineOutput(((images.float() + 1) / 2).clamp(0, 1))
+
+
+@contextmanager
+def step_reporter(total: int, progress: bool, callback: Callback | None,
+                  unit: str = "step") -> Iterator[Callback | None]:
+    """A sampler callback that advances a tqdm bar and then calls the user's ``callback``.
+
+    Yields None when there is nothing to report (or no step to run), so the sampler skips the call.
+    """
+    if total == 0 or (not progress and callback is None):
+        yield None
+        return
+    bar = tqdm(total=total, unit=unit, disable=not progress)
+
+    def report(i: int, x_t: Tensor, x0_hat: Tensor) -> None:
+        bar.update(1)
+        if callback is not None:
+            callback(i, x_t, x0_hat)
+
+    try:
+        yield report
+    finally:
+        bar.close()

@@ -1,0 +1,148 @@
+"""Generate an image grid from a training run or pipeline directory.
+
+    python -m pipelines.generate runs/emoji32_diffusion "dog face" "red apple" -n 4 --seed 0 -o grid.png
+    python -m pipelines.generate runs/emoji32_diffusion "dog face" --init-image in.png --strength 0.6
+    python -m pipelines.generate runs/emoji32_diffusion "dog face" --init-image in.png --mask mask.png
+
+The grid has one row per prompt and one column per image (``-n``). The output path is printed, then
+one JSON line with every setting that produced it (the seed included: one is drawn when --seed is
+left out, so any grid can be made again). A class-conditional pipeline takes class ids as prompts.
+Bad arguments print one ``error:`` line and exit with status 2.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import random
+import sys
+import time
+from pathlib import Path
+from typing import Any, NoReturn
+
+import torch
+from PIL import Image
+
+from common.checkpoint import CheckpointError
+from common.images import save_grid
+from diffusion.samplers import SAMPLERS
+from pipelines.base import Pipeline
+from pipelines.image_to_image import ImageToImage, Inpaint
+from pipelines.loading import load_pipeline
+from pipelines.options import check_sampler
+from pipelines.text_to_image import ClassToImage
+from pipelines.tokens_to_image import TokensToImage
+
+
+class ArgumentParser(argparse.ArgumentParser):
+    """argparse, but a usage error is one line (the usage itself is in --help)."""
+
+    def error(self, message: str) -> NoReturn:
+        fail(message)
+
+
+def fail(message: str) -> NoReturn:
+    print(f"error: {message}", file=sys.stderr)
+    raise SystemExit(2)
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    parser = ArgumentParser(prog="python -m pipelines.generate", description=__doc__,
+                            formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("path", help="training run directory (holding pipeline/) or pipeline directory")
+    parser.add_argument("prompts", nargs="+", help="prompts, one grid row each (class ids for a class pipeline)")
+    parser.add_argument("-n", "--num-images", type=int, default=4, help="images per prompt (grid columns)")
+    parser.add_argument("-o", "--output", default="generated.png", help="output PNG path")
+    parser.add_argument("--seed", type=int, default=None, help="random seed (default: drawn and reported)")
+    parser.add_argument("--steps", type=int, default=20, help="sampler steps (diffusion)")
+    parser.add_argument("--sampler", default="dpmpp_2m", help="diffusion sampler: " + ", ".join(sorted(SAMPLERS)))
+    parser.add_argument("--guidance", type=float, default=None, help="guidance scale (default: the pipeline's)")
+    parser.add_argument("--rescale", type=float, default=0.0, help="guidance rescale in [0, 1] (diffusion)")
+    parser.add_argument("--negative", default=None, help="negative prompt")
+    parser.add_argument("--height", type=int, default=None, help="image height in pixels (diffusion)")
+    parser.add_argument("--width", type=int, default=None, help="image width in pixels (diffusion)")
+    parser.add_argument("--init-image", default=None, help="start from this image (image-to-image)")
+    parser.add_argument("--strength", type=float, default=None, help="img2img/inpaint strength in [0, 1]")
+    parser.add_argument("--mask", default=None, help="inpaint: white pixels of this mask are regenerated")
+    parser.add_argument("--scale", type=int, default=1, help="upscale the grid by this factor (nearest)")
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--no-progress", action="store_true", help="hide the progress bar")
+    args = parser.parse_args(argv)
+    check_arguments(args)
+    return args
+
+
+def check_arguments(args: argparse.Namespace) -> None:
+    """Catch what argparse cannot, before any model is loaded."""
+    try:
+        check_sampler(args.sampler)
+    except ValueError as error:
+        fail(f"--{error}")
+    if args.num_images < 1 or args.steps < 1 or args.scale < 1:
+        fail("--num-images, --steps and --scale must be >= 1")
+    if (args.strength is not None or args.mask) and not args.init_image:
+        fail("--strength and --mask need --init-image")
+    for name in ("path", "init_image", "mask"):
+        value = getattr(args, name)
+        if value and not Path(value).exists():
+            fail(f"{'--' + name.replace('_', '-') if name != 'path' else 'path'} {value} does not exist")
+
+
+def load(args: argparse.Namespace) -> Pipeline:
+    """The pipeline the arguments ask for: load_pipeline's class, or img2img / inpainting."""
+    pipe = load_pipeline(args.path)
+    if args.init_image:
+        if isinstance(pipe, (TokensToImage, ClassToImage)):
+            fail(f"--init-image needs a text-to-image diffusion pipeline, and {args.path} holds a "
+                 f"{type(pipe).__name__} pipeline")
+        pipe = (Inpaint if args.mask else ImageToImage).from_pipe(pipe)
+    return pipe.to(args.device)
+
+
+def call_arguments(pipe: Pipeline, args: argparse.Namespace) -> tuple[list[Any], dict[str, Any]]:
+    """The pipeline call's positional and keyword arguments."""
+    guidance = pipe.default_guidance_scale if args.guidance is None else args.guidance  # reported, not None
+    options: dict[str, Any] = dict(num_images_per_prompt=args.num_images, guidance_scale=guidance,
+                                   height=args.height, width=args.width, seed=args.seed,
+                                   progress=not args.no_progress, output_type="pt")
+    if isinstance(pipe, ClassToImage):
+        try:
+            labels = [int(p) for p in args.prompts]
+        except ValueError:
+            fail(f"{args.path} holds a class-conditional pipeline: prompts must be class ids, got {args.prompts}")
+        positional: list[Any] = [labels]
+    else:
+        positional = [args.prompts]
+        options["negative_prompt"] = args.negative
+    if not isinstance(pipe, TokensToImage):  # the AR prior would only warn that these do not apply
+        options.update(num_inference_steps=args.steps, sampler=args.sampler, guidance_rescale=args.rescale)
+    if args.init_image:
+        positional.append(Image.open(args.init_image))
+        if args.mask:
+            positional.append(Image.open(args.mask))
+        if args.strength is not None:
+            options["strength"] = args.strength
+    return positional, options
+
+
+def main(argv: list[str] | None = None) -> dict[str, Any]:
+    args = parse_args(argv)
+    if args.seed is None:
+        args.seed = random.randrange(2**31)
+    start = time.perf_counter()
+    try:
+        pipe = load(args)
+        positional, options = call_arguments(pipe, args)
+        images = pipe(*positional, **options).images
+    except (ValueError, CheckpointError, OSError) as error:
+        fail(str(error))
+    path = save_grid(images * 2 - 1, args.output, columns=args.num_images, scale=args.scale)
+    report = {"output": str(path), "path": str(args.path), "pipeline": type(pipe).__name__, "prompts": args.prompts,
+              **{k: v for k, v in options.items() if k not in ("progress", "output_type")},
+              "init_image": args.init_image, "mask": args.mask, "seconds": round(time.perf_counter() - start, 2)}
+    print(path)
+    print(json.dumps(report))
+    return report
+
+
+if __name__ == "__main__":
+    main(sys.argv[1:])

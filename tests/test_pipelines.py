@@ -1,0 +1,288 @@
+"""The user-facing pipelines on tiny random components: loading, seeding, argument checks, outputs.
+
+Also home of :func:`build_pipelines`, the tiny saved pipelines the CLI and README tests share: a
+text-conditioned diffusion run, a class-conditional diffusion run (no text encoder) and a text token
+prior run, all 16 px over one f=2 VQ autoencoder and a one-layer 32-wide BERT.
+"""
+from __future__ import annotations
+
+import dataclasses
+import inspect
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from autoencoder.model import Autoencoder
+from common.checkpoint import CheckpointError
+from common.text_encoder import TextEncoder, TextEncoderConfig
+from diffusion.latent_diffusion import DiffusionConfig, LatentDiffusion
+from diffusion.unet import UNet
+from pipelines import (ClassToImage, ImageToImage, Inpaint, PipelineKindError, TextToImage, TokensToImage,
+                       load_pipeline)
+from prior.generate import TokenPrior
+from prior.sampling import SamplingConfig
+from prior.transformer import GPT, PriorConfig
+from test_latent_cache import make_tiny_autoencoder, make_tiny_text_encoder, single_thread, tiny_unet_config  # noqa: F401
+
+pytest.importorskip("transformers")
+PROMPTS = ["a small red circle at the top left", "a large blue square in the center"]
+FAST = {"num_inference_steps": 3, "progress": False}  # diffusion only: the token prior warns that it ignores steps
+
+
+def fast(generator) -> dict:
+    """Quick, quiet settings for either generator."""
+    return FAST if not isinstance(generator, TokensToImage) else {"progress": False}
+
+
+def perturbed(unet: UNet, seed: int) -> UNet:
+    """A fresh U-Net's zero-initialised output layer predicts 0 whatever its inputs; shake it."""
+    torch.manual_seed(seed)
+    with torch.no_grad():
+        for parameter in unet.parameters():
+            parameter.add_(0.05 * torch.randn_like(parameter))
+    return unet.eval()
+
+
+def build_pipelines(root: Path) -> dict[str, Path]:
+    """Save tiny random pipelines under ``root``; returns their training-run-like directories."""
+    autoencoder = Autoencoder.from_pretrained(make_tiny_autoencoder(root / "ae"))
+    text_config = TextEncoderConfig(name_or_path=str(make_tiny_text_encoder(root / "text")))
+    config = DiffusionConfig(num_steps=100)
+    text_unet = perturbed(UNet(tiny_unet_config()), 0)
+    LatentDiffusion(autoencoder, text_unet, TextEncoder(text_config), config, 2.5).save_pretrained(
+        root / "text_run" / "pipeline")
+    # 64 channels: GroupNorm then has 2 channels per group; with one, it cancels the class embedding's shift
+    class_config = dataclasses.replace(tiny_unet_config(context_dim=0), num_classes=3, block_channels=(64, 64))
+    class_unet = perturbed(UNet(class_config), 1)
+    LatentDiffusion(autoencoder, class_unet, None, config, 2.5).save_pretrained(root / "class_run" / "pipeline")
+    torch.manual_seed(2)
+    prior = GPT(PriorConfig(codebook_size=32, grid_size=8, condition="text", text_dim=32, text_tokens=12, width=32,
+                            depth=2, heads=4)).eval()
+    with torch.no_grad():  # GPT-2's N(0, 0.02) init gives near-uniform logits that ignore the condition
+        for parameter in prior.parameters():
+            parameter.add_(0.3 * torch.randn_like(parameter))
+    TokenPrior(autoencoder, prior, text_config, sampling=SamplingConfig(guidance=2.0)).save_pretrained(
+        root / "prior_run" / "pipeline")
+    return {"text": root / "text_run", "class": root / "class_run", "prior": root / "prior_run"}
+
+
+@pytest.fixture(scope="module")
+def dirs(tmp_path_factory) -> dict[str, Path]:
+    return build_pipelines(tmp_path_factory.mktemp("pipelines"))
+
+
+@pytest.fixture(scope="module")
+def pipe(dirs) -> TextToImage:
+    return TextToImage.from_pretrained(dirs["text"])
+
+
+@pytest.fixture(scope="module")
+def prior(dirs) -> TokensToImage:
+    return TokensToImage.from_pretrained(dirs["prior"])
+
+
+@pytest.fixture(scope="module")
+def classes(dirs) -> ClassToImage:
+    return ClassToImage.from_pretrained(dirs["class"])
+
+
+def pixels(seed: int, count: int = 1, height: int = 16, width: int = 16) -> torch.Tensor:
+    return torch.rand(count, 3, height, width, generator=torch.Generator().manual_seed(seed))
+
+
+# ------------------------------------------------------------------------------------------ loading
+def test_save_load_round_trip_gives_identical_images(pipe, prior, tmp_path):
+    for name, original in (("text", pipe), ("prior", prior)):
+        original.save_pretrained(tmp_path / name)
+        component = "unet" if name == "text" else "prior"
+        for part in ("autoencoder", component):
+            assert {p.name for p in (tmp_path / name / part).iterdir()} == {"config.json", "model.safetensors"}
+        loaded = type(original).from_pretrained(tmp_path / name)
+        first = original(PROMPTS, seed=4, output_type="pt", **fast(original)).images
+        assert torch.equal(loaded(PROMPTS, seed=4, output_type="pt", **fast(original)).images, first)
+    assert json.loads((tmp_path / "text" / "pipeline.json").read_text())["kind"] == "text_to_image"
+
+
+def test_load_pipeline_picks_the_class_and_wrong_kinds_name_the_right_one(dirs, pipe):
+    assert type(load_pipeline(dirs["text"])) is TextToImage
+    assert type(load_pipeline(dirs["class"] / "pipeline")) is ClassToImage
+    assert type(load_pipeline(dirs["prior"])) is TokensToImage
+    with pytest.raises(PipelineKindError, match=r"holds a 'tokens_to_image' pipeline.*load it with TokensToImage"):
+        TextToImage.from_pretrained(dirs["prior"])
+    with pytest.raises(PipelineKindError, match=r"holds a 'text_to_image' pipeline.*load it with TextToImage"):
+        TokensToImage.from_pretrained(dirs["text"])
+    with pytest.raises(PipelineKindError, match="no text encoder; load it with ClassToImage"):
+        ImageToImage.from_pretrained(dirs["class"])
+    with pytest.raises(PipelineKindError, match="num_classes > 0.*load it with TextToImage"):
+        ClassToImage.from_pretrained(dirs["text"])
+    with pytest.raises(CheckpointError, match="no pipeline.json"):
+        TextToImage.from_pretrained(dirs["text"] / "missing")
+    assert pipe.to("cpu") is pipe and pipe.device.type == "cpu"
+
+
+# ------------------------------------------------------------------------------------------ seeding
+def test_same_seed_same_images_different_seed_different_images(pipe, prior):
+    for generator in (pipe, prior):
+        first = generator(PROMPTS, seed=1, output_type="pt", **fast(generator)).images
+        assert torch.equal(generator(PROMPTS, seed=1, output_type="pt", **fast(generator)).images, first)
+        same = generator(PROMPTS, generator=torch.Generator().manual_seed(1), output_type="pt", **fast(generator)).images
+        assert torch.equal(same, first)
+        assert not torch.equal(generator(PROMPTS, seed=2, output_type="pt", **fast(generator)).images, first)
+
+
+def test_empty_prompt_is_the_unconditional_prompt(pipe, prior):
+    """With "" in both branches of guidance, the guidance scale cannot matter."""
+    for generator in (pipe, prior):
+        low = generator("", seed=0, guidance_scale=1.0, output_type="pt", **fast(generator)).images
+        high = generator("", seed=0, guidance_scale=5.0, output_type="pt", **fast(generator)).images
+        torch.testing.assert_close(low, high, atol=1e-4, rtol=0)
+        conditioned = generator(PROMPTS[0], seed=0, guidance_scale=5.0, output_type="pt", **fast(generator)).images
+        assert not torch.equal(conditioned, high)
+
+
+# ------------------------------------------------------------------------------------------ validation
+@pytest.mark.parametrize("changes, message", [
+    ({"prompt": []}, "prompt is an empty list"),
+    ({"num_inference_steps": 0}, "num_inference_steps must be >= 1"),
+    ({"guidance_scale": float("nan")}, "guidance_scale must be a finite number"),
+    ({"guidance_scale": float("inf")}, "guidance_scale must be a finite number"),
+    ({"guidance_scale": -1.0}, "guidance_scale must be a finite number >= 0"),
+    ({"guidance_rescale": 1.5}, r"guidance_rescale must be a finite number in \[0, 1\]"),
+    ({"num_images_per_prompt": 0}, "num_images_per_prompt must be >= 1"),
+    ({"seed": 0, "generator": torch.Generator()}, "generator and seed were both given"),
+    ({"sampler": "plms"}, "sampler 'plms' is unknown; valid samplers: ddim, ddpm, dpmpp_2m, euler"),
+    ({"output_type": "np"}, "output_type must be one of"),
+    ({"negative_prompt": ["a", "b", "c"]}, "negative_prompt has 3 entries for 2 prompts"),
+])
+def test_bad_arguments_raise_value_errors_naming_them(pipe, prior, changes, message):
+    for generator in (pipe, prior):
+        arguments = {"prompt": PROMPTS, **changes}
+        with pytest.raises(ValueError, match=message):
+            generator(arguments.pop("prompt"), **arguments)
+
+
+def test_sizes_must_fit_the_generator(pipe, prior):
+    with pytest.raises(ValueError, match=r"height=15 is not a multiple of 4 \(the autoencoder downsamples by 2"):
+        pipe("a dog", height=15)
+    with pytest.raises(ValueError, match="width=18 is not a multiple of 4"):
+        pipe("a dog", width=18)
+    with pytest.raises(ValueError, match="height=32: this prior's token grid fixes the image size at 16x16"):
+        prior("a dog", height=32)
+    assert prior("a dog", height=16, width=16, seed=0, output_type="pt", progress=False).images.shape == (1, 3, 16, 16)
+
+
+def test_token_prior_refuses_a_callback_and_warns_about_diffusion_only_settings(prior):
+    with pytest.raises(ValueError, match="callback: TokensToImage"):
+        prior("a dog", callback=lambda *args: None)
+    with pytest.warns(UserWarning, match="ignores num_inference_steps=3, sampler='ddim'"):
+        prior("a dog", sampler="ddim", seed=0, **FAST)
+
+
+# ------------------------------------------------------------------------------------------ outputs
+def test_output_types_and_non_square_sizes(pipe):
+    pt = pipe(PROMPTS, num_images_per_prompt=2, height=16, width=32, seed=0, output_type="pt", **FAST).images
+    assert pt.shape == (4, 3, 16, 32) and pt.dtype == torch.float32 and 0 <= pt.min() and pt.max() <= 1
+    pil = pipe(PROMPTS, num_images_per_prompt=2, height=16, width=32, seed=0, **FAST).images
+    assert len(pil) == 4 and all(image.size == (32, 16) and image.mode == "RGB" for image in pil)
+    torch.testing.assert_close(torch.from_numpy(np.array(pil[3])).float(), (pt[3] * 255).permute(1, 2, 0),
+                               atol=0.51, rtol=0)
+    latent = pipe(PROMPTS, height=16, width=32, seed=0, output_type="latent", **FAST).images
+    assert latent.shape == (2, 4, 8, 16)
+
+
+def test_text_and_token_generators_take_the_same_call(pipe, prior):
+    call = dict(negative_prompt="a green triangle", guidance_scale=2.0, num_images_per_prompt=2, seed=3,
+                output_type="pt", progress=False)
+    for generator in (pipe, prior):
+        assert generator(PROMPTS, **call).images.shape == (4, 3, 16, 16)
+    assert prior(PROMPTS, output_type="latent", progress=False).images.shape == (2, 8, 8)
+
+
+def test_callback_is_called_once_per_step(pipe):
+    calls = []
+    pipe(PROMPTS, num_inference_steps=5, seed=0, progress=False,
+         callback=lambda i, latents, x0_hat: calls.append((i, latents.shape, x0_hat.shape)))
+    assert [i for i, _, _ in calls] == list(range(5))
+    assert all(shape == x0_shape == (2, 4, 8, 8) for _, shape, x0_shape in calls)
+    calls.clear()
+    ImageToImage.from_pipe(pipe)("a dog", pixels(0), strength=0.5, num_inference_steps=6, seed=0, progress=False,
+                                 callback=lambda i, *tensors: calls.append(i))
+    assert calls == [0, 1, 2]
+
+
+def test_progress_false_prints_nothing_and_true_shows_a_bar(pipe, prior, capfd):
+    for generator in (pipe, prior):
+        generator(PROMPTS, seed=0, **fast(generator))
+        assert capfd.readouterr() == ("", "")
+        generator(PROMPTS, seed=0, **{**fast(generator), "progress": True})
+        output = capfd.readouterr()
+        assert output.out == "" and "100%" in output.err
+
+
+# ------------------------------------------------------------------------------------------ classes
+def test_class_to_image_guides_against_the_null_class(classes):
+    images = classes([0, 2], num_images_per_prompt=2, seed=0, output_type="pt", **FAST).images
+    assert images.shape == (4, 3, 16, 16)
+    unconditional = [classes(label, guidance_scale=0.0, seed=5, output_type="pt", **FAST).images for label in (0, 1)]
+    torch.testing.assert_close(unconditional[0], unconditional[1])
+    guided = [classes(label, guidance_scale=3.0, seed=5, output_type="pt", **FAST).images for label in (0, 1)]
+    assert not torch.equal(guided[0], guided[1])
+    with pytest.raises(ValueError, match=r"class_labels must be in \[0, 3\), got 3"):
+        classes([0, 3])
+
+
+# ------------------------------------------------------------------------------------------ img2img, inpainting
+def test_image_to_image_strength_zero_returns_the_decoded_input(pipe):
+    edit = ImageToImage.from_pipe(pipe)
+    images = pixels(0, 2)
+    kept = edit(PROMPTS, images, strength=0.0, num_images_per_prompt=2, output_type="pt", progress=False).images
+    expected = (pipe.model.decode(pipe.model.encode_images(images * 2 - 1)) + 1) / 2
+    torch.testing.assert_close(kept, expected.repeat_interleave(2, dim=0))  # prompt by prompt, images in order
+    redrawn = edit(PROMPTS, images, strength=1.0, seed=0, output_type="pt", **FAST).images
+    assert (redrawn - expected).abs().mean() > 0.01
+    pil = edit("a dog", Image.new("RGB", (20, 20), "red"), height=16, width=32, seed=0, **FAST).images
+    assert pil[0].size == (32, 16)
+
+
+@pytest.mark.parametrize("changes, message", [
+    ({"strength": 1.5}, r"strength must be a finite number in \[0, 1\]"),
+    ({"strength": -0.1}, "strength must be"),
+    ({"strength": 0.01}, "strength=0.01 with num_inference_steps=20 runs no step"),
+    ({"image": pixels(0, 3)}, "image holds 3 images for 2 prompts"),
+    ({"image": pixels(0) * 2 - 1}, r"image tensor values must be in \[0, 1\]"),
+    ({"image": pixels(0, 1, 18, 16)}, "height=18 is not a multiple of 4"),
+])
+def test_image_to_image_rejects_bad_inputs(pipe, changes, message):
+    arguments = {"image": pixels(0), **changes}
+    with pytest.raises(ValueError, match=message):
+        ImageToImage.from_pipe(pipe)(PROMPTS, arguments.pop("image"), **arguments)
+
+
+def test_inpaint_keeps_the_unmasked_latents_exactly(pipe):
+    inpaint = Inpaint.from_pipe(pipe)
+    images = pixels(1)
+    mask = torch.zeros(16, 16)
+    mask[:, 9] = 1.0  # one pixel column regenerates the whole latent column 4, and only it
+    known = pipe.model.encode_images(images * 2 - 1)
+    out = inpaint(PROMPTS, images, mask, seed=0, guidance_scale=2.0, output_type="latent", **FAST).images
+    keep = torch.ones(8, dtype=torch.bool)
+    keep[4] = False
+    assert torch.equal(out[..., keep], known.expand(2, -1, -1, -1)[..., keep])
+    assert (out[..., 4] - known[..., 4]).abs().mean() > 0.05
+    pil_mask = Image.fromarray((mask.numpy() * 255).astype("uint8"), mode="L")
+    same = inpaint(PROMPTS, images, pil_mask, seed=0, guidance_scale=2.0, output_type="latent", **FAST).images
+    assert torch.equal(same, out)
+    with pytest.raises(ValueError, match="mask_image is 8x16 .* but the image is 16x16"):
+        inpaint(PROMPTS, images, torch.zeros(8, 16))
+
+
+def test_the_token_prior_shares_the_text_pipelines_defaults():
+    """Swapping generators changes no shared default."""
+    text, tokens = (inspect.signature(cls.__call__).parameters for cls in (TextToImage, TokensToImage))
+    assert set(text) < set(tokens)
+    assert all(tokens[name].default == parameter.default for name, parameter in text.items() if name != "prompt")
+    assert tokens["prompt"].default is None  # optional there: a class prior may take class_labels instead
