@@ -2,11 +2,19 @@
 
     python -m diffusion.evaluate_shapes runs/shapes32_diffusion --guidance 4 --steps 20 --sampler dpmpp_2m
     python -m diffusion.evaluate_shapes runs/shapes32_diffusion --sweep 0,1,2,4,8     # prints a list
+    python -m diffusion.evaluate_shapes runs/shapes32_diffusion --guidance 0 \
+        --classifier runs/shapes32_classifier --classifier-sweep 0,1,3,10 --attribute colour
 
 RUN_DIR is a training run directory (its ``pipeline/`` is used) or a pipeline directory. Accuracy is
 the fraction of samples whose colour, shape and position the analytic shapes scorer finds right, over
 a fixed set of prompts (:func:`common.evaluation.evaluate_shapes`, shared with the AR prior);
 diversity is the mean pairwise RMS distance among the samples of one prompt.
+
+With ``--classifier`` (a classifier component directory or a classifier run directory) every sample
+is steered by classifier guidance towards the value its prompt names of the classifier's attribute
+(e.g. the colour); ``guided_accuracy`` is the scorer's accuracy on that attribute. ``--guidance 0``
+makes the text model unconditional, so only the classifier knows what was asked for. Sweeps over
+``--sweep`` and ``--classifier-sweep`` run every combination.
 """
 from __future__ import annotations
 
@@ -18,7 +26,9 @@ from pathlib import Path
 
 import torch
 
+from common.checkpoint import CONFIG_FILE
 from common.evaluation import evaluate_shapes
+from diffusion.classifier import NoisyLatentClassifier
 from diffusion.latent_diffusion import PIPELINE_FILE, LatentDiffusion
 from diffusion.samplers import SAMPLERS
 
@@ -30,6 +40,16 @@ def pipeline_dir(path: str | Path) -> Path:
         if (candidate / PIPELINE_FILE).is_file():
             return candidate
     raise SystemExit(f"error: {path} is neither a pipeline directory nor a run directory with pipeline/{PIPELINE_FILE}")
+
+
+def classifier_dir(path: str | Path) -> Path:
+    """``path`` if it is a classifier component directory, else the ``classifier/`` of the run directory ``path``."""
+    path = Path(path)
+    for candidate in (path, path / "classifier"):
+        if (candidate / CONFIG_FILE).is_file():
+            return candidate
+    raise SystemExit(f"error: {path} is neither a classifier directory nor a classifier run directory with "
+                     f"classifier/{CONFIG_FILE}")
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -47,23 +67,50 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--batch-size", type=int, default=64, help="images per sampling call")
     parser.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: torch's default)")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--classifier", default="", help="classifier directory or run: classifier guidance")
+    parser.add_argument("--classifier-scale", type=float, default=1.0, help="classifier guidance scale")
+    parser.add_argument("--classifier-sweep", default="",
+                        help="comma-separated classifier scales, e.g. 0,1,3,10 (overrides --classifier-scale)")
+    parser.add_argument("--attribute", default="", help="check that the classifier predicts this attribute")
     return parser.parse_args(argv)
 
 
-def evaluate(pipe: LatentDiffusion, args: argparse.Namespace, guidance: float) -> dict:
-    """Score one guidance scale; the result repeats every setting that produced it."""
+def load_classifier(args: argparse.Namespace) -> NoisyLatentClassifier | None:
+    """The classifier of ``--classifier`` (None without one), checked against ``--attribute``."""
+    if not args.classifier:
+        if args.attribute or args.classifier_sweep:
+            raise SystemExit("error: --attribute and --classifier-sweep need --classifier")
+        return None
+    classifier = NoisyLatentClassifier.from_pretrained(classifier_dir(args.classifier))
+    if args.attribute and args.attribute != classifier.config.attribute:
+        raise SystemExit(f"error: the classifier predicts {classifier.config.attribute!r}, not {args.attribute!r}")
+    return classifier.to(args.device)
+
+
+def evaluate(pipe: LatentDiffusion, args: argparse.Namespace, guidance: float,
+             classifier: NoisyLatentClassifier | None = None, classifier_scale: float = 0.0) -> dict:
+    """Score one guidance scale (and classifier scale); the result repeats every setting that produced it."""
     negative = [args.negative] if args.negative else None
 
     def generate(prompts: list[str], seed: int) -> torch.Tensor:
         generator = torch.Generator().manual_seed(seed)
+        steering = {}
+        if classifier is not None:  # each prompt's own attribute value, e.g. "red" for "a small red circle ..."
+            steering = dict(classifier=classifier, classifier_labels=classifier.targets_of(prompts),
+                            classifier_scale=classifier_scale)
         return pipe.generate(prompts, negative_prompts=negative, steps=args.steps, guidance=guidance,
-                             rescale=args.rescale, sampler=args.sampler, generator=generator)
+                             rescale=args.rescale, sampler=args.sampler, generator=generator, **steering)
 
     start = time.perf_counter()
     scores = evaluate_shapes(generate, num_prompts=args.prompts, samples_per_prompt=args.samples, seed=args.seed,
                              batch_size=args.batch_size)
     settings = {"run_dir": str(args.run_dir), "guidance": guidance, "steps": args.steps, "sampler": args.sampler,
                 "rescale": args.rescale, "negative": args.negative, "seed": args.seed}
+    if classifier is not None:
+        attribute = classifier.config.attribute
+        settings.update(classifier=str(args.classifier), classifier_scale=classifier_scale, attribute=attribute)
+        if attribute in scores:  # the scorer's accuracy on the steered attribute ("label" has none of its own)
+            settings["guided_accuracy"] = scores[attribute]
     return {**settings, **scores, "seconds": round(time.perf_counter() - start, 2)}
 
 
@@ -71,11 +118,19 @@ def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
-    scales = [float(s) for s in args.sweep.split(",") if s.strip()] if args.sweep else [args.guidance]
+    scales = parse_scales(args.sweep) if args.sweep else [args.guidance]
+    classifier = load_classifier(args)
+    classifier_scales = parse_scales(args.classifier_sweep) if args.classifier_sweep else [args.classifier_scale]
     pipe = LatentDiffusion.from_pretrained(pipeline_dir(args.run_dir)).to(args.device)
-    results = [evaluate(pipe, args, scale) for scale in scales]
-    json.dump(results if args.sweep else results[0], sys.stdout, indent=2)
+    results = [evaluate(pipe, args, scale, classifier, classifier_scale)
+               for scale in scales for classifier_scale in classifier_scales]
+    json.dump(results if args.sweep or args.classifier_sweep else results[0], sys.stdout, indent=2)
     sys.stdout.write("\n")
+
+
+def parse_scales(text: str) -> list[float]:
+    """"0,1,3" -> [0.0, 1.0, 3.0]."""
+    return [float(s) for s in text.split(",") if s.strip()]
 
 
 if __name__ == "__main__":

@@ -11,6 +11,9 @@ A pipeline directory::
     dir/autoencoder/    component directory (config.json + model.safetensors)
     dir/unet/           component directory
 
+Classifier guidance: ``sample_latents``/``generate`` take a :class:`diffusion.classifier.NoisyLatentClassifier`
+(``classifier=``, ``classifier_labels=``, ``classifier_scale=``) that wraps the (CFG-guided) denoiser.
+
 The U-Net works on scaled latents z * latent_scale; :meth:`LatentDiffusion.decode` divides the scale
 out (and snaps VQ latents to the codebook) before decoding. This module also holds what training
 shares with the benchmarks: :class:`DiffusionConfig`, condition dropout and the training loss.
@@ -22,7 +25,7 @@ from __future__ import annotations
 import json
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import Tensor, nn
@@ -30,7 +33,7 @@ from torch import Tensor, nn
 from autoencoder.model import Autoencoder
 from common.checkpoint import CheckpointError, atomic_write
 from common.config import from_dict, to_dict
-from diffusion.guidance import classifier_free, inpainting
+from diffusion.guidance import classifier_free, classifier_guided, inpainting
 from diffusion.latent_cache import decode_latents, encode_latents, pad_tokens
 from diffusion.objectives import Denoiser, Prediction, Weighting, diffusion_loss, loss_weight, training_target
 from diffusion.samplers import Callback, get_sampler
@@ -39,6 +42,9 @@ from diffusion.schedules import (
 )
 from common.text_encoder import TextEmbedding, TextEncoder, TextEncoderConfig
 from diffusion.unet import NULL_CLASS, UNet
+
+if TYPE_CHECKING:  # diffusion.classifier imports this module (for DiffusionConfig)
+    from diffusion.classifier import NoisyLatentClassifier
 
 PIPELINE_FILE = "pipeline.json"
 PIPELINE_KIND = "text_to_image"
@@ -150,20 +156,12 @@ class LatentDiffusion(nn.Module):
     def from_pretrained(cls, directory: str | Path, text_encoder: TextEncoder | None = None) -> LatentDiffusion:
         """Load a pipeline directory on CPU; pass an already loaded ``text_encoder`` to share it."""
         directory = Path(directory)
-        path = directory / PIPELINE_FILE
-        if not path.is_file():
-            raise CheckpointError(f"{directory} is not a pipeline directory: {PIPELINE_FILE} is missing "
-                                  f"(training writes one to <run_dir>/pipeline)")
-        meta = json.loads(path.read_text())
-        if meta.get("kind") != PIPELINE_KIND or meta.get("format_version") != FORMAT_VERSION:
-            raise CheckpointError(f"{path} holds kind {meta.get('kind')!r} format {meta.get('format_version')}; "
-                                  f"expected {PIPELINE_KIND!r} format {FORMAT_VERSION}")
-        config = from_dict(DiffusionConfig, meta["diffusion"])
-        if text_encoder is None and meta.get("text_encoder") is not None:
-            text_encoder = TextEncoder(from_dict(TextEncoderConfig, meta["text_encoder"]))
+        config, text_config, latent_scale = read_pipeline_meta(directory)
+        if text_encoder is None and text_config is not None:
+            text_encoder = TextEncoder(text_config)
         autoencoder = Autoencoder.from_pretrained(directory / "autoencoder")
         unet = UNet.from_pretrained(directory / "unet").eval()
-        return cls(autoencoder, unet, text_encoder, config, meta["latent_scale"])
+        return cls(autoencoder, unet, text_encoder, config, latent_scale)
 
     # ------------------------------------------------------------------------------------- the pieces
     def encode_prompts(self, prompts: list[str]) -> TextEmbedding:
@@ -200,7 +198,9 @@ class LatentDiffusion(nn.Module):
                        sampler: str = "dpmpp_2m", generator: torch.Generator | None = None,
                        init_latents: Tensor | None = None, strength: float = 1.0, mask: Tensor | None = None,
                        known_latents: Tensor | None = None, class_labels: Tensor | None = None,
-                       callback: Callback | None = None, **sampler_options: Any) -> Tensor:
+                       callback: Callback | None = None, classifier: NoisyLatentClassifier | None = None,
+                       classifier_labels: Tensor | None = None, classifier_scale: float = 1.0,
+                       **sampler_options: Any) -> Tensor:
         """Run a sampler from noise (or from noised ``init_latents``) to scaled latents (B, D, h, w).
 
         Args:
@@ -218,6 +218,11 @@ class LatentDiffusion(nn.Module):
                 ``known_latents`` (B, D, h, w).
             class_labels: (B,) dataset labels (not shifted) for a class-conditional U-Net.
             callback: ``callback(i, x_t, x0_hat)`` after each step.
+            classifier: a noisy-latent classifier trained on this pipeline's latents and schedule; its
+                gradient steers every step towards ``classifier_labels`` (classifier guidance). It is
+                moved to the U-Net's device. Works with any ``guidance``, text, classes or neither.
+            classifier_labels: (B,) class ids of the classifier's attribute to steer towards.
+            classifier_scale: the classifier guidance scale; 0 gives exactly the unguided samples.
             sampler_options: extra sampler options, e.g. ``eta`` for "ddim".
         """
         timesteps = self.timesteps(steps, sampler)
@@ -231,6 +236,8 @@ class LatentDiffusion(nn.Module):
             start = torch.full((shape[0],), int(timesteps[0]), device=device)
             x = q_sample(self.schedule, init_latents.to(device).float(), start, x)
         denoiser = self._guided_denoiser(cond, uncond, guidance, rescale, class_labels)
+        if classifier is not None:  # inside inpainting, which must see the final x0 estimate
+            denoiser = self._classifier_guided(denoiser, classifier, classifier_labels, classifier_scale, shape[0])
         if mask is not None:
             if known_latents is None:
                 raise ValueError("inpainting needs known_latents together with mask")
@@ -258,21 +265,68 @@ class LatentDiffusion(nn.Module):
             return lambda x, t: denoiser(x, t, **cond_kwargs)
         return classifier_free(denoiser, cond_kwargs, uncond_kwargs, guidance, rescale)
 
+    def _classifier_guided(self, denoiser, classifier: NoisyLatentClassifier, labels: Tensor | None,
+                           scale: float, batch: int):
+        """Wrap ``denoiser`` with the gradient of log p(labels | x_t) (see :func:`classifier_guided`)."""
+        if labels is None or labels.shape != (batch,):
+            got = None if labels is None else tuple(labels.shape)
+            raise ValueError(f"classifier guidance needs classifier_labels of shape ({batch},), got {got}")
+        if int(labels.min()) < 0 or int(labels.max()) >= classifier.num_classes:
+            raise ValueError(f"classifier_labels must lie in [0, {classifier.num_classes}) "
+                             f"({classifier.config.attribute}: {', '.join(classifier.config.class_names)})")
+        classifier.check_compatible(self.autoencoder.config.code_dim, self.latent_scale, self.schedule)
+        classifier.to(self.device)
+        labels = labels.to(self.device).long()
+        return classifier_guided(denoiser, lambda x, t: classifier.log_prob(x, t, labels), scale, self.schedule)
+
     @torch.no_grad()
     def generate(self, prompts: list[str], *, negative_prompts: list[str] | None = None, steps: int = 20,
                  guidance: float = 4.0, rescale: float = 0.0, sampler: str = "dpmpp_2m",
                  generator: torch.Generator | None = None, size: int | None = None,
-                 class_labels: Tensor | None = None, **sampler_options: Any) -> Tensor:
-        """Text -> images (B, 3, H, W) in [-1, 1]; negative prompts (1 or B) replace the null prompt ""."""
+                 class_labels: Tensor | None = None, classifier: NoisyLatentClassifier | None = None,
+                 classifier_labels: Tensor | None = None, classifier_scale: float = 1.0,
+                 **sampler_options: Any) -> Tensor:
+        """Text -> images (B, 3, H, W) in [-1, 1]; negative prompts (1 or B) replace the null prompt "".
+
+        ``classifier``, ``classifier_labels``, ``classifier_scale``: classifier guidance, see :meth:`sample_latents`.
+        """
         cond = self.encode_prompts(prompts) if self.text_encoder is not None else None
         uncond = None
         if cond is not None and guidance != 1.0:
             uncond = self.encode_prompts(negative_prompts if negative_prompts else [""])
-        batch = len(prompts) if prompts else int(class_labels.shape[0])
+        labels = class_labels if class_labels is not None else classifier_labels  # without prompts: the batch size
+        batch = len(prompts) if prompts else int(labels.shape[0])
         latents = self.sample_latents(cond, uncond, self.latent_shape(batch, size), steps=steps, guidance=guidance,
                                       rescale=rescale, sampler=sampler, generator=generator,
-                                      class_labels=class_labels, **sampler_options)
+                                      class_labels=class_labels, classifier=classifier,
+                                      classifier_labels=classifier_labels, classifier_scale=classifier_scale,
+                                      **sampler_options)
         return self.decode(latents)
+
+
+def find_pipeline_dir(path: str | Path) -> Path:
+    """``path`` if it is a pipeline directory, else the ``pipeline/`` of the training run directory ``path``."""
+    path = Path(path)
+    for candidate in (path, path / "pipeline"):
+        if (candidate / PIPELINE_FILE).is_file():
+            return candidate
+    raise CheckpointError(f"{path} is neither a pipeline directory nor a run directory with "
+                          f"pipeline/{PIPELINE_FILE} (diffusion training writes one to <run_dir>/pipeline)")
+
+
+def read_pipeline_meta(directory: str | Path) -> tuple[DiffusionConfig, TextEncoderConfig | None, float]:
+    """The diffusion config, text encoder config (None without text) and latent scale of a pipeline directory."""
+    path = Path(directory) / PIPELINE_FILE
+    if not path.is_file():
+        raise CheckpointError(f"{directory} is not a pipeline directory: {PIPELINE_FILE} is missing "
+                              f"(training writes one to <run_dir>/pipeline)")
+    meta = json.loads(path.read_text())
+    if meta.get("kind") != PIPELINE_KIND or meta.get("format_version") != FORMAT_VERSION:
+        raise CheckpointError(f"{path} holds kind {meta.get('kind')!r} format {meta.get('format_version')}; "
+                              f"expected {PIPELINE_KIND!r} format {FORMAT_VERSION}")
+    text = meta.get("text_encoder")
+    text_config = from_dict(TextEncoderConfig, text) if text is not None else None
+    return from_dict(DiffusionConfig, meta["diffusion"]), text_config, float(meta["latent_scale"])
 
 
 def check_compatible(autoencoder: Autoencoder, unet: UNet, text_encoder: TextEncoder | None) -> None:

@@ -1,0 +1,234 @@
+"""Train a noisy-latent classifier for classifier guidance of a trained latent diffusion run.
+
+    accelerate launch diffusion/train_classifier.py configs/classifier/shapes32_quick.yaml \
+        diffusion=runs/shapes32_diffusion run.out_dir=runs/shapes32_classifier [key=value ...]
+
+``diffusion`` is the diffusion training run (or its ``pipeline/`` directory): its autoencoder, latent
+scale and noise schedule are what the classifier is trained on, so that its gradient means something
+to that pipeline's sampler. The data are read from the latent cache (the same one the diffusion run
+used when ``data`` and ``cache_dir`` match; otherwise it is encoded once). Each step noises a batch
+of clean latents to t ~ U{0, ..., T-1} with the diffusion schedule and minimises the cross-entropy of
+the chosen ``target`` attribute (shapes: colour, shape, size, position; any dataset: label).
+
+``run.out_dir`` receives ``config.yaml``, ``metrics.jsonl``, training checkpoints (re-running the same
+command resumes), ``classifier/`` (the EMA weights as a component directory, written at every save)
+and ``eval.json``: accuracy on held-out items, clean (t=0), at a few fixed noise levels and at
+uniformly drawn t.
+"""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from accelerate.utils import set_seed
+from torch.utils.data import Dataset
+from tqdm import tqdm
+
+from common.checkpoint import atomic_write
+from common.config import ConfigError, dump_config, load_config
+from common.data import DataConfig
+from common.ema import EMA
+from common.text_encoder import TextEncoderConfig
+from common.training import (
+    Budget, MetricsLog, NonFiniteSkips, OptimConfig, RunConfig, all_finite, make_accelerator, make_loader,
+    make_optimizer, resume_training_state, save_training_state,
+)
+from diffusion.classifier import (
+    ClassifierConfig, NoisyLatentClassifier, attribute_classes, attribute_targets, check_attribute,
+    classifier_loss, noisy_accuracy,
+)
+from diffusion.latent_cache import LatentCache, load_or_build_cache
+from diffusion.latent_diffusion import find_pipeline_dir, read_pipeline_meta
+from diffusion.unet import UNetConfig
+
+EVAL_FILE = "eval.json"
+
+
+@dataclass(frozen=True)
+class EvalConfig:
+    """Held-out accuracy: ``items`` items of the data's ``heldout`` split (0: none), at fixed timesteps."""
+
+    items: int = 1000
+    timesteps: tuple[int, ...] = (0, 250, 500, 750, 999)
+    seed: int = 0
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    """Everything a classifier run uses.
+
+    diffusion: the diffusion run directory (holding ``pipeline/``) or a pipeline directory.
+    cache_dir: parent directory of the latent caches.
+    target: the attribute to predict: colour, shape, size, position (shapes) or label (any dataset).
+    model: the UNetEncoder backbone; ``in_channels`` comes from the autoencoder (leave it out), and
+        it sees no text (``context_dim`` 0).
+    data: the training data; keep it equal to the diffusion run's to reuse its latent cache.
+    """
+
+    diffusion: str = ""
+    cache_dir: str = "runs/latent_cache"
+    target: str = "colour"
+    model: UNetConfig = field(default_factory=lambda: ClassifierConfig().backbone)
+    data: DataConfig = field(default_factory=DataConfig)
+    optim: OptimConfig = field(default_factory=lambda: OptimConfig(lr=1e-3, warmup_steps=100))
+    run: RunConfig = field(default_factory=lambda: RunConfig(out_dir="runs/classifier", precision="no"))
+    eval: EvalConfig = field(default_factory=EvalConfig)
+
+
+class TargetDataset(Dataset):
+    """Cached latents with their attribute class ids: items ``{"latent": (D, h, w), "target": int}``."""
+
+    def __init__(self, latents: torch.Tensor, targets: torch.Tensor) -> None:
+        self.latents, self.targets = latents, targets
+
+    def __len__(self) -> int:
+        return self.latents.shape[0]
+
+    def __getitem__(self, index: int) -> dict[str, torch.Tensor]:
+        return {"latent": self.latents[index], "target": self.targets[index]}
+
+
+def backbone_config_for(model: UNetConfig, code_dim: int) -> UNetConfig:
+    """The backbone config with the autoencoder's channel count filled in."""
+    if model.in_channels not in (UNetConfig().in_channels, code_dim):
+        raise ConfigError(f"model.in_channels={model.in_channels} contradicts the autoencoder's code_dim={code_dim}; "
+                          f"leave it out, it is taken from the autoencoder")
+    return dataclasses.replace(model, in_channels=code_dim, out_channels=code_dim)
+
+
+def load_latents(cfg: TrainConfig, pipeline: Path, data: DataConfig, text: TextEncoderConfig,
+                 latent_scale: float, device: torch.device, progress: bool) -> LatentCache:
+    """The latent cache of ``data``, rescaled to the pipeline's ``latent_scale`` (a cache of other
+    data computes its own scale, but the classifier must see the latents the sampler produces)."""
+    cache = load_or_build_cache(pipeline / "autoencoder", data, text, cfg.cache_dir, device=device,
+                                progress=progress)
+    cache.latents = cache.latents * (latent_scale / cache.latent_scale)
+    return cache
+
+
+def evaluate(model: NoisyLatentClassifier, schedule, heldout: TargetDataset | None, cfg: EvalConfig) -> dict:
+    """Held-out accuracies (empty without held-out data)."""
+    if heldout is None:
+        return {}
+    device = next(model.parameters()).device
+    return noisy_accuracy(model, schedule, heldout.latents.to(device), heldout.targets.to(device), cfg.timesteps,
+                          seed=cfg.seed)
+
+
+def prepare_data(cfg: TrainConfig, pipeline: Path, text: TextEncoderConfig | None, latent_scale: float, accelerator):
+    """(train set, held-out set or None, class names); the main process encodes, the others read its files."""
+    text = text if text is not None else TextEncoderConfig()  # a text-free pipeline: captions are cached anyway
+    progress = cfg.run.progress and accelerator.is_main_process
+    with accelerator.main_process_first():
+        train = load_latents(cfg, pipeline, cfg.data, text, latent_scale, accelerator.device, progress)
+        heldout = None
+        if cfg.eval.items > 0 and cfg.data.name != "folder":  # a folder has no held-out split
+            data = dataclasses.replace(cfg.data, split="heldout", size=cfg.eval.items)
+            heldout = load_latents(cfg, pipeline, data, text, latent_scale, accelerator.device, progress)
+    classes = attribute_classes(cfg.target, cfg.data.name, train.labels)
+    train_set = TargetDataset(train.latents, attribute_targets(cfg.target, train.labels))
+    heldout_set = None
+    if heldout is not None:
+        count = min(cfg.eval.items, len(heldout))
+        heldout_set = TargetDataset(heldout.latents[:count], attribute_targets(cfg.target, heldout.labels[:count]))
+    return train_set, heldout_set, classes
+
+
+def train_step(batch: dict, model, schedule, cfg: TrainConfig, opt, accelerator):
+    """One cross-entropy update; returns (loss, accuracy, grad norm or None, whether it was finite)."""
+    loss, accuracy = classifier_loss(model, schedule, batch["latent"], batch["target"])
+    if not all_finite(loss, accelerator):
+        opt.zero_grad(set_to_none=True)
+        return loss, accuracy, None, False
+    accelerator.backward(loss)
+    norm = None
+    if accelerator.sync_gradients and cfg.optim.grad_clip:
+        norm = accelerator.clip_grad_norm_(model.parameters(), cfg.optim.grad_clip)
+    opt.step()
+    opt.zero_grad(set_to_none=True)
+    return loss, accuracy, norm, True
+
+
+def save_outputs(classifier: NoisyLatentClassifier, out_dir: str, step: int, scores: dict) -> None:
+    """The classifier component directory and the held-out accuracies (main process only)."""
+    classifier.save_pretrained(f"{out_dir}/classifier")
+    text = json.dumps({"step": step, "attribute": classifier.config.attribute, **scores}, indent=2) + "\n"
+    atomic_write(Path(out_dir) / EVAL_FILE, lambda tmp: tmp.write_text(text))
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("config", help="YAML file under configs/classifier/")
+    parser.add_argument("overrides", nargs="*", help="dotted overrides, e.g. diffusion=runs/shapes32_diffusion")
+    args = parser.parse_args(argv)
+    cfg = load_config(TrainConfig, args.config, args.overrides)
+    if not cfg.diffusion:
+        raise ConfigError("set diffusion=<diffusion run directory>: the classifier is trained on its latents")
+    check_attribute(cfg.target, cfg.data.name)
+    pipeline = find_pipeline_dir(cfg.diffusion)
+    diffusion, text, latent_scale = read_pipeline_meta(pipeline)
+    accelerator = make_accelerator(cfg.run)
+    out_dir, main_process = cfg.run.out_dir, accelerator.is_main_process
+
+    train_set, heldout_set, classes = prepare_data(cfg, pipeline, text, latent_scale, accelerator)
+    code_dim = train_set.latents.shape[1]
+    cfg = dataclasses.replace(cfg, model=backbone_config_for(cfg.model, code_dim))
+    config = ClassifierConfig(cfg.model, cfg.target, classes, diffusion, latent_scale)
+    if main_process:
+        dump_config(cfg, f"{out_dir}/config.yaml")
+    schedule = diffusion.make_schedule()
+    accelerator.print(f"classifier of {cfg.target!r} ({len(classes)} classes) on {len(train_set)} latents "
+                      f"{tuple(train_set.latents.shape[1:])} from {pipeline}; {schedule!r}")
+
+    set_seed(cfg.run.seed, device_specific=True)  # initialization and stream depend on run.seed alone
+    model = NoisyLatentClassifier(config).train()
+    opt, sched = make_optimizer(model.parameters(), cfg.optim)
+    model, opt, sched = accelerator.prepare(model, opt, sched)
+    ema = EMA(accelerator.unwrap_model(model), cfg.run.ema_decay)
+    accelerator.register_for_checkpointing(ema)
+    step = resume_training_state(accelerator, out_dir)
+
+    batches = make_loader(train_set, cfg.run, accelerator, step)
+    metrics, budget = MetricsLog(accelerator, out_dir), Budget(cfg.run, accelerator)
+    bar = tqdm(total=cfg.run.steps, initial=step, disable=not (cfg.run.progress and main_process),
+               desc="classifier", dynamic_ncols=True)
+    skips = NonFiniteSkips(cfg.run, accelerator)
+    while not budget.done(step):
+        with accelerator.accumulate(model):
+            loss, accuracy, norm, ok = train_step(next(batches), model, schedule, cfg, opt, accelerator)
+        if not ok:
+            skips.skip(step, loss)
+            continue
+        if not accelerator.sync_gradients:
+            continue  # gradient accumulation: the optimizer has not stepped yet
+        sched.step()
+        ema.update(accelerator.unwrap_model(model))
+        step += 1
+        bar.update(1)
+        if step % cfg.run.log_every == 0 or step == 1:
+            values = {"loss": loss, "accuracy": accuracy, "lr": sched.get_last_lr()[0], "seconds": budget.elapsed}
+            logged = metrics.log(step, {**values, **({"grad_norm": norm} if norm is not None else {})})
+            bar.set_postfix(loss=f"{logged['loss']:.4f}", acc=f"{logged['accuracy']:.3f}")
+        if step % cfg.run.save_every == 0:
+            save_training_state(accelerator, out_dir, step, cfg.run.keep_checkpoints)
+            if main_process:
+                scores = evaluate(ema.shadow, schedule, heldout_set, cfg.eval)
+                metrics.log(step, {f"eval/{name}": value for name, value in scores.items()})
+                save_outputs(ema.shadow, out_dir, step, scores)
+    bar.close()
+    save_training_state(accelerator, out_dir, step, cfg.run.keep_checkpoints)
+    if main_process:
+        scores = evaluate(ema.shadow, schedule, heldout_set, cfg.eval)
+        save_outputs(ema.shadow, out_dir, step, scores)
+        accelerator.print(f"done: {step} steps in {budget.elapsed / 60:.1f} min; held-out accuracy "
+                          f"{json.dumps(scores)}; classifier saved to {out_dir}/classifier")
+    accelerator.end_training()
+
+
+if __name__ == "__main__":
+    main(sys.argv[1:])
