@@ -15,6 +15,8 @@ def config_class(stage: str):
         from autoencoder.train import TrainConfig
     elif stage == "diffusion":
         from diffusion.train_latent import TrainConfig
+    elif stage == "classifier":
+        from diffusion.train_classifier import TrainConfig
     else:
         assert stage == "prior", f"configs/{stage}/ has no training script"
         from prior.train import TrainConfig
