@@ -84,6 +84,52 @@ def alternate(runs: dict[str, tuple[Callable[[], None], nn.Module]], repeats: in
     return {name: statistics.median(values) for name, values in times.items()}
 
 
+RATIOS = (("taming fp32", "ours fp32"), ("ours fp32", "ours bf16 autocast"), ("ours fp32", "ours fp32 channels_last"),
+          ("taming bf16 autocast", "ours bf16 autocast"), ("taming fp32", "ours bf16 autocast"))
+
+
+def run(device: str = "cpu", batch: int = 8, resolution: int = 64, repeats: int = 10, warmup: int = 2,
+        echo: Callable[[str], None] = lambda line: None) -> dict:
+    """Measure every variant; ``echo`` receives the lines the command line prints. Returns the medians
+    (seconds per forward + backward step) and the ratios baseline / candidate (> 1: candidate faster)."""
+    device = torch.device(device)
+    torch.manual_seed(0)
+    theirs = TamingVQGAN(resolution, codebook_size=1024, code_dim=8).to(device).train()
+    ours = from_taming_state_dict(theirs.state_dict(), resolution=resolution).to(device).train()
+    x = torch.rand(batch, 3, resolution, resolution, device=device) * 2 - 1
+    config = ours.config
+    parameters = sum(p.numel() for p in ours.parameters())
+    echo(f"device {device}, threads {torch.get_num_threads()}, torch {torch.__version__}")
+    echo(f"config: {resolution}px, base {config.base_channels}, channel_mult {config.channel_mult}, "
+         f"res blocks {config.num_res_blocks}, attention at {config.attn_resolutions} + mid, "
+         f"K={config.codebook_size}, D={config.code_dim}, batch {batch}, "
+         f"{parameters / 1e6:.1f} M parameters")
+
+    with torch.no_grad():
+        same = (theirs(x)[0] - ours.eval()(x).recon).abs().max().item()
+    ours.train()
+    echo(f"identical weights: max |recon difference| {same:.1e}")
+
+    channels_last = from_taming_state_dict(theirs.state_dict(), resolution=resolution).to(device).train()
+    channels_last = channels_last.to(memory_format=torch.channels_last)
+    x_last = x.contiguous(memory_format=torch.channels_last)
+    medians = alternate({"taming fp32": (lambda: taming_step(theirs, x), theirs),
+                         "taming bf16 autocast": (lambda: taming_step(theirs, x, autocast=True), theirs),
+                         "ours fp32": (lambda: our_step(ours, x), ours),
+                         "ours bf16 autocast": (lambda: our_step(ours, x, autocast=True), ours),
+                         "ours fp32 channels_last": (lambda: our_step(channels_last, x_last), channels_last)},
+                        repeats, warmup, device)
+    for name, seconds in medians.items():
+        echo(f"  {name:<24} median {seconds * 1e3:8.1f} ms / step (forward + backward)")
+    ratios = {f"{baseline} / {candidate}": medians[baseline] / medians[candidate] for baseline, candidate in RATIOS}
+    for name, ratio in ratios.items():
+        echo(f"  {name} = {ratio:.2f}")
+    echo("  (ratio > 1: the second is faster)")
+    return {"device": str(device), "threads": torch.get_num_threads(), "batch": batch, "resolution": resolution,
+            "repeats": repeats, "warmup": warmup, "parameters": parameters, "max_recon_difference": same,
+            "median_seconds": medians, "ratios": ratios}
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
@@ -92,39 +138,7 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=10)
     parser.add_argument("--warmup", type=int, default=2)
     args = parser.parse_args()
-    device = torch.device(args.device)
-    torch.manual_seed(0)
-    theirs = TamingVQGAN(args.resolution, codebook_size=1024, code_dim=8).to(device).train()
-    ours = from_taming_state_dict(theirs.state_dict(), resolution=args.resolution).to(device).train()
-    x = torch.rand(args.batch, 3, args.resolution, args.resolution, device=device) * 2 - 1
-    config = ours.config
-    print(f"device {device}, threads {torch.get_num_threads()}, torch {torch.__version__}")
-    print(f"config: {args.resolution}px, base {config.base_channels}, channel_mult {config.channel_mult}, "
-          f"res blocks {config.num_res_blocks}, attention at {config.attn_resolutions} + mid, "
-          f"K={config.codebook_size}, D={config.code_dim}, batch {args.batch}, "
-          f"{sum(p.numel() for p in ours.parameters()) / 1e6:.1f} M parameters")
-
-    with torch.no_grad():
-        same = (theirs(x)[0] - ours.eval()(x).recon).abs().max().item()
-    ours.train()
-    print(f"identical weights: max |recon difference| {same:.1e}")
-
-    channels_last = from_taming_state_dict(theirs.state_dict(), resolution=args.resolution).to(device).train()
-    channels_last = channels_last.to(memory_format=torch.channels_last)
-    x_last = x.contiguous(memory_format=torch.channels_last)
-    medians = alternate({"taming fp32": (lambda: taming_step(theirs, x), theirs),
-                         "taming bf16 autocast": (lambda: taming_step(theirs, x, autocast=True), theirs),
-                         "ours fp32": (lambda: our_step(ours, x), ours),
-                         "ours bf16 autocast": (lambda: our_step(ours, x, autocast=True), ours),
-                         "ours fp32 channels_last": (lambda: our_step(channels_last, x_last), channels_last)},
-                        args.repeats, args.warmup, device)
-    for name, seconds in medians.items():
-        print(f"  {name:<24} median {seconds * 1e3:8.1f} ms / step (forward + backward)")
-    for baseline, candidate in (("taming fp32", "ours fp32"), ("ours fp32", "ours bf16 autocast"),
-                                ("ours fp32", "ours fp32 channels_last"), ("taming bf16 autocast", "ours bf16 autocast"),
-                                ("taming fp32", "ours bf16 autocast")):
-        print(f"  {baseline} / {candidate} = {medians[baseline] / medians[candidate]:.2f}")
-    print("  (ratio > 1: the second is faster)")
+    run(args.device, args.batch, args.resolution, args.repeats, args.warmup, echo=print)
 
 
 if __name__ == "__main__":

@@ -139,8 +139,8 @@ def timed(step: Callable[[], None], steps: int, device: str) -> float:
     return time.perf_counter() - start
 
 
-def main(argv: list[str] | None = None) -> None:
-    args = parse_args(argv)
+def run(args: argparse.Namespace) -> dict:
+    """Measure both ways with the settings of :func:`parse_args`; returns the report the command prints."""
     if args.threads:
         torch.set_num_threads(args.threads)
     cfg = load_config(TrainConfig, args.config, args.overrides)
@@ -166,6 +166,11 @@ def main(argv: list[str] | None = None) -> None:
         "ms_per_batch": {name: round(1000 * statistics.median(v), 1) for name, v in breakdown.items()},
         "runs": {name: [round(v, 2) for v in values] for name, values in rates.items()},
     }
+    return result
+
+
+def main(argv: list[str] | None = None) -> None:
+    result = run(parse_args(argv))
     json.dump(result, sys.stdout, indent=2)
     sys.stdout.write("\n")
 

@@ -1,7 +1,7 @@
 """Sampling speed of the token prior: our static KV cache vs full recomputation vs taming's minGPT ``sample()``.
 
     python bench/prior_sampling.py [--layers 8] [--width 512] [--heads 8] [--tokens 256] [--batch 8]
-                                   [--repeats 3] [--threads 0] [--device cpu]
+                                   [--repeats 3] [--threads 0] [--device cpu] [--variants cached,taming]
 
 All three sample ``--tokens`` codes (a 16 x 16 grid by default) from a class prefix of one token, with
 random weights and the same architecture (layers, width, heads, MLP 4x, codebook 1024):
@@ -76,6 +76,37 @@ def build_taming(args: argparse.Namespace, device: torch.device) -> tuple[torch.
     return model, sample
 
 
+def run(layers: int = 8, width: int = 512, heads: int = 8, tokens: int = 256, batch: int = 8, repeats: int = 3,
+        warmup: int = 1, device: str = "cpu", variants: tuple[str, ...] = ("cached", "uncached", "taming")) -> dict:
+    """Time the sampling ``variants`` (``cached`` always included) and return the report the command prints."""
+    settings = argparse.Namespace(layers=layers, width=width, heads=heads, tokens=tokens, batch=batch,
+                                  repeats=repeats, warmup=warmup)
+    device = torch.device(device)
+    torch.manual_seed(0)
+    ours, sample = build_ours(settings, device)
+    theirs, taming_sample = build_taming(settings, device)
+    calls = {"cached": lambda: sample(True), "uncached": lambda: sample(False), "taming": taming_sample}
+    with torch.no_grad():
+        seconds = {name: timed(calls[name], repeats, warmup, device) for name in calls
+                   if name == "cached" or name in variants}
+    medians = {name: statistics.median(values) for name, values in seconds.items()}
+    report = {
+        "device": str(device) if device.type != "cuda" else torch.cuda.get_device_name(device),
+        "threads": torch.get_num_threads(),
+        "settings": {k: getattr(settings, k)
+                     for k in ("layers", "width", "heads", "tokens", "batch", "repeats", "warmup")},
+        "parameters": {"ours": sum(p.numel() for p in ours.parameters()),
+                       "taming": sum(p.numel() for p in theirs.parameters())},
+        "seconds": seconds,
+        "median_seconds": medians,
+        "tokens_per_second_cached": batch * tokens / medians["cached"],
+    }
+    for name in ("taming", "uncached"):
+        if name in medians:
+            report[f"ratio_{name}_over_cached"] = medians[name] / medians["cached"]
+    return report
+
+
 def main(argv: list[str] | None = None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--layers", type=int, default=8)
@@ -87,32 +118,12 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--warmup", type=int, default=1)
     parser.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: torch's default)")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--variants", default="cached,uncached,taming", help="what to time (cached always is)")
     args = parser.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
-    device = torch.device(args.device)
-    torch.manual_seed(0)
-    ours, sample = build_ours(args, device)
-    theirs, taming_sample = build_taming(args, device)
-    with torch.no_grad():
-        seconds = {
-            "cached": timed(lambda: sample(True), args.repeats, args.warmup, device),
-            "uncached": timed(lambda: sample(False), args.repeats, args.warmup, device),
-            "taming": timed(taming_sample, args.repeats, args.warmup, device),
-        }
-    medians = {name: statistics.median(values) for name, values in seconds.items()}
-    report = {
-        "device": str(device) if device.type != "cuda" else torch.cuda.get_device_name(device),
-        "threads": torch.get_num_threads(),
-        "settings": {k: getattr(args, k) for k in ("layers", "width", "heads", "tokens", "batch", "repeats", "warmup")},
-        "parameters": {"ours": sum(p.numel() for p in ours.parameters()),
-                       "taming": sum(p.numel() for p in theirs.parameters())},
-        "seconds": seconds,
-        "median_seconds": medians,
-        "tokens_per_second_cached": args.batch * args.tokens / medians["cached"],
-        "ratio_taming_over_cached": medians["taming"] / medians["cached"],
-        "ratio_uncached_over_cached": medians["uncached"] / medians["cached"],
-    }
+    report = run(args.layers, args.width, args.heads, args.tokens, args.batch, args.repeats, args.warmup, args.device,
+                 tuple(args.variants.split(",")))
     print(json.dumps(report, indent=2))
     return report
 

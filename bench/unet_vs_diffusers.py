@@ -96,6 +96,46 @@ def alternate(steps: dict[str, Callable[[], None]], repeats: int, warmup: int, d
     return {name: (statistics.median(values), min(values)) for name, values in times.items()}
 
 
+WORKLOADS = ("train fp32", "train bf16", "infer fp32", "infer bf16")
+
+
+def run(device: str = "cpu", batch: int = 32, size: int = 16, channels: int = 4, tokens: int = 16,
+        context_dim: int = 384, repeats: int = 5, warmup: int = 1, workloads: tuple[str, ...] = WORKLOADS,
+        echo: Callable[[str], None] = lambda line: None) -> dict:
+    """Time each workload for both models; ``echo`` receives the lines the command line prints. Returns
+    per workload the median and fastest seconds of each model and the speed-ups diffusers / ours."""
+    settings = argparse.Namespace(size=size, channels=channels, context_dim=context_dim)
+    device = torch.device(device)
+    torch.manual_seed(0)
+    ours, reference = build_pair(settings, device)
+    counts = {name: sum(p.numel() for p in model.parameters()) for name, model in (("ours", ours), ("diffusers", reference))}
+    echo(f"parameters: ours {counts['ours']:,}  diffusers {counts['diffusers']:,}")
+    assert abs(counts["ours"] - counts["diffusers"]) <= 0.01 * counts["diffusers"], "architectures differ"
+    inputs = {"x": torch.randn(batch, channels, size, size, device=device),
+              "t": torch.randint(0, 1000, (batch,), device=device),
+              "context": torch.randn(batch, tokens, context_dim, device=device),
+              "mask": torch.ones(batch, tokens, dtype=torch.bool, device=device)}
+    inputs["mask"][::2, tokens // 2:] = False  # half the prompts padded, as in a real batch
+    inputs["noise"] = torch.randn_like(inputs["x"])
+    our_steps, their_steps = make_steps(ours, True, inputs, device), make_steps(reference, False, inputs, device)
+    echo(f"device {device}, {torch.get_num_threads()} threads, batch {batch}, latents "
+         f"{channels}x{size}x{size}, context {tokens}x{context_dim}, "
+         f"median of {repeats} (after {warmup} warm-up)")
+    echo(f"{'workload':<12} {'ours (s)':>10} {'diffusers (s)':>14} {'speed-up':>9}   {'(fastest runs)':>14}")
+    results = {}
+    for workload in workloads:
+        timings = alternate({"ours": our_steps[workload], "diffusers": their_steps[workload]}, repeats, warmup, device)
+        (ours_median, ours_min), (their_median, their_min) = timings["ours"], timings["diffusers"]
+        results[workload] = {"ours_median": ours_median, "diffusers_median": their_median, "ours_min": ours_min,
+                             "diffusers_min": their_min, "speedup": their_median / ours_median,
+                             "speedup_fastest": their_min / ours_min}
+        echo(f"{workload:<12} {ours_median:>10.4f} {their_median:>14.4f} {their_median / ours_median:>9.2f}   "
+             f"{their_min / ours_min:>14.2f}")
+    return {"device": str(device), "threads": torch.get_num_threads(), "batch": batch, "size": size,
+            "channels": channels, "tokens": tokens, "context_dim": context_dim, "repeats": repeats,
+            "warmup": warmup, "parameters": counts, "workloads": results}
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--device", default="cpu")
@@ -108,33 +148,12 @@ def main() -> None:
     parser.add_argument("--warmup", type=int, default=1)
     parser.add_argument("--threads", type=int, default=0,
                         help="CPU threads (0: torch's default); 1 gives steadier numbers on a shared machine")
-    parser.add_argument("--workloads", default="train fp32,train bf16,infer fp32,infer bf16")
+    parser.add_argument("--workloads", default=",".join(WORKLOADS))
     args = parser.parse_args()
-    device = torch.device(args.device)
     if args.threads:
         torch.set_num_threads(args.threads)
-    torch.manual_seed(0)
-    ours, reference = build_pair(args, device)
-    counts = {name: sum(p.numel() for p in model.parameters()) for name, model in (("ours", ours), ("diffusers", reference))}
-    print(f"parameters: ours {counts['ours']:,}  diffusers {counts['diffusers']:,}")
-    assert abs(counts["ours"] - counts["diffusers"]) <= 0.01 * counts["diffusers"], "architectures differ"
-    batch = {"x": torch.randn(args.batch, args.channels, args.size, args.size, device=device),
-             "t": torch.randint(0, 1000, (args.batch,), device=device),
-             "context": torch.randn(args.batch, args.tokens, args.context_dim, device=device),
-             "mask": torch.ones(args.batch, args.tokens, dtype=torch.bool, device=device)}
-    batch["mask"][::2, args.tokens // 2:] = False  # half the prompts padded, as in a real batch
-    batch["noise"] = torch.randn_like(batch["x"])
-    our_steps, their_steps = make_steps(ours, True, batch, device), make_steps(reference, False, batch, device)
-    print(f"device {device}, {torch.get_num_threads()} threads, batch {args.batch}, latents "
-          f"{args.channels}x{args.size}x{args.size}, context {args.tokens}x{args.context_dim}, "
-          f"median of {args.repeats} (after {args.warmup} warm-up)")
-    print(f"{'workload':<12} {'ours (s)':>10} {'diffusers (s)':>14} {'speed-up':>9}   {'(fastest runs)':>14}")
-    for workload in args.workloads.split(","):
-        results = alternate({"ours": our_steps[workload], "diffusers": their_steps[workload]},
-                            args.repeats, args.warmup, device)
-        (ours_median, ours_min), (their_median, their_min) = results["ours"], results["diffusers"]
-        print(f"{workload:<12} {ours_median:>10.4f} {their_median:>14.4f} {their_median / ours_median:>9.2f}   "
-              f"{their_min / ours_min:>14.2f}")
+    run(args.device, args.batch, args.size, args.channels, args.tokens, args.context_dim, args.repeats, args.warmup,
+        tuple(args.workloads.split(",")), echo=print)
 
 
 if __name__ == "__main__":

@@ -1,0 +1,94 @@
+"""The PNG figures of ``docs/BENCHMARKS.md``: matplotlib (Agg), one function per figure.
+
+Each function takes the structured results that :mod:`bench.report` measured and writes one PNG,
+returning its path; nothing here measures anything.
+"""
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402  (after choosing the backend)
+from matplotlib.ticker import NullFormatter, NullLocator  # noqa: E402
+
+Curve = list[tuple[float, float]]
+
+
+def _save(figure: plt.Figure, path: Path) -> Path:
+    """Write ``figure`` to ``path`` through a temporary file, so a reader never sees half a PNG."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    partial = path.with_name(f".{path.name}.partial")
+    figure.tight_layout()
+    figure.savefig(partial, dpi=110, bbox_inches="tight", format="png")
+    plt.close(figure)
+    os.replace(partial, path)
+    return path
+
+
+def guidance_sweep(sweeps: dict[str, list[dict]], path: Path) -> Path:
+    """Accuracy and diversity against the guidance scale, one line per generator.
+
+    ``sweeps`` maps a generator name to its results (dicts with guidance, accuracy, diversity)."""
+    figure, (left, right) = plt.subplots(1, 2, figsize=(9, 3.4))
+    for name, results in sweeps.items():
+        scales = [r["guidance"] for r in results]
+        left.plot(scales, [r["accuracy"] for r in results], marker="o", label=name)
+        right.plot(scales, [r["diversity"] for r in results], marker="o", label=name)
+    left.set(xlabel="guidance scale", ylabel="prompt accuracy", ylim=(-0.02, 1.02), title="Shapes prompt accuracy")
+    right.set(xlabel="guidance scale", ylabel="mean pairwise RMS distance", title="Diversity (same prompt)")
+    for axis in (left, right):
+        axis.grid(alpha=0.3)
+        axis.legend()
+    return _save(figure, path)
+
+
+def sampler_steps(results: list[dict], reference: dict | None, path: Path) -> Path:
+    """Accuracy against the number of sampling steps; the reference sampler is a dashed line."""
+    figure, axis = plt.subplots(figsize=(5.2, 3.4))
+    steps = [r["steps"] for r in results]
+    axis.plot(steps, [r["accuracy"] for r in results], marker="o", label=results[0]["sampler"] if results else "")
+    if reference is not None:
+        axis.axhline(reference["accuracy"], color="grey", linestyle="--",
+                     label=f"{reference['sampler']} {reference['steps']} steps")
+    axis.set_xscale("log")
+    axis.set_xticks(steps, [str(s) for s in steps])
+    axis.xaxis.set_minor_locator(NullLocator())
+    axis.set(xlabel="sampling steps", ylabel="prompt accuracy", ylim=(-0.02, 1.02), title="Sampler steps vs accuracy")
+    axis.grid(alpha=0.3)
+    axis.legend(loc="lower right")
+    return _save(figure, path)
+
+
+def training_curves(curves: dict[str, dict[str, Curve]], path: Path) -> Path:
+    """Loss against step: one panel per run, one line per logged loss.
+
+    ``curves`` maps a panel title to ``{series name: [(step, value), ...]}``."""
+    panels = max(len(curves), 1)
+    figure, axes = plt.subplots(1, panels, figsize=(4.2 * panels, 3.4), squeeze=False)
+    for axis, (title, series) in zip(axes[0], curves.items()):
+        for name, points in series.items():
+            axis.plot([p[0] for p in points], [p[1] for p in points], label=name)
+        axis.set(xlabel="step", ylabel="loss", title=title)
+        if all(p[1] > 0 for points in series.values() for p in points):
+            axis.set_yscale("log")
+            axis.yaxis.set_minor_formatter(NullFormatter())
+        axis.grid(alpha=0.3)
+        axis.legend()
+    return _save(figure, path)
+
+
+def loss_vs_time(series: dict[str, Curve], path: Path) -> Path:
+    """Training reconstruction loss against wall-clock minutes, one line per model."""
+    figure, axis = plt.subplots(figsize=(5.2, 3.4))
+    for name, points in series.items():
+        axis.plot([p[0] / 60 for p in points], [p[1] for p in points], label=name)
+    axis.set(xlabel="wall-clock minutes", ylabel="reconstruction loss (L1 + L2)", title="Equal-time training")
+    if all(p[1] > 0 for points in series.values() for p in points):
+        axis.set_yscale("log")
+        axis.yaxis.set_minor_formatter(NullFormatter())
+    axis.grid(alpha=0.3)
+    axis.legend()
+    return _save(figure, path)

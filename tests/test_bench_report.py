@@ -1,0 +1,112 @@
+"""bench.report assembles BENCHMARKS.md and its PNGs from (here: stubbed) measurements and run dirs."""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from bench import measure, report
+
+
+def shapes_result(guidance: float, accuracy: float, sampler: str = "dpmpp_2m", steps: int = 20) -> dict:
+    return {"guidance": guidance, "accuracy": accuracy, "colour": 1.0, "shape": accuracy, "position": 1.0,
+            "size": 1.0, "diversity": 0.3 - accuracy / 10, "prompts": 4, "samples_per_prompt": 2, "seconds": 0.8,
+            "sampler": sampler, "steps": steps, "command": f"python -m diffusion.evaluate_shapes --steps {steps}"}
+
+
+def autoencoder_scores(steps: int, psnr: float) -> dict:
+    return {"parameters": 2_800_000, "steps": steps, "train_seconds": 30.0, "images": 147, "psnr": psnr, "ssim": 0.5,
+            "lpips": None, "codebook_used": 0.9, "perplexity": 500.0, "codebook_size": 1024}
+
+
+STUBS = {
+    "autoencoder_vs_taming": lambda ctx: {
+        "resolution": 32, "batch": 2, "repeats": 3, "warmup": 1, "command": "python -m bench.autoencoder_vs_taming",
+        "median_seconds": {"ours fp32": 0.1, "taming fp32": 0.2, "ours bf16 autocast": 0.1,
+                           "taming bf16 autocast": 0.3}},
+    "unet_vs_diffusers": lambda ctx: {
+        "batch": 4, "channels": 4, "size": 8, "repeats": 3, "warmup": 1, "command": "python -m bench.unet_vs_diffusers",
+        "workloads": {"train fp32": {"ours_median": 0.05, "diffusers_median": 0.1, "speedup": 2.0},
+                      "infer fp32": {"ours_median": 0.02, "diffusers_median": 0.03, "speedup": 1.5}}},
+    "prior_sampling": lambda ctx: {
+        "settings": {"tokens": 64, "batch": 2, "layers": 2, "width": 128, "repeats": 3, "warmup": 1},
+        "median_seconds": {"cached": 0.1, "taming": 1.2}, "ratio_taming_over_cached": 12.0,
+        "command": "python -m bench.prior_sampling"},
+    "latent_caching": lambda ctx: {
+        "batch_size": 16, "steps_per_run": 2, "cached_samples_per_s": 300.0, "on_the_fly_samples_per_s": 60.0,
+        "speedup": 5.0, "repeats": 3, "cache_build_seconds": 1.0, "cache_items": 128,
+        "command": "python -m bench.latent_caching"},
+    "guidance_sweep": lambda ctx, kind, path: {
+        "command": f"python -m {kind}.evaluate_shapes {path}",
+        "results": [shapes_result(0.0, 0.25), shapes_result(2.0, 0.75), shapes_result(4.0, 0.75)]},
+    "sampler_steps": lambda ctx, path, guidance: {
+        "results": [shapes_result(guidance, a, steps=s) for s, a in ((5, 0.5), (10, 0.75), (20, 0.875))],
+        "reference": shapes_result(guidance, 0.875, "ddpm", 100)},
+    "autoencoder_quality": lambda ctx, path: {
+        "data": "emoji", "split": "heldout", "resolution": 32, "command": "python -m bench.vqmodel_equal_time",
+        "ours": autoencoder_scores(2350, 23.7),
+        "vqmodel": {**autoencoder_scores(2000, 15.0),
+                    "curve": [{"step": 1, "seconds": 1.0, "loss": 1.0, "rec": 0.9},
+                              {"step": 50, "seconds": 20.0, "loss": 0.5, "rec": 0.4}]}},
+}
+
+
+def make_run(path: Path, pipeline: bool = False, autoencoder: bool = False) -> str:
+    path.mkdir(parents=True)
+    lines = [{"step": step, "loss": 1.0 / step, "total": 2.0 / step, "rec": 1.5 / step, "seconds": step * 0.5}
+             for step in (1, 50, 100)]
+    (path / "metrics.jsonl").write_text("".join(json.dumps(line) + "\n" for line in lines))
+    if pipeline:
+        (path / "pipeline").mkdir()
+        (path / "pipeline" / "pipeline.json").write_text("{}")
+    if autoencoder:
+        (path / "config.yaml").write_text("{}\n")
+        (path / "autoencoder").mkdir()
+        (path / "autoencoder" / "config.json").write_text("{}")
+    return str(path)
+
+
+@pytest.fixture
+def runs(tmp_path, monkeypatch) -> list[str]:
+    for name, stub in STUBS.items():
+        monkeypatch.setattr(measure, name, stub)
+    return ["--diffusion-run", make_run(tmp_path / "diffusion", pipeline=True),
+            "--autoencoder-run", make_run(tmp_path / "ae", autoencoder=True),
+            "--prior-run", str(tmp_path / "no_prior")]
+
+
+def test_quick_report_has_every_section_and_figure(runs, tmp_path):
+    out = tmp_path / "docs"
+    assert report.main(["--quick", "--out", str(out), *runs]) == 0
+    text = (out / "BENCHMARKS.md").read_text()
+    for heading in ("# Benchmarks", "## Speed against the peers", "## Sampler steps vs quality",
+                    "## Autoencoder quality vs diffusers VQModel at equal wall time",
+                    "## Shapes prompt accuracy per generator", "## Training curves", "**Machine:**", "**Command:**"):
+        assert heading in text
+    assert "python -m bench.report --quick" in text and "--quick**: smoke-test" in text
+    assert "| VQ-GAN vs taming-transformers | training step fp32" in text and "2.00x" in text
+    assert "12.00x" in text and "5.00x" in text  # prior sampling and latent caching ratios
+    assert "guidance 2.0 (the sweep's best)" in text  # ties go to the more diverse setting
+    assert f"Not run: `{tmp_path / 'no_prior'}` missing; train it with `accelerate launch autoencoder/train.py" in text
+    prior_command = "accelerate launch prior/train.py configs/prior/shapes32_quick.yaml run.out_dir="
+    assert f"`{prior_command}{tmp_path / 'no_prior'}`" in text
+    for figure in ("guidance_sweep.png", "sampler_steps.png", "training_curves.png", "autoencoder_equal_time.png"):
+        assert (out / figure).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+        assert f"]({figure})" in text
+    raw = json.loads((out / "benchmarks.json").read_text())
+    assert raw["machine"]["torch"] and raw["results"]["latent caching"]["speedup"] == 5.0
+    assert not list(out.glob(".*partial"))
+
+
+def test_a_failing_measurement_is_reported_not_fatal(runs, tmp_path, monkeypatch):
+    def broken(ctx):
+        raise RuntimeError("taming is not installed")
+
+    monkeypatch.setattr(measure, "autoencoder_vs_taming", broken)
+    out = tmp_path / "docs"
+    assert report.main(["--quick", "--out", str(out), "--sections", "speed,curves", *runs]) == 1
+    text = (out / "BENCHMARKS.md").read_text()
+    assert "**autoencoder vs taming failed:** `RuntimeError: taming is not installed`" in text
+    assert "## Failures" in text and "U-Net vs diffusers" in text and "## Training curves" in text
+    assert "## Sampler steps" not in text
