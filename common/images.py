@@ -6,7 +6,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from PIL import Image
+from PIL import Image, ImageDraw, ImageFont
 from torch import Tensor
 
 
@@ -36,11 +36,26 @@ def make_grid(images: Tensor, columns: int | None = None, padding: int = 2) -> I
     return grid
 
 
-def save_grid(images: Tensor, path: str | Path, columns: int | None = None, scale: int = 1) -> Path:
-    """Write a grid of images as PNG (optionally upscaled with nearest neighbour) and return its path."""
+def label_rows(grid: Image.Image, labels: list[str], rows: int) -> Image.Image:
+    """Put one text label left of each of the grid's ``rows`` equal-height rows (e.g. the prompt)."""
+    font = ImageFont.load_default()
+    margin = max(int(ImageDraw.Draw(grid).textlength(text, font=font)) for text in labels) + 8
+    labelled = Image.new("RGB", (grid.width + margin, grid.height), "white")
+    labelled.paste(grid, (margin, 0))
+    draw, row_height = ImageDraw.Draw(labelled), grid.height / rows
+    for row, text in enumerate(labels):
+        draw.text((4, int((row + 0.5) * row_height) - 6), text, fill="black", font=font)
+    return labelled
+
+
+def save_grid(images: Tensor, path: str | Path, columns: int | None = None, scale: int = 1,
+              row_labels: list[str] | None = None) -> Path:
+    """Write a grid of images as PNG (optionally upscaled with nearest neighbour, rows labelled) and return its path."""
     grid = make_grid(images, columns)
     if scale > 1:
         grid = grid.resize((grid.width * scale, grid.height * scale), Image.NEAREST)
+    if row_labels:
+        grid = label_rows(grid, row_labels, math.ceil(images.shape[0] / (columns or math.ceil(math.sqrt(images.shape[0])))))
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     grid.save(path)

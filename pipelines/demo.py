@@ -1,8 +1,15 @@
-"""The main job: ``make demo`` (``python -m pipelines.demo``) on the built-in data.
+"""The main job: ``make demo`` (``python -m pipelines.demo``) on the built-in emoji data.
 
 Stages run in order and each writes what it made under ``--out`` (default ``outputs/demo``):
-a preview of the built-in datasets, then (as later stages land) the quick autoencoder, the
-generator and the pipeline, ending with a summary of the output paths and timings.
+
+1. a preview of the built-in datasets;
+2. the quick stage-1 autoencoder (``configs/autoencoder/emoji32_quick.yaml``), evaluated on held-out emoji;
+3. the quick text-to-image latent diffusion model on its latents (``configs/diffusion/emoji32_quick.yaml``);
+4. the pipeline assembled from both (``outputs/demo/pipeline``) and a grid of samples for a few prompts,
+   "a dog" first;
+
+and ends with a summary of the output paths and timings. Each training stage runs through
+``accelerate launch`` exactly as a user would, and a finished stage is reused by the next ``make demo``.
 """
 from __future__ import annotations
 
@@ -18,8 +25,10 @@ import torch
 
 from common.data import DataConfig, build_dataset
 from common.images import save_grid
+from pipelines import TextToImage
 
 CONFIGS = Path(__file__).resolve().parents[1] / "configs"
+PROMPTS = ("a dog", "dog face", "cat face", "red apple", "rocket", "grinning face", "snowman", "ghost")
 
 
 def launch(script: str, config: Path, *overrides: str) -> None:
@@ -55,6 +64,30 @@ def train_autoencoder(out: Path, minutes: float) -> dict[str, str]:
             "autoencoder_metrics": str(out / "autoencoder_heldout.json")}
 
 
+def train_diffusion(out: Path, autoencoder_run: Path, minutes: float) -> dict[str, str]:
+    """Train the quick emoji diffusion model on the autoencoder's latents (reused when finished)."""
+    run_dir = out / "diffusion_run"
+    if (run_dir / "pipeline" / "pipeline.json").is_file() and (run_dir / "samples" / "final.png").is_file():
+        print(f"reusing the trained diffusion model in {run_dir} (delete it or pass --fresh to retrain)")
+    else:
+        launch("diffusion/train_latent.py", CONFIGS / "diffusion" / "emoji32_quick.yaml",
+               f"autoencoder={autoencoder_run}", f"cache_dir={out / 'latent_cache'}",
+               f"run.out_dir={run_dir}", f"run.max_minutes={minutes}")
+    return {"diffusion_run": str(run_dir), "diffusion_samples": str(run_dir / "samples" / "final.png")}
+
+
+def render_prompts(out: Path, diffusion_run: Path, prompts: list[str], per_prompt: int, seed: int) -> dict[str, str]:
+    """Assemble the text-to-image pipeline, save it, and sample a grid: one row per prompt."""
+    pipe = TextToImage.from_pretrained(diffusion_run)
+    pipeline_dir = pipe.save_pretrained(out / "pipeline")
+    result = pipe(prompts, num_images_per_prompt=per_prompt, seed=seed, output_type="pt")
+    grid = save_grid(result.images * 2 - 1, out / "text_to_image.png", columns=per_prompt, scale=3,
+                     row_labels=prompts)
+    (out / "text_to_image_prompts.json").write_text(json.dumps({"rows": prompts, "seed": seed}, indent=1))
+    print(f"text-to-image grid: {grid} (rows: {', '.join(repr(p) for p in prompts)})")
+    return {"pipeline": str(pipeline_dir), "text_to_image": str(grid)}
+
+
 def preview_datasets(out: Path, count: int = 64) -> dict[str, str]:
     """Write an image grid of each built-in dataset, captions beside it as JSON."""
     paths = {}
@@ -71,25 +104,39 @@ def preview_datasets(out: Path, count: int = 64) -> dict[str, str]:
 def main(argv: list[str] | None = None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--out", default="outputs/demo", help="where every output goes")
-    parser.add_argument("--autoencoder-minutes", type=float, default=8.0, help="wall-clock budget of stage 1")
+    parser.add_argument("--autoencoder-minutes", type=float, default=7.0, help="wall-clock budget of stage 1")
+    parser.add_argument("--diffusion-minutes", type=float, default=9.0, help="wall-clock budget of stage 2")
+    parser.add_argument("--prompts", nargs="+", default=list(PROMPTS), help="rows of the sample grid")
+    parser.add_argument("--per-prompt", type=int, default=6, help="images per prompt (grid columns)")
+    parser.add_argument("--seed", type=int, default=0, help="sampling seed of the grid")
     parser.add_argument("--fresh", action="store_true", help="retrain everything instead of reusing earlier runs")
     args = parser.parse_args(argv)
     out = Path(args.out)
     if args.fresh:
         shutil.rmtree(out, ignore_errors=True)
     out.mkdir(parents=True, exist_ok=True)
-    timings, outputs = {}, {}
-    start = time.monotonic()
-    outputs.update(preview_datasets(out))
-    timings["datasets"] = round(time.monotonic() - start, 1)
-    outputs.update(train_autoencoder(out, args.autoencoder_minutes))
-    timings["autoencoder"] = round(time.monotonic() - start - timings["datasets"], 1)
+    timings: dict[str, float] = {}
+    outputs: dict[str, str] = {}
+    start = last = time.monotonic()
+
+    def timed(name: str, paths: dict[str, str]) -> None:
+        nonlocal last
+        outputs.update(paths)
+        timings[name] = round(time.monotonic() - last, 1)
+        last = time.monotonic()
+
+    timed("datasets", preview_datasets(out))
+    timed("autoencoder", train_autoencoder(out, args.autoencoder_minutes))
+    timed("diffusion", train_diffusion(out, out / "autoencoder_run", args.diffusion_minutes))
+    timed("text_to_image", render_prompts(out, out / "diffusion_run", args.prompts, args.per_prompt, args.seed))
     summary = {"outputs": outputs, "seconds": timings, "total_seconds": round(time.monotonic() - start, 1)}
     (out / "summary.json").write_text(json.dumps(summary, indent=2))
     print("\nlatentgen demo finished")
     for key, path in outputs.items():
-        print(f"  {key:<24} {path}")
+        print(f"  {key:<28} {path}")
+    print("  seconds: " + ", ".join(f"{k} {v}" for k, v in timings.items()))
     print(f"  total {summary['total_seconds']} s (summary: {out / 'summary.json'})")
+    print(f"try: python -m pipelines.generate {out / 'pipeline'} \"a dog\" -n 4 --seed 1 -o dog.png")
     return summary
 
 
