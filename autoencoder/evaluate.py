@@ -17,14 +17,22 @@ import torch
 
 from autoencoder.model import Autoencoder
 from autoencoder.perceptual import PerceptualWeightsError, build_perceptual
-from common.data import DataConfig, build_dataset
+from common.checkpoint import CONFIG_FILE, WEIGHTS_FILE, CheckpointError
+from common.config import ConfigError
+from common.data import DataConfig, DataError, build_dataset
 from common.metrics import codebook_stats, psnr, ssim
 
 
 def component_dir(path: str | Path) -> Path:
     """Accept a run directory or the component directory itself."""
     path = Path(path)
-    return path / "autoencoder" if (path / "autoencoder" / "config.json").is_file() else path
+    for candidate in (path / "autoencoder", path):
+        if (candidate / CONFIG_FILE).is_file():
+            return candidate
+    raise CheckpointError(
+        f"{path} is neither a stage-1 run directory (holding autoencoder/{CONFIG_FILE}) nor an autoencoder "
+        f"component directory ({CONFIG_FILE} + {WEIGHTS_FILE}); pass the run.out_dir of an autoencoder/train.py "
+        f"run, or the directory autoencoder.convert wrote")
 
 
 @torch.no_grad()
@@ -68,11 +76,16 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--size", type=int, default=1000, help="number of images for --data shapes")
     parser.add_argument("--lpips-weights", default="", help="path to vgg16-397923af.pth, if not in the torch cache")
     args = parser.parse_args(argv)
-    model = Autoencoder.from_pretrained(component_dir(args.run_dir)).eval()
-    resolution = args.resolution or model.config.resolution
-    data = DataConfig(name=args.data, resolution=resolution, split=args.split, path=args.path, size=args.size)
-    result = {"run": str(args.run_dir), "data": args.data, "split": args.split, "resolution": resolution,
-              **evaluate(model, data, lpips_weights=args.lpips_weights)}
+    if args.data == "folder" and not args.path:
+        parser.error("--data folder needs --path /path/to/images")
+    try:  # a wrong directory or data option ends with its message, not a traceback
+        model = Autoencoder.from_pretrained(component_dir(args.run_dir)).eval()
+        resolution = args.resolution or model.config.resolution
+        data = DataConfig(name=args.data, resolution=resolution, split=args.split, path=args.path, size=args.size)
+        scores = evaluate(model, data, lpips_weights=args.lpips_weights)
+    except (CheckpointError, ConfigError, DataError, FileNotFoundError) as error:
+        raise SystemExit(f"error: {error}") from None
+    result = {"run": str(args.run_dir), "data": args.data, "split": args.split, "resolution": resolution, **scores}
     print(json.dumps(result, indent=2))
     return result
 

@@ -19,14 +19,14 @@ from tqdm import tqdm
 from autoencoder import losses
 from autoencoder.discriminator import DiscriminatorConfig, PatchDiscriminator
 from autoencoder.model import AutoencoderConfig, build_autoencoder
-from autoencoder.perceptual import build_perceptual
+from autoencoder.perceptual import PerceptualWeightsError, build_perceptual
 from common.config import dump_config, load_config
 from common.data import DataConfig, build_dataset
 from common.ema import EMA
 from common.images import save_grid
 from common.training import (
     Budget, MetricsLog, NonFiniteSkips, OptimConfig, RunConfig, all_finite, make_accelerator, make_loader,
-    make_optimizer, resume_training_state, save_training_state,
+    make_optimizer, resume_training_state, run_cli, save_training_state,
 )
 
 
@@ -98,8 +98,6 @@ def main(argv: list[str] | None = None) -> None:
     cfg = load_config(TrainConfig, args.config, args.overrides)
     accelerator = make_accelerator(cfg.run)
     out_dir = cfg.run.out_dir
-    if accelerator.is_main_process:
-        dump_config(cfg, f"{out_dir}/config.yaml")
 
     model, disc = build_autoencoder(cfg.model).train(), PatchDiscriminator(cfg.disc)
     perceptual = build_perceptual(cfg.loss.perceptual, cfg.loss.perceptual_weights_path)
@@ -111,6 +109,8 @@ def main(argv: list[str] | None = None) -> None:
     ema = EMA(accelerator.unwrap_model(model), cfg.run.ema_decay)
     accelerator.register_for_checkpointing(ema)
     step = resume_training_state(accelerator, out_dir)
+    if accelerator.is_main_process:  # after the resume: a config that does not fit leaves the old record
+        dump_config(cfg, f"{out_dir}/config.yaml")
 
     dataset = build_dataset(cfg.data)
     batches = make_loader(dataset, cfg.run, accelerator, step)
@@ -127,6 +127,7 @@ def main(argv: list[str] | None = None) -> None:
         if not ok:
             skips.skip(step, terms.total)
             continue
+        skips.ok()
         if not accelerator.sync_gradients:
             continue  # gradient accumulation: the optimizers have not stepped yet
         sched_g.step()
@@ -154,4 +155,4 @@ def main(argv: list[str] | None = None) -> None:
 
 
 if __name__ == "__main__":
-    main(sys.argv[1:])
+    run_cli(main, sys.argv[1:], PerceptualWeightsError)

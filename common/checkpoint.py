@@ -16,7 +16,7 @@ import torch
 from safetensors.torch import load_file, save_file
 from torch import Tensor, nn
 
-from common.config import from_dict, to_dict
+from common.config import ConfigError, from_dict, to_dict
 
 CONFIG_FILE = "config.json"
 WEIGHTS_FILE = "model.safetensors"
@@ -77,10 +77,14 @@ def read_component_config(directory: str | Path, kind: str, config_cls: type[T])
         meta = json.loads(config_path.read_text())
     except json.JSONDecodeError as error:
         raise CheckpointError(f"{config_path} is not valid JSON ({error}); re-save the component.") from error
-    found = meta.get("kind")
+    found = meta.get("kind") if isinstance(meta, dict) else None
     if found != kind:
         raise CheckpointError(f"{directory} holds a {found!r} component, but a {kind!r} was expected.")
-    return from_dict(config_cls, meta.get("config", {}))
+    try:
+        return from_dict(config_cls, meta.get("config", {}))
+    except ConfigError as error:
+        raise CheckpointError(f"{config_path} does not describe a valid {kind!r}: {error} "
+                              "Was it written by another version of latentgen, or edited?") from None
 
 
 def load_component(directory: str | Path, kind: str, config_cls: type[T]) -> tuple[T, dict[str, Tensor]]:
@@ -90,7 +94,11 @@ def load_component(directory: str | Path, kind: str, config_cls: type[T]) -> tup
     weights = directory / WEIGHTS_FILE
     if not weights.is_file():
         raise CheckpointError(f"{directory} has a {CONFIG_FILE} but no {WEIGHTS_FILE}; the save did not finish.")
-    return config, load_file(str(weights))
+    try:
+        return config, load_file(str(weights))
+    except Exception as error:  # noqa: BLE001 - safetensors raises its own error type for a damaged file
+        raise CheckpointError(f"{weights} cannot be read ({type(error).__name__}: {error}): the file is damaged "
+                              "or truncated. Save the component again, or copy it again from its source.") from None
 
 
 def load_state_strict(module: nn.Module, state_dict: dict[str, Tensor], source: str = "checkpoint") -> None:
@@ -121,9 +129,15 @@ def load_legacy_checkpoint(path: str | Path) -> dict[str, Any]:
     path = Path(path)
     if not path.is_file():
         raise CheckpointError(f"checkpoint {path} does not exist")
+    if path.stat().st_size == 0:
+        raise CheckpointError(f"checkpoint {path} is empty (0 bytes): the download or copy did not finish")
     try:
         return torch.load(path, map_location="cpu", weights_only=True)
     except Exception as error:  # torch raises UnpicklingError or RuntimeError depending on the payload
+        if "weights only load failed" not in str(error).lower():  # not a refusal: the file itself is broken
+            raise CheckpointError(
+                f"checkpoint {path} cannot be read ({type(error).__name__}: {str(error).splitlines()[0][:200]}): "
+                "it is truncated, damaged or not a PyTorch checkpoint. Download or copy it again.") from error
         # torch's own text advises weights_only=False; keep only the line that names the offending object.
         lines = str(error).splitlines()
         reason = next((line.strip() for line in lines if "Unsupported" in line or "GLOBAL" in line), lines[0])

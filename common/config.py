@@ -40,7 +40,11 @@ def load_config(cls: type[T], path: str | Path | None = None, overrides: Sequenc
         path = Path(path)
         if not path.is_file():
             raise ConfigError(f"config file {path} does not exist")
-        loaded = yaml.safe_load(path.read_text()) or {}
+        try:
+            loaded = yaml.safe_load(path.read_text()) or {}
+        except yaml.YAMLError as error:
+            raise ConfigError(f"{path} is not valid YAML ({error}); fix the file: configs/*.yaml show the format"
+                              ) from None
         if not isinstance(loaded, dict):
             raise ConfigError(f"{path} must hold a mapping of keys to values, got {type(loaded).__name__}")
         data = loaded
@@ -52,14 +56,17 @@ def load_config(cls: type[T], path: str | Path | None = None, overrides: Sequenc
 def from_dict(cls: type[T], data: dict[str, Any], where: str = "") -> T:
     """Build the dataclass ``cls`` from a nested dict, strictly (unknown keys and bad types fail)."""
     if not isinstance(data, dict):
-        raise ConfigError(f"{where or 'config'} must be a mapping, got {data!r}")
+        raise ConfigError(f"{where.rstrip('.') or 'config'} must be a mapping (a section of keys), got {data!r}")
     fields = {f.name: f for f in dataclasses.fields(cls) if f.init}
     hints = typing.get_type_hints(cls)
     for key in data:
         if key not in fields:
             raise ConfigError(_unknown_key_message(f"{where}{key}", key, sorted(fields)))
     values = {key: _coerce(hints[key], value, f"{where}{key}") for key, value in data.items()}
-    return cls(**values)
+    try:
+        return cls(**values)
+    except (ValueError, TypeError) as error:  # the dataclass's own checks (__post_init__): name the section
+        raise ConfigError(f"{where.rstrip('.')}: {error}" if where else str(error)) from None
 
 
 def to_dict(config: Any) -> dict[str, Any]:

@@ -123,6 +123,11 @@ class TextEncoder(nn.Module):
             raise TypeError("encode() takes a list of prompts; wrap a single prompt in a list")
         if not prompts:
             raise ValueError("encode() needs at least one prompt (use \"\" for the unconditional one)")
+        wrong = [(i, p) for i, p in enumerate(prompts) if not isinstance(p, str)]
+        if wrong:
+            index, value = wrong[0]
+            raise TypeError(f"prompts must be strings, but prompt {index} is {type(value).__name__} {value!r} "
+                            f"({len(wrong)} of {len(prompts)} are not strings); use \"\" for no prompt")
         self._warn_if_truncated(prompts)
         batch = self.tokenizer(list(prompts), padding="longest", truncation=True, max_length=self.max_length,
                                return_tensors="pt")

@@ -16,16 +16,19 @@ import math
 import os
 import shutil
 import time
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterator, Literal
+from typing import Any, Callable, Iterator, Literal, Sequence
 
 import torch
 from accelerate import Accelerator
 from accelerate.utils import set_seed
 from torch.utils.data import DataLoader, Dataset, Sampler
 
-from common.checkpoint import atomic_write
+from common.checkpoint import CheckpointError, atomic_write
+from common.config import ConfigError
+from common.data import DataError
 
 logger = logging.getLogger(__name__)
 
@@ -37,7 +40,8 @@ class RunConfig:
     steps / max_minutes: stop at whichever comes first (max_minutes 0 = no wall-clock budget).
     batch_size: per process; the effective batch is batch_size * processes * grad_accum.
     precision: accelerate's mixed precision; bf16 also works (and is faster) on recent CPUs.
-    max_skipped_steps: a step with a non-finite loss is skipped; after this many the run stops.
+    max_skipped_steps: a step with a non-finite loss is skipped; one more than this many in a row stops
+        the run (0: stop at the first), leaving the last checkpoint as it was.
     cpu_threads: torch threads per process when training on CPU; 0 = the usable cores divided among
         the processes on this machine (``accelerate launch`` alone would leave one thread per process).
     """
@@ -155,8 +159,9 @@ def save_training_state(accelerator: Accelerator, run_dir: str | Path, step: int
     """
     root = checkpoint_root(run_dir)
     final, tmp = root / f"step_{step:08d}", root / f"step_{step:08d}.tmp"
-    if accelerator.is_main_process:
-        shutil.rmtree(tmp, ignore_errors=True)
+    if accelerator.is_main_process:  # this save's directory, and any left by a save that was killed
+        for stale in [tmp, *root.glob("step_*.tmp")]:
+            shutil.rmtree(stale, ignore_errors=True)
     accelerator.wait_for_everyone()
     accelerator.save_state(str(tmp))
     accelerator.wait_for_everyone()
@@ -172,21 +177,47 @@ def save_training_state(accelerator: Accelerator, run_dir: str | Path, step: int
 
 
 def latest_checkpoint(run_dir: str | Path) -> Path | None:
-    """The newest complete training checkpoint of a run, or None."""
-    pointer = checkpoint_root(run_dir) / "latest"
-    if not pointer.is_file():
+    """The newest complete training checkpoint of a run, or None.
+
+    ``latest`` names it. Should that name be missing or stale (a checkpoint deleted by hand, a run
+    killed between the rename and the switch), the newest complete ``step_N`` is used, with a warning:
+    starting again from step 0 would rotate the good checkpoints away.
+    """
+    root = checkpoint_root(run_dir)
+    pointer = root / "latest"
+    if pointer.is_file():
+        path = root / pointer.read_text().strip()
+        if (path / "step.json").is_file():
+            return path
+    complete = sorted(p for p in root.glob("step_*") if not p.name.endswith(".tmp") and (p / "step.json").is_file())
+    if not complete:
         return None
-    path = checkpoint_root(run_dir) / pointer.read_text().strip()
-    return path if (path / "step.json").is_file() else None
+    warnings.warn(f"{pointer} is missing or names no complete checkpoint; using the newest complete one, "
+                  f"{complete[-1].name}", RuntimeWarning, stacklevel=2)
+    return complete[-1]
 
 
 def resume_training_state(accelerator: Accelerator, run_dir: str | Path) -> int:
-    """Restore the newest checkpoint of ``run_dir`` if there is one; return its step (0 otherwise)."""
+    """Restore the newest checkpoint of ``run_dir`` if there is one; return its step (0 otherwise).
+
+    Raises:
+        CheckpointError: the checkpoint does not load (damaged files, or a config that changed the
+            models' shapes); the message names it and the ways out.
+    """
     path = latest_checkpoint(run_dir)
     if path is None:
         return 0
-    accelerator.load_state(str(path))
-    step = json.loads((path / "step.json").read_text())["step"]
+    try:
+        accelerator.load_state(str(path))
+        step = int(json.loads((path / "step.json").read_text())["step"])
+    except Exception as error:  # noqa: BLE001 - whatever failed, the user needs the same advice
+        reason = " ".join(str(error).split())
+        reason = reason if len(reason) <= 600 else reason[:600] + " ..."
+        raise CheckpointError(
+            f"cannot resume from {path}: {type(error).__name__}: {reason}. If the model config changed since "
+            f"this checkpoint was written (its config is {Path(run_dir) / 'config.yaml'}), put it back or choose "
+            f"a new run.out_dir; if the checkpoint is damaged, delete {path} to resume from the one before it."
+        ) from error
     accelerator.print(f"resumed from {path} at step {step}")
     return step
 
@@ -240,20 +271,54 @@ def read_metrics(run_dir: str | Path) -> list[dict[str, float]]:
     return [json.loads(line) for line in path.read_text().splitlines()] if path.is_file() else []
 
 
+class NonFiniteLossError(RuntimeError):
+    """A run stopped after more than ``run.max_skipped_steps`` non-finite losses in a row."""
+
+
 class NonFiniteSkips:
-    """Count optimizer steps skipped for a non-finite loss; stop the run past ``run.max_skipped_steps``.
+    """Skip optimizer steps whose loss is not finite; stop past ``run.max_skipped_steps`` in a row.
 
     Skipping (rather than stepping) keeps NaN/inf out of the weights, the EMA and every checkpoint.
+    A finite step (:meth:`ok`) resets the count, so rare spikes in a long run never stop it, while a
+    run that has diverged stops at once, with its last checkpoint as it was.
     """
 
     def __init__(self, run: RunConfig, accelerator: Accelerator) -> None:
-        self.limit, self.accelerator, self.count = run.max_skipped_steps, accelerator, 0
+        self.limit, self.run_dir, self.accelerator = run.max_skipped_steps, run.out_dir, accelerator
+        self.count = self.total = 0
+
+    def ok(self) -> None:
+        """A finite step: the count of consecutive skips starts again."""
+        self.count = 0
 
     def skip(self, step: int, loss: torch.Tensor) -> None:
+        """Report a skipped step; raise :class:`NonFiniteLossError` when there were too many in a row."""
         self.count += 1
-        self.accelerator.print(f"step {step}: non-finite loss {loss.item()}, update skipped ({self.count} so far)")
+        self.total += 1
+        self.accelerator.print(f"step {step}: non-finite loss ({float(loss.detach().float().mean())}), update "
+                               f"skipped ({self.count} in a row, {self.total} in this run; "
+                               f"run.max_skipped_steps={self.limit})")
         if self.count > self.limit:
-            raise RuntimeError(f"{self.count} non-finite losses: stopping; the last checkpoint is intact")
+            last = latest_checkpoint(self.run_dir)
+            kept = (f"The last checkpoint, {last}, is intact: re-running the same command resumes from it"
+                    if last is not None else "No checkpoint was written before this")
+            raise NonFiniteLossError(
+                f"stopping at step {step}: {self.count} non-finite losses in a row, more than "
+                f"run.max_skipped_steps={self.limit}. {kept}. To avoid it, lower optim.lr or raise "
+                f"optim.warmup_steps, train with run.precision=no or bf16 rather than fp16, and check the data "
+                f"for NaN/inf values.")
+
+
+def run_cli(main: Callable[[Sequence[str]], Any], argv: Sequence[str], *user_errors: type[Exception]) -> None:
+    """Run a training script's ``main(argv)``; a mistake in its input ends it with the message alone.
+
+    Config, data, checkpoint and missing-file errors (plus ``user_errors``) exit with status 1 and
+    ``error: <message>`` on stderr; a traceback would only hide the message, which names the fix.
+    """
+    try:
+        main(list(argv))
+    except (ConfigError, DataError, CheckpointError, FileNotFoundError, NonFiniteLossError, *user_errors) as error:
+        raise SystemExit(f"error: {error}") from None
 
 
 def all_finite(value: torch.Tensor, accelerator: Accelerator) -> bool:

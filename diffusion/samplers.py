@@ -29,6 +29,7 @@ Shapes: B batch, C channels, h w latent grid, N sampling steps.
 """
 from __future__ import annotations
 
+import difflib
 import math
 from collections.abc import Callable
 from typing import Any
@@ -82,6 +83,10 @@ def _integrate(
         if callback is not None:
             callback(i, x, x0_hat)
         x = x0_hat if i == len(times) - 1 else step(i, x, x0_hat)
+    if not bool(torch.isfinite(x).all()):  # one check per call: NaN latents would decode to plausible garbage
+        raise FloatingPointError(
+            "sampling produced NaN/inf latents: the denoiser's predictions were not finite. Check the guidance "
+            "scale (it must be a finite number), the input latents, masks and conditions, and the model weights.")
     return x.to(out_dtype)
 
 
@@ -282,5 +287,7 @@ def get_sampler(name: str) -> Sampler:
     """Return the sampler registered under ``name`` (one of :data:`SAMPLERS`)."""
     try:
         return SAMPLERS[name]
-    except KeyError:
-        raise ValueError(f"unknown sampler {name!r}; valid samplers: {', '.join(sorted(SAMPLERS))}") from None
+    except (KeyError, TypeError):
+        close = difflib.get_close_matches(str(name), list(SAMPLERS), n=1, cutoff=0.5)
+        hint = f" Did you mean {close[0]!r}?" if close else ""
+        raise ValueError(f"unknown sampler {name!r}.{hint} Valid samplers: {', '.join(sorted(SAMPLERS))}") from None

@@ -19,6 +19,7 @@ move the (T,) tables to the device of the timesteps they are asked about.
 from __future__ import annotations
 
 import math
+import operator
 from dataclasses import dataclass, field
 from typing import Literal
 
@@ -231,8 +232,11 @@ def timesteps_for(
         (N,) int64, strictly descending, in [0, T-1].
     """
     num_train = schedule.num_steps
+    if isinstance(steps, bool) or not hasattr(steps, "__index__"):  # 2.5 or "20" would fail further down
+        raise TypeError(f"steps must be a whole number of sampling steps in [1, {num_train}], got {steps!r}")
+    steps = operator.index(steps)
     if not 1 <= steps <= num_train:
-        raise ValueError(f"steps must be in [1, {num_train}], got {steps}")
+        raise ValueError(f"steps must be in [1, {num_train}] (the model's training timesteps), got {steps}")
     if offset and spacing != "leading":
         raise ValueError(f"offset only applies to 'leading' spacing (diffusers ignores it otherwise), got {spacing!r}")
     if style not in ("ddim", "dpmsolver"):

@@ -27,7 +27,7 @@ from common.ema import EMA
 from common.images import save_grid
 from common.training import (
     Budget, MetricsLog, NonFiniteSkips, OptimConfig, RunConfig, all_finite, make_accelerator, make_loader,
-    make_optimizer, resume_training_state, save_training_state,
+    make_optimizer, resume_training_state, run_cli, save_training_state,
 )
 from diffusion.latent_cache import NULL_ID, LatentCache, load_or_build_cache, resolve_autoencoder_dir
 from diffusion.latent_diffusion import DiffusionConfig, LatentDiffusion, drop_condition, training_loss
@@ -129,8 +129,6 @@ def main(argv: list[str] | None = None) -> None:
     autoencoder = Autoencoder.from_pretrained(autoencoder_dir).to(device).requires_grad_(False)
     text_encoder = TextEncoder(cfg.text).to(device)
     cfg = dataclasses.replace(cfg, model=unet_config_for(cfg.model, autoencoder.config.code_dim, text_encoder.width))
-    if main_process:
-        dump_config(cfg, f"{out_dir}/config.yaml")
     with accelerator.main_process_first():  # the main process encodes, the others then read its files
         cache = load_or_build_cache(autoencoder_dir, cfg.data, cfg.text, cfg.cache_dir, autoencoder=autoencoder,
                                     text_encoder=text_encoder, device=device, progress=cfg.run.progress and main_process)
@@ -147,6 +145,8 @@ def main(argv: list[str] | None = None) -> None:
     ema = EMA(accelerator.unwrap_model(unet), cfg.run.ema_decay)
     accelerator.register_for_checkpointing(ema)
     step = resume_training_state(accelerator, out_dir)
+    if main_process:  # after the resume: a config that does not fit leaves the old record
+        dump_config(cfg, f"{out_dir}/config.yaml")
     pipe = LatentDiffusion(autoencoder, ema.shadow, text_encoder, cfg.diffusion, cache.latent_scale)
 
     batches = make_loader(cache, cfg.run, accelerator, step)
@@ -161,6 +161,7 @@ def main(argv: list[str] | None = None) -> None:
         if not ok:
             skips.skip(step, loss)
             continue
+        skips.ok()
         if not accelerator.sync_gradients:
             continue  # gradient accumulation: the optimizer has not stepped yet
         sched.step()
@@ -187,4 +188,4 @@ def main(argv: list[str] | None = None) -> None:
 
 
 if __name__ == "__main__":
-    main(sys.argv[1:])
+    run_cli(main, sys.argv[1:])

@@ -89,7 +89,11 @@ class TokenPrior:
         if kind == "class":
             if labels is None:
                 labels = self._labels_of(prompts)
-            return Condition(labels=torch.as_tensor(labels, device=self.device).long())
+            labels = torch.as_tensor(labels, device=self.device).long()
+            classes = self.prior.config.num_classes
+            if labels.numel() and (int(labels.min()) < 0 or int(labels.max()) >= classes):
+                raise ValueError(f"class labels must lie in [0, {classes}) for this prior, got {labels.tolist()}")
+            return Condition(labels=labels)
         return Condition()
 
     def _labels_of(self, prompts: list[str] | None) -> Tensor:

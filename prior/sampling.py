@@ -10,6 +10,7 @@ recomputes the whole sequence at every step through the same loop (for the parit
 """
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import torch
@@ -51,8 +52,11 @@ def filter_logits(logits: Tensor, temperature: float = 1.0, top_k: int = 0, top_
     Returns:
         (..., K) float32 logits.
     """
-    if temperature <= 0:
-        raise ValueError(f"temperature must be > 0, got {temperature} (use top_k=1 for greedy decoding)")
+    if not 0 < temperature < math.inf:  # also refuses NaN
+        raise ValueError(f"temperature must be a finite number > 0, got {temperature} "
+                         "(use top_k=1 for greedy decoding)")
+    if top_k < 0:
+        raise ValueError(f"top_k must be >= 0 (0 keeps every code), got {top_k}")
     if not 0 < top_p <= 1:
         raise ValueError(f"top_p must be in (0, 1], got {top_p}")
     logits = logits.float() / temperature
@@ -126,6 +130,10 @@ def sample_tokens(model: GPT, cond: Prefix, uncond: Prefix | None = None, *, gui
     Returns:
         (B, N) int64 code indices in raster order.
     """
+    if not math.isfinite(guidance):
+        raise ValueError(f"guidance must be a finite number (1 = no guidance), got {guidance}")
+    if guidance_tokens < 0:
+        raise ValueError(f"guidance_tokens must be >= 0 (0 guides every token), got {guidance_tokens}")
     batch, count = cond.embeddings.shape[0], model.config.num_tokens
     guided = uncond is not None and guidance != 1.0
     stepper = _Stepper(model, Prefix.cat(cond, uncond) if guided else cond, use_cache)

@@ -25,7 +25,7 @@ from common.ema import EMA
 from common.images import save_grid
 from common.training import (
     Budget, MetricsLog, NonFiniteSkips, OptimConfig, RunConfig, all_finite, make_accelerator, make_loader,
-    make_optimizer, resume_training_state, save_training_state,
+    make_optimizer, resume_training_state, run_cli, save_training_state,
 )
 from prior.generate import TokenPrior
 from prior.losses import LossConfig, condition_dropout, corrupt_tokens, next_token_loss
@@ -131,8 +131,6 @@ def main(argv: list[str] | None = None) -> None:
         data = load_or_build_tokens(cfg.tokens, cfg.data, text, accelerator.device)
     autoencoder = Autoencoder.from_pretrained(cfg.tokens.autoencoder).to(accelerator.device)
     cfg = dataclasses.replace(cfg, model=resolve_model_config(cfg.model, data, autoencoder.config.codebook_size))
-    if accelerator.is_main_process:
-        dump_config(cfg, f"{out_dir}/config.yaml")
     if data.text_states is not None:  # cut or pad the cached states to the prior's text slots, once
         states, mask = fit_length(data.text_states, data.text_mask, cfg.model.text_tokens)
         data = data._replace(text_states=states.to(accelerator.device), text_mask=mask.to(accelerator.device))
@@ -143,6 +141,8 @@ def main(argv: list[str] | None = None) -> None:
     ema = EMA(accelerator.unwrap_model(model), cfg.run.ema_decay)
     accelerator.register_for_checkpointing(ema)
     step = resume_training_state(accelerator, out_dir)
+    if accelerator.is_main_process:  # after the resume: a config that does not fit leaves the old record
+        dump_config(cfg, f"{out_dir}/config.yaml")
 
     batches = make_loader(TokenDataset(data), cfg.run, accelerator, step)
     preview, captions = preview_condition(data, kind, 8, accelerator.device)
@@ -159,6 +159,7 @@ def main(argv: list[str] | None = None) -> None:
         if not ok:
             skips.skip(step, terms.loss)
             continue
+        skips.ok()
         if not accelerator.sync_gradients:
             continue  # gradient accumulation: the optimizer has not stepped yet
         sched.step()
@@ -184,4 +185,4 @@ def main(argv: list[str] | None = None) -> None:
 
 
 if __name__ == "__main__":
-    main(sys.argv[1:])
+    run_cli(main, sys.argv[1:])

@@ -10,6 +10,12 @@ from typing import Literal
 
 from torch.utils.data import Dataset
 
+from common.config import ConfigError
+
+
+class DataError(ValueError):
+    """A dataset that cannot be built from what the user pointed to (e.g. a folder without usable images)."""
+
 
 @dataclass(frozen=True)
 class DataConfig:
@@ -44,7 +50,7 @@ def build_dataset(config: DataConfig) -> Dataset:
 
         return EmojiDataset(config.resolution, split=config.split, augment=config.augment, seed=config.seed)
     if not config.path:
-        raise ValueError("data.path is empty: the folder dataset needs data.path=/path/to/images")
+        raise ConfigError("data.path is empty: the folder dataset needs data.path=/path/to/images")
     from common.data.folder import FolderDataset
 
     return FolderDataset(config.path, config.resolution)

@@ -18,6 +18,7 @@ from PIL import Image, ImageOps
 from torch import Tensor
 from torch.utils.data import Dataset
 
+from common.data import DataError
 from common.images import pil_to_tensor
 
 logger = logging.getLogger(__name__)
@@ -186,7 +187,7 @@ class FolderDataset(Dataset):
 
         Raises:
             FileNotFoundError: the folder does not exist.
-            ValueError: it holds no usable image.
+            DataError: it holds no usable image (a ValueError).
         """
         if resolution < 1:
             raise ValueError(f"resolution must be positive, not {resolution}")
@@ -196,13 +197,13 @@ class FolderDataset(Dataset):
         self.resolution = resolution
         candidates = _list_images(self.root)
         if not candidates:
-            raise ValueError(f"No image files ({', '.join(sorted(IMAGE_EXTENSIONS))}) found in {self.root}.")
+            raise DataError(f"No image files ({', '.join(sorted(IMAGE_EXTENSIONS))}) found in {self.root}.")
         reasons = self._validate(candidates, workers)
         self.files = [p for p, reason in zip(candidates, reasons) if reason is None]
         self.skipped = [(self._relative(p).as_posix(), r) for p, r in zip(candidates, reasons) if r is not None]
         self._report_skipped(len(candidates))
         if not self.files:
-            raise ValueError(f"None of the {len(candidates)} image files in {self.root} could be decoded.")
+            raise DataError(f"None of the {len(candidates)} image files in {self.root} could be decoded.")
         self.classes = self._find_classes(candidates)
         self.captions, self.labels = self._caption_all()
 
