@@ -26,30 +26,27 @@ from pathlib import Path
 
 import torch
 
-from common.checkpoint import CONFIG_FILE
+from common.checkpoint import CheckpointError
 from common.evaluation import evaluate_shapes
 from diffusion.classifier import NoisyLatentClassifier
-from diffusion.latent_diffusion import PIPELINE_FILE, LatentDiffusion
+from diffusion.latent_diffusion import LatentDiffusion, find_classifier_dir, find_pipeline_dir
 from diffusion.samplers import SAMPLERS
 
 
 def pipeline_dir(path: str | Path) -> Path:
-    """``path`` if it is a pipeline directory, else the ``pipeline/`` of the run directory ``path``."""
-    path = Path(path)
-    for candidate in (path, path / "pipeline"):
-        if (candidate / PIPELINE_FILE).is_file():
-            return candidate
-    raise SystemExit(f"error: {path} is neither a pipeline directory nor a run directory with pipeline/{PIPELINE_FILE}")
+    """:func:`find_pipeline_dir` for the command line: a bad path exits with ``error: <why>``."""
+    try:
+        return find_pipeline_dir(path)
+    except CheckpointError as error:
+        raise SystemExit(f"error: {error}") from None
 
 
 def classifier_dir(path: str | Path) -> Path:
-    """``path`` if it is a classifier component directory, else the ``classifier/`` of the run directory ``path``."""
-    path = Path(path)
-    for candidate in (path, path / "classifier"):
-        if (candidate / CONFIG_FILE).is_file():
-            return candidate
-    raise SystemExit(f"error: {path} is neither a classifier directory nor a classifier run directory with "
-                     f"classifier/{CONFIG_FILE}")
+    """:func:`find_classifier_dir` for the command line: a bad path exits with ``error: <why>``."""
+    try:
+        return find_classifier_dir(path)
+    except CheckpointError as error:
+        raise SystemExit(f"error: {error}") from None
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:

@@ -7,7 +7,8 @@
 A pipeline directory::
 
     dir/pipeline.json   {"kind": "text_to_image", "format_version": 1, "diffusion": {DiffusionConfig},
-                         "text_encoder": {TextEncoderConfig} | null, "latent_scale": float}
+                         "text_encoder": {TextEncoderConfig} | null, "latent_scale": float,
+                         "class_names": [str, ...] | null}     (class_names: optional, class-conditional U-Nets)
     dir/autoencoder/    component directory (config.json + model.safetensors)
     dir/unet/           component directory
 
@@ -23,6 +24,7 @@ Shapes: B batch, D latent channels, h w latent grid, L tokens, E text width.
 from __future__ import annotations
 
 import json
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -31,7 +33,7 @@ import torch
 from torch import Tensor, nn
 
 from autoencoder.model import Autoencoder
-from common.checkpoint import CheckpointError, atomic_write
+from common.checkpoint import CONFIG_FILE, CheckpointError, atomic_write
 from common.config import from_dict, to_dict
 from diffusion.guidance import classifier_free, classifier_guided, inpainting
 from diffusion.latent_cache import decode_latents, encode_latents, pad_tokens
@@ -49,6 +51,10 @@ if TYPE_CHECKING:  # diffusion.classifier imports this module (for DiffusionConf
 PIPELINE_FILE = "pipeline.json"
 PIPELINE_KIND = "text_to_image"
 FORMAT_VERSION = 1
+TRAIN_DIFFUSION = ("`accelerate launch diffusion/train_latent.py configs/diffusion/<config>.yaml` "
+                   "(it writes <run.out_dir>/pipeline)")
+TRAIN_CLASSIFIER = ("`accelerate launch diffusion/train_classifier.py configs/classifier/<config>.yaml` "
+                    "(it writes <run.out_dir>/classifier)")
 
 
 @dataclass(frozen=True)
@@ -126,14 +132,17 @@ class LatentDiffusion(nn.Module):
         text_encoder: the frozen text encoder, or None for a U-Net without cross-attention.
         config: the diffusion process the U-Net was trained with.
         latent_scale: the factor between autoencoder latents and U-Net latents.
+        class_names: for a class-conditional U-Net, the name of each dataset label (index = label),
+            saved in ``pipeline.json`` so that pipelines accept names; None when unknown.
     """
 
     def __init__(self, autoencoder: Autoencoder, unet: UNet, text_encoder: TextEncoder | None,
-                 config: DiffusionConfig, latent_scale: float) -> None:
+                 config: DiffusionConfig, latent_scale: float, class_names: Sequence[str] | None = None) -> None:
         super().__init__()
         check_compatible(autoencoder, unet, text_encoder)
         self.autoencoder, self.unet, self.text_encoder = autoencoder.eval(), unet, text_encoder
         self.config, self.latent_scale = config, float(latent_scale)
+        self.class_names = check_class_names(class_names, unet.config.num_classes)
         self.schedule = config.make_schedule()
 
     @property
@@ -148,7 +157,8 @@ class LatentDiffusion(nn.Module):
         self.unet.save_pretrained(directory / "unet")
         meta = {"kind": PIPELINE_KIND, "format_version": FORMAT_VERSION, "diffusion": to_dict(self.config),
                 "text_encoder": to_dict(self.text_encoder.config) if self.text_encoder is not None else None,
-                "latent_scale": self.latent_scale}
+                "latent_scale": self.latent_scale,
+                "class_names": list(self.class_names) if self.class_names is not None else None}
         atomic_write(directory / PIPELINE_FILE, lambda tmp: tmp.write_text(json.dumps(meta, indent=2) + "\n"))
         return directory
 
@@ -161,7 +171,11 @@ class LatentDiffusion(nn.Module):
             text_encoder = TextEncoder(text_config)
         autoencoder = Autoencoder.from_pretrained(directory / "autoencoder")
         unet = UNet.from_pretrained(directory / "unet").eval()
-        return cls(autoencoder, unet, text_encoder, config, latent_scale)
+        class_names = json.loads((directory / PIPELINE_FILE).read_text()).get("class_names")
+        try:
+            return cls(autoencoder, unet, text_encoder, config, latent_scale, class_names)
+        except ValueError as error:
+            raise CheckpointError(f"{directory / PIPELINE_FILE}: {error}") from None
 
     # ------------------------------------------------------------------------------------- the pieces
     def encode_prompts(self, prompts: list[str]) -> TextEmbedding:
@@ -181,11 +195,44 @@ class LatentDiffusion(nn.Module):
         """Scaled latents (B, D, h, w) -> images (B, 3, H, W) in [-1, 1]."""
         return decode_latents(self.autoencoder, latents.to(self.device).float() / self.latent_scale)
 
-    def latent_shape(self, batch: int, size: int | None = None) -> tuple[int, int, int, int]:
-        """(B, D, h, w) for images of ``size`` pixels (default: the autoencoder's training resolution)."""
+    @property
+    def size_multiple(self) -> int:
+        """Image heights and widths must be multiples of this: the autoencoder's factor f times the U-Net's."""
+        return self.autoencoder.downsample_factor * self.unet.downsample_factor
+
+    def latent_shape(self, batch: int, height: int | None = None,
+                     width: int | None = None) -> tuple[int, int, int, int]:
+        """(B, D, H / f, W / f) for images ``height`` x ``width`` pixels (non-square works: the U-Net is
+        convolutional); each defaults to the autoencoder's training resolution.
+
+        Raises:
+            TypeError: a size that is not an integer.
+            ValueError: a size < 1, or not a multiple of :attr:`size_multiple` (naming the valid ones).
+        """
         ae = self.autoencoder.config
-        side = (size or ae.resolution) // ae.downsample_factor
-        return batch, ae.code_dim, side, side
+        height, width = (self._check_side(name, value, ae.resolution) for name, value in
+                         (("height", height), ("width", width)))
+        factor = self.autoencoder.downsample_factor
+        return batch, ae.code_dim, height // factor, width // factor
+
+    def _check_side(self, name: str, value: int | None, default: int) -> int:
+        """One image side in pixels, checked (None: ``default``)."""
+        if value is None:
+            return default
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise TypeError(f"{name} must be an integer number of pixels, got {value!r}")
+        multiple = self.size_multiple
+        ae, unet = self.autoencoder.downsample_factor, self.unet.downsample_factor
+        why = f"the autoencoder downsamples by {ae}" + (f" and the U-Net by {unet} more" if unet > 1 else "")
+        if value < 1:
+            raise ValueError(f"{name}={value}: image sizes must be positive multiples of {multiple} ({why}); "
+                             f"leave {name} out for the training resolution {default}")
+        if value % multiple:
+            lower = value - value % multiple
+            valid = f"{lower} or {lower + multiple}" if lower else f"{multiple}"
+            raise ValueError(f"{name}={value} is not a multiple of {multiple} ({why}); image sizes must be "
+                             f"multiples of {multiple}, e.g. {valid}")
+        return value
 
     def timesteps(self, steps: int, sampler: str) -> Tensor:
         """The sampling timesteps, in the style each sampler was matched to diffusers with."""
@@ -283,20 +330,26 @@ class LatentDiffusion(nn.Module):
     def generate(self, prompts: list[str], *, negative_prompts: list[str] | None = None, steps: int = 20,
                  guidance: float = 4.0, rescale: float = 0.0, sampler: str = "dpmpp_2m",
                  generator: torch.Generator | None = None, size: int | None = None,
+                 height: int | None = None, width: int | None = None,
                  class_labels: Tensor | None = None, classifier: NoisyLatentClassifier | None = None,
                  classifier_labels: Tensor | None = None, classifier_scale: float = 1.0,
                  **sampler_options: Any) -> Tensor:
         """Text -> images (B, 3, H, W) in [-1, 1]; negative prompts (1 or B) replace the null prompt "".
 
+        ``size`` is a square image's side, ``height``/``width`` one side each (not both kinds); all
+        default to the training resolution, see :meth:`latent_shape`.
         ``classifier``, ``classifier_labels``, ``classifier_scale``: classifier guidance, see :meth:`sample_latents`.
         """
+        if size is not None and (height is not None or width is not None):
+            raise ValueError(f"size={size} and height/width were both given; give size (square) or height and width")
         cond = self.encode_prompts(prompts) if self.text_encoder is not None else None
         uncond = None
         if cond is not None and guidance != 1.0:
             uncond = self.encode_prompts(negative_prompts if negative_prompts else [""])
         labels = class_labels if class_labels is not None else classifier_labels  # without prompts: the batch size
         batch = len(prompts) if prompts else int(labels.shape[0])
-        latents = self.sample_latents(cond, uncond, self.latent_shape(batch, size), steps=steps, guidance=guidance,
+        shape = self.latent_shape(batch, size if size is not None else height, size if size is not None else width)
+        latents = self.sample_latents(cond, uncond, shape, steps=steps, guidance=guidance,
                                       rescale=rescale, sampler=sampler, generator=generator,
                                       class_labels=class_labels, classifier=classifier,
                                       classifier_labels=classifier_labels, classifier_scale=classifier_scale,
@@ -304,14 +357,54 @@ class LatentDiffusion(nn.Module):
         return self.decode(latents)
 
 
-def find_pipeline_dir(path: str | Path) -> Path:
-    """``path`` if it is a pipeline directory, else the ``pipeline/`` of the training run directory ``path``."""
+def find_pipeline_dir(path: str | Path, how_to_train: str = TRAIN_DIFFUSION) -> Path:
+    """``path`` if it is a pipeline directory (any kind), else the ``pipeline/`` of the training run directory ``path``.
+
+    The one implementation for diffusion/ and pipelines/ (prior/ has the same function,
+    :func:`prior.generate.find_pipeline`, since it must not import diffusion/).
+
+    Args:
+        path: a pipeline directory or a training run directory.
+        how_to_train: the command the error suggests for making one.
+
+    Raises:
+        CheckpointError: "PATH is neither a pipeline directory nor a run directory with
+            pipeline/pipeline.json; train one with ...".
+    """
+    return _find_in_run(path, "pipeline", PIPELINE_FILE, how_to_train)
+
+
+def find_classifier_dir(path: str | Path) -> Path:
+    """``path`` if it is a component directory (a noisy-latent classifier's), else the ``classifier/`` of the
+    classifier training run directory ``path``; a CheckpointError says what is missing and how to train one."""
+    return _find_in_run(path, "classifier", CONFIG_FILE, TRAIN_CLASSIFIER)
+
+
+def _find_in_run(path: str | Path, part: str, marker: str, how_to_train: str) -> Path:
+    """``path`` or ``path/part``, whichever holds ``marker``."""
     path = Path(path)
-    for candidate in (path, path / "pipeline"):
-        if (candidate / PIPELINE_FILE).is_file():
+    for candidate in (path, path / part):
+        if (candidate / marker).is_file():
             return candidate
-    raise CheckpointError(f"{path} is neither a pipeline directory nor a run directory with "
-                          f"pipeline/{PIPELINE_FILE} (diffusion training writes one to <run_dir>/pipeline)")
+    missing = " (it does not exist)" if not path.exists() else ""
+    raise CheckpointError(f"{path} is neither a {part} directory nor a run directory with {part}/{marker}"
+                          f"{missing}; train one with {how_to_train}")
+
+
+def check_class_names(class_names: Sequence[str] | None, num_classes: int) -> tuple[str, ...] | None:
+    """``class_names`` as a tuple of ``num_classes`` distinct strings (None stays None)."""
+    if class_names is None:
+        return None
+    if isinstance(class_names, str) or not all(isinstance(name, str) for name in class_names):
+        raise ValueError(f"class_names must be a list of strings, got {class_names!r}")
+    names = tuple(class_names)
+    if len(names) != num_classes:
+        raise ValueError(f"{len(names)} class_names for a U-Net with num_classes={num_classes}"
+                         + (" (no class conditioning: leave class_names out)" if num_classes == 0 else ""))
+    repeated = sorted({name for name in names if names.count(name) > 1})
+    if repeated:
+        raise ValueError(f"class_names must be distinct, {repeated} repeat")
+    return names
 
 
 def read_pipeline_meta(directory: str | Path) -> tuple[DiffusionConfig, TextEncoderConfig | None, float]:

@@ -9,7 +9,8 @@ Classes (all with ``from_pretrained``, ``save_pretrained``, ``.to(device)`` and 
 :class:`PipelineOutput` with ``.images``):
 
 - :class:`TextToImage`: prompts -> latent diffusion with classifier-free guidance -> decoder.
-- :class:`ClassToImage`: class labels -> class-conditional latent diffusion -> decoder.
+- :class:`ClassToImage`: class labels (or names) -> class-conditional latent diffusion -> decoder.
+  Both also take classifier guidance: ``classifier=``, ``classifier_labels=``, ``classifier_scale=``.
 - :class:`ImageToImage`, :class:`Inpaint`: an input image (and mask) as the starting point.
 - :class:`TokensToImage`: prompts -> autoregressive token prior -> VQ decoder, same call as TextToImage.
 - :func:`load_pipeline`: the right class for a directory, from its ``pipeline.json`` kind.

@@ -22,10 +22,12 @@ from tqdm.auto import tqdm
 
 from common.checkpoint import CheckpointError
 from common.images import tensor_to_pil
+from diffusion.latent_diffusion import PIPELINE_FILE, find_pipeline_dir
 from diffusion.samplers import Callback
-from prior.generate import PIPELINE_FILE, find_pipeline
 
 PipelineT = TypeVar("PipelineT", bound="Pipeline")
+TRAIN_ANY = ("`accelerate launch diffusion/train_latent.py configs/diffusion/<config>.yaml` or "
+             "`accelerate launch prior/train.py configs/prior/<config>.yaml` (each writes <run.out_dir>/pipeline)")
 
 # The class that loads each kind written to pipeline.json, named in wrong-kind errors (strings, so
 # this module need not import the concrete pipelines).
@@ -62,7 +64,7 @@ def read_kind(directory: Path) -> tuple[str, dict[str, Any]]:
 
 def resolve(path: str | Path) -> tuple[Path, str, dict[str, Any]]:
     """A pipeline directory given it or a training run directory holding ``pipeline/``, with its kind."""
-    directory = find_pipeline(path)
+    directory = find_pipeline_dir(path, how_to_train=TRAIN_ANY)
     kind, meta = read_kind(directory)
     return directory, kind, meta
 

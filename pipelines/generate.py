@@ -3,10 +3,14 @@
     python -m pipelines.generate runs/emoji32_diffusion "dog face" "red apple" -n 4 --seed 0 -o grid.png
     python -m pipelines.generate runs/emoji32_diffusion "dog face" --init-image in.png --strength 0.6
     python -m pipelines.generate runs/emoji32_diffusion "dog face" --init-image in.png --mask mask.png
+    python -m pipelines.generate runs/shapes32_diffusion "a small circle" --guidance 1 \
+        --classifier runs/shapes32_classifier --classifier-label red --classifier-scale 3
 
 The grid has one row per prompt and one column per image (``-n``). The output path is printed, then
 one JSON line with every setting that produced it (the seed included: one is drawn when --seed is
-left out, so any grid can be made again). A class-conditional pipeline takes class ids as prompts.
+left out, so any grid can be made again). A class-conditional pipeline takes class ids (or the class
+names saved with it) as prompts. ``--classifier`` adds classifier guidance (text- and class-to-image)
+towards ``--classifier-label``: given once it applies to every prompt, or repeat it once per prompt.
 Bad arguments print one ``error:`` line and exit with status 2.
 """
 from __future__ import annotations
@@ -63,6 +67,12 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--init-image", default=None, help="start from this image (image-to-image)")
     parser.add_argument("--strength", type=float, default=None, help="img2img/inpaint strength in [0, 1]")
     parser.add_argument("--mask", default=None, help="inpaint: white pixels of this mask are regenerated")
+    parser.add_argument("--classifier", default=None,
+                        help="classifier guidance: a noisy-latent classifier directory or its training run directory")
+    parser.add_argument("--classifier-label", action="append", default=None, dest="classifier_labels",
+                        help="class name (or id) of the classifier's attribute to steer towards, e.g. red; once for "
+                             "all prompts, or once per prompt")
+    parser.add_argument("--classifier-scale", type=float, default=None, help="classifier guidance scale (default 1)")
     parser.add_argument("--scale", type=int, default=1, help="upscale the grid by this factor (nearest)")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--no-progress", action="store_true", help="hide the progress bar")
@@ -81,7 +91,13 @@ def check_arguments(args: argparse.Namespace) -> None:
         fail("--num-images, --steps and --scale must be >= 1")
     if (args.strength is not None or args.mask) and not args.init_image:
         fail("--strength and --mask need --init-image")
-    for name in ("path", "init_image", "mask"):
+    if (args.classifier_labels or args.classifier_scale is not None) and not args.classifier:
+        fail("--classifier-label and --classifier-scale need --classifier")
+    if args.classifier and not args.classifier_labels:
+        fail("--classifier needs --classifier-label (the class to steer towards, e.g. red)")
+    if args.classifier and args.init_image:
+        fail("--classifier works with text- and class-to-image pipelines, not with --init-image")
+    for name in ("path", "init_image", "mask", "classifier"):
         value = getattr(args, name)
         if value and not Path(value).exists():
             fail(f"{'--' + name.replace('_', '-') if name != 'path' else 'path'} {value} does not exist")
@@ -105,16 +121,20 @@ def call_arguments(pipe: Pipeline, args: argparse.Namespace) -> tuple[list[Any],
                                    height=args.height, width=args.width, seed=args.seed,
                                    progress=not args.no_progress, output_type="pt")
     if isinstance(pipe, ClassToImage):
-        try:
-            labels = [int(p) for p in args.prompts]
-        except ValueError:
-            fail(f"{args.path} holds a class-conditional pipeline: prompts must be class ids, got {args.prompts}")
+        labels = [as_label(p) for p in args.prompts]
+        if pipe.class_names is None and not all(isinstance(label, int) for label in labels):
+            fail(f"{args.path} holds a class-conditional pipeline without class names: prompts must be class ids "
+                 f"in [0, {pipe.num_classes}), got {args.prompts}")
         positional: list[Any] = [labels]
     else:
         positional = [args.prompts]
         options["negative_prompt"] = args.negative
     if not isinstance(pipe, TokensToImage):  # the AR prior would only warn that these do not apply
         options.update(num_inference_steps=args.steps, sampler=args.sampler, guidance_rescale=args.rescale)
+    if args.classifier:
+        scale = 1.0 if args.classifier_scale is None else args.classifier_scale
+        options.update(classifier=args.classifier, classifier_labels=[as_label(v) for v in args.classifier_labels],
+                       classifier_scale=scale)
     if args.init_image:
         positional.append(Image.open(args.init_image))
         if args.mask:
@@ -122,6 +142,14 @@ def call_arguments(pipe: Pipeline, args: argparse.Namespace) -> tuple[list[Any],
         if args.strength is not None:
             options["strength"] = args.strength
     return positional, options
+
+
+def as_label(text: str) -> int | str:
+    """A command-line class label: an integer is a class id, anything else a class name."""
+    try:
+        return int(text)
+    except ValueError:
+        return text
 
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:

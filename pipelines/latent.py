@@ -2,8 +2,8 @@
 
 Every diffusion pipeline wraps one :class:`diffusion.latent_diffusion.LatentDiffusion` (autoencoder,
 U-Net, text encoder, noise schedule) and differs only in how it builds the condition and the start
-latents, so the steps live here once: the latent shape for a pixel size, the prompt embeddings, the
-sampler run with its progress bar, and the decoding into the requested output type.
+latents, so the steps live here once: the size checks, the prompt embeddings, classifier guidance,
+the sampler run with its progress bar, and the decoding into the requested output type.
 
 Shapes: B images (prompts x images per prompt), D latent channels, H W pixels, h w latent grid.
 """
@@ -16,10 +16,11 @@ import torch
 from torch import Tensor
 
 from common.text_encoder import TextEmbedding
-from diffusion.latent_diffusion import PIPELINE_KIND, LatentDiffusion
+from diffusion.classifier import NoisyLatentClassifier
+from diffusion.latent_diffusion import PIPELINE_KIND, LatentDiffusion, find_classifier_dir
 from diffusion.schedules import img2img_timesteps
 from pipelines.base import Pipeline, PipelineKindError, PipelineOutput, step_reporter, to_output
-from pipelines.options import RunOptions, check_number, repeat_rows, repeat_tensor
+from pipelines.options import Labels, RunOptions, check_number, label_ids, repeat_rows, repeat_tensor
 
 DEFAULT_GUIDANCE = 4.0  # guidance_scale=None means this (LatentDiffusion.generate's default too)
 LatentT = TypeVar("LatentT", bound="LatentPipeline")
@@ -85,23 +86,56 @@ class LatentPipeline(Pipeline):
     @property
     def size_multiple(self) -> int:
         """Height and width must be multiples of this: the autoencoder's factor f times the U-Net's."""
-        return self.model.autoencoder.downsample_factor * self.model.unet.downsample_factor
-
-    def latent_shape(self, batch: int, height: int | None, width: int | None) -> tuple[int, int, int, int]:
-        """(B, D, H / f, W / f); height and width default to the autoencoder's training resolution."""
-        config = self.model.autoencoder.config
-        height, width = height or config.resolution, width or config.resolution
-        self.check_size(height, width)
-        factor = config.downsample_factor
-        return batch, config.code_dim, height // factor, width // factor
+        return self.model.size_multiple
 
     def check_size(self, height: int, width: int) -> None:
-        """Fail unless the U-Net can run on latents of images ``height`` x ``width``."""
-        ae, unet = self.model.autoencoder.downsample_factor, self.model.unet.downsample_factor
-        why = f"the autoencoder downsamples by {ae}" + (f" and the U-Net by {unet} more" if unet > 1 else "")
-        for name, value in (("height", height), ("width", width)):
-            if value % self.size_multiple:
-                raise ValueError(f"{name}={value} is not a multiple of {self.size_multiple} ({why})")
+        """Fail unless the U-Net can run on latents of images ``height`` x ``width`` (see
+        :meth:`LatentDiffusion.latent_shape`, which checks them)."""
+        self.model.latent_shape(1, height, width)
+
+    # ------------------------------------------------------------------------------- classifier guidance
+    def classifier_guidance(self, classifier: NoisyLatentClassifier | str | Path | None,
+                            classifier_labels: Labels | None, classifier_scale: float, count: int,
+                            times: int) -> dict[str, Any]:
+        """The :meth:`sample` keywords of classifier guidance, checked ({} without a classifier).
+
+        Args:
+            classifier: a :class:`NoisyLatentClassifier`, the path of its component directory or of its
+                training run directory (holding ``classifier/``), or None.
+            classifier_labels: class ids or names of the classifier's attribute: one for every prompt,
+                or one per prompt (a list); each is repeated for the prompt's ``times`` images.
+            classifier_scale: finite, >= 0; 0 gives exactly the unguided samples.
+            count: the number of prompts (or class labels).
+            times: images per prompt.
+        """
+        scale = check_number("classifier_scale", classifier_scale, 0.0)
+        if classifier is None:
+            if classifier_labels is not None or scale != 1.0:
+                given = "classifier_labels" if classifier_labels is not None else f"classifier_scale={scale:g}"
+                raise ValueError(f"{given} needs a classifier: pass classifier= (a NoisyLatentClassifier, or the "
+                                 f"directory of one or of its training run)")
+            return {}
+        if isinstance(classifier, (str, Path)):
+            classifier = NoisyLatentClassifier.from_pretrained(find_classifier_dir(classifier))
+        elif not isinstance(classifier, NoisyLatentClassifier):
+            raise TypeError(f"classifier must be a NoisyLatentClassifier or the path of its directory, "
+                            f"got {type(classifier).__name__}")
+        config = classifier.config
+        if classifier_labels is None:
+            raise ValueError(f"classifier_labels: classifier guidance needs the {config.attribute} to steer each "
+                             f"prompt towards (one, or one per prompt); valid names: {', '.join(config.class_names)}")
+        labels = label_ids("classifier_labels", classifier_labels, classifier.num_classes, config.class_names,
+                           owner=f"the classifier (it predicts {config.attribute!r})")
+        if len(labels) not in (1, count):
+            raise ValueError(f"classifier_labels has {len(labels)} entries for {count} prompts; give one, or one "
+                             f"per prompt")
+        try:
+            classifier.check_compatible(self.model.autoencoder.config.code_dim, self.model.latent_scale,
+                                        self.model.schedule)
+        except ValueError as error:
+            raise ValueError(f"classifier: {error}") from None
+        return dict(classifier=classifier, classifier_labels=repeat_tensor(labels, count, times).contiguous(),
+                    classifier_scale=scale)
 
     # ------------------------------------------------------------------------------------ conditions
     def text_conditions(self, prompts: list[str], negatives: list[str] | None,
@@ -119,7 +153,7 @@ class LatentPipeline(Pipeline):
 
     # ------------------------------------------------------------------------------------- sampling
     def sample(self, shape: tuple[int, int, int, int], run: RunOptions, cond: TextEmbedding | None,
-               uncond: TextEmbedding | None, *, strength: float = 1.0, **inputs: Tensor | None) -> Tensor:
+               uncond: TextEmbedding | None, *, strength: float = 1.0, **inputs: Any) -> Tensor:
         """Run the sampler with the call's settings, a progress bar and the user's callback.
 
         Args:
@@ -127,8 +161,9 @@ class LatentPipeline(Pipeline):
             run: the checked call options.
             cond, uncond: text embeddings (B and 1 or B rows), or None without text.
             strength: img2img strength in [0, 1], used with ``init_latents``.
-            inputs: ``init_latents``, ``mask``, ``known_latents``, ``class_labels`` as
-                :meth:`LatentDiffusion.sample_latents` takes them.
+            inputs: ``init_latents``, ``mask``, ``known_latents``, ``class_labels``, and the classifier
+                guidance keywords of :meth:`classifier_guidance`, as :meth:`LatentDiffusion.sample_latents`
+                takes them.
 
         Returns:
             Scaled latents (B, D, h, w).

@@ -9,6 +9,7 @@ from __future__ import annotations
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass
+from numbers import Integral
 
 import torch
 from torch import Tensor
@@ -63,6 +64,53 @@ def as_negatives(negative_prompt: str | Sequence[str] | None, count: int) -> lis
         raise ValueError(f"negative_prompt has {len(negatives)} entries for {count} prompts; give one, or one "
                          f"per prompt")
     return negatives
+
+
+Labels = int | str | Sequence[int | str] | Tensor  # class ids, class names, or a list / (N,) tensor of them
+
+
+def label_ids(name: str, labels: Labels, num_classes: int, class_names: Sequence[str] | None = None,
+              owner: str = "this pipeline") -> Tensor:
+    """Class ids or names -> a non-empty (N,) int64 tensor of ids in [0, num_classes).
+
+    Args:
+        name: the argument's name, which every error starts with.
+        labels: one id or name, or a list / 1-d integer tensor of them (ids and names may mix).
+        num_classes: the number of classes.
+        class_names: the name of each id (index = id), or None when the classes have no names.
+        owner: what the classes belong to, for the errors ("this pipeline", "the classifier").
+    """
+    if isinstance(labels, Tensor):
+        if labels.ndim > 1 or labels.is_floating_point() or labels.is_complex() or labels.dtype == torch.bool:
+            raise ValueError(f"{name} must be an integer tensor of shape (N,), got {labels.dtype} of shape "
+                             f"{tuple(labels.shape)}")
+        items: list = labels.reshape(-1).tolist()
+    elif isinstance(labels, (str, Integral)):
+        items = [labels]
+    elif isinstance(labels, Sequence):
+        items = list(labels)
+    else:
+        raise TypeError(f"{name} must be a class id, a class name or a list of them, got {labels!r}")
+    if not items:
+        raise ValueError(f"{name} is empty; give at least one class id or name")
+    index = {label: i for i, label in enumerate(class_names or ())}
+    ids = []
+    for item in items:
+        if isinstance(item, str):
+            if not class_names:
+                raise ValueError(f"{name}: {item!r} is a class name, and the classes of {owner} have no names; "
+                                 f"give class ids in [0, {num_classes})")
+            if item not in index:
+                raise ValueError(f"{name}: {item!r} is not a class of {owner}; valid names: {', '.join(class_names)}")
+            ids.append(index[item])
+        elif isinstance(item, Integral) and not isinstance(item, bool):
+            if not 0 <= item < num_classes:
+                raise ValueError(f"{name} must be in [0, {num_classes}), got {item}")
+            ids.append(int(item))
+        else:
+            kinds = "class ids or names" if class_names else "class ids"
+            raise ValueError(f"{name} must be {kinds} (int{' or str' if class_names else ''}), got {item!r}")
+    return torch.tensor(ids, dtype=torch.long)
 
 
 def repeat_rows(items: list, times: int) -> list:

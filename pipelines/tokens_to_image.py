@@ -8,11 +8,12 @@ arguments that only mean something to a diffusion sampler are still checked the 
 value fails in both pipelines alike) and are then ignored, with a warning when they differ from
 their defaults: ``num_inference_steps`` (the prior always samples one token per grid cell),
 ``sampler`` and ``guidance_rescale``. A ``callback`` is refused, since there are no denoising
-steps to report and silently never calling it would hide that. The image size is fixed by the
-prior's token grid: ``height``/``width`` may only repeat it.
+steps to report and silently never calling it would hide that; so is a ``classifier`` (classifier
+guidance steers denoising steps). The image size is fixed by the prior's token grid:
+``height``/``width`` may only repeat it.
 
-Tokens are drawn on the prior's device, so on a GPU a CPU generator (what ``seed`` makes) seeds a
-generator there: the same seed still gives the same images on the same kind of device.
+The generator's uniforms are drawn on its own device and moved to the prior's
+(:func:`prior.sampling.draw`), so a seed gives the same tokens on CPU and GPU (up to float rounding).
 """
 from __future__ import annotations
 
@@ -36,6 +37,7 @@ from prior.sampling import sample_tokens
 from prior.transformer import Condition, Prefix
 
 DIFFUSION_ONLY = {"num_inference_steps": 20, "sampler": "dpmpp_2m", "guidance_rescale": 0.0}
+CLASSIFIER_GUIDANCE = {"classifier": None, "classifier_labels": None, "classifier_scale": 1.0}
 
 
 class TokensToImage(Pipeline):
@@ -77,13 +79,13 @@ class TokensToImage(Pipeline):
         """H = W: the prior's token grid times the autoencoder's downsampling factor."""
         return self.model.prior.config.grid_size * self.model.autoencoder.downsample_factor
 
-    @torch.no_grad()
     def __call__(self, prompt: str | list[str] | None = None, *, class_labels: Sequence[int] | Tensor | None = None,
                  negative_prompt: str | list[str] | None = None, num_inference_steps: int = 20,
                  guidance_scale: float | None = None, guidance_rescale: float = 0.0, sampler: str = "dpmpp_2m",
                  height: int | None = None, width: int | None = None, num_images_per_prompt: int = 1,
                  generator: torch.Generator | None = None, seed: int | None = None, callback: Callback | None = None,
-                 progress: bool = True, output_type: str = "pil", temperature: float | None = None,
+                 progress: bool = True, output_type: str = "pil", classifier: Any = None,
+                 classifier_labels: Any = None, classifier_scale: float = 1.0, temperature: float | None = None,
                  top_k: int | None = None, top_p: float | None = None) -> PipelineOutput:
         """Generate images for prompts (or class labels).
 
@@ -96,6 +98,8 @@ class TokensToImage(Pipeline):
             num_inference_steps, sampler, guidance_rescale: checked, then ignored (see the module doc).
             height, width: None, or the fixed :attr:`image_size`.
             callback: must be None (see the module doc).
+            classifier, classifier_labels, classifier_scale: must keep their defaults (None, None, 1.0):
+                classifier guidance needs a diffusion pipeline.
             progress: a tqdm bar over the tokens.
             output_type: "pil", "pt" or "latent" (the code indices (B, h, w)).
             temperature, top_k, top_p: token filtering (see :class:`prior.sampling.SamplingConfig`);
@@ -106,29 +110,27 @@ class TokensToImage(Pipeline):
                          guidance_rescale=guidance_rescale, sampler=sampler, height=height, width=width,
                          num_images_per_prompt=num_images_per_prompt, generator=generator, seed=seed,
                          callback=callback, progress=progress, output_type=output_type)
-        self._check_diffusion_only(run)
+        self._check_diffusion_only(run, classifier=classifier, classifier_labels=classifier_labels,
+                                   classifier_scale=classifier_scale)
         settings = self._settings(run, temperature=temperature, top_k=top_k, top_p=top_p)
         cond, uncond = self._prefixes(prompt, class_labels, negative_prompt, num_images_per_prompt)
         with self._token_progress(run.progress):
-            generator = self._device_generator(run.make_generator())
-            tokens = sample_tokens(self.model.prior, cond, uncond, generator=generator, **settings)
+            tokens = sample_tokens(self.model.prior, cond, uncond, generator=run.make_generator(), **settings)
         if run.output_type == "latent":
             return PipelineOutput(rearrange(tokens, "b (h w) -> b h w", h=self.model.prior.config.grid_size))
         return to_output(self.model.decode(tokens), run.output_type)
 
-    def _device_generator(self, generator: torch.Generator | None) -> torch.Generator | None:
-        """A generator on the prior's device: token sampling (``torch.multinomial``) draws on the device
-        of the probabilities, so a CPU generator (what ``seed`` makes) seeds one there instead."""
-        if generator is None or generator.device.type == self.device.type:
-            return generator
-        seed = int(torch.randint(2**62, (), generator=generator))
-        return torch.Generator(self.device).manual_seed(seed)
-
     # ---------------------------------------------------------------------------------- checks
-    def _check_diffusion_only(self, run: RunOptions) -> None:
+    def _check_diffusion_only(self, run: RunOptions, **guidance: Any) -> None:
         if run.callback is not None:
             raise ValueError("callback: TokensToImage samples one token at a time and has no denoising steps to "
                              "report; pass callback=None (progress=True shows a bar over the tokens)")
+        check_number("classifier_scale", guidance["classifier_scale"], 0.0)
+        given = [name for name, default in CLASSIFIER_GUIDANCE.items()
+                 if (guidance[name] is not None if default is None else guidance[name] != default)]
+        if given:
+            raise ValueError(f"{given[0]}: TokensToImage cannot use classifier guidance, which steers the denoising "
+                             f"steps of a diffusion sampler; use TextToImage or ClassToImage")
         for name in ("height", "width"):
             value = getattr(run, name)
             if value is not None and value != self.image_size:
@@ -138,7 +140,7 @@ class TokensToImage(Pipeline):
                    if getattr(run, name) != default]
         if changed:
             warnings.warn(f"TokensToImage ignores {', '.join(changed)}: they configure diffusion samplers, and "
-                          f"an autoregressive prior samples one token per grid cell", UserWarning, stacklevel=4)
+                          f"an autoregressive prior samples one token per grid cell", UserWarning, stacklevel=3)
 
     def _settings(self, run: RunOptions, **filters: float | None) -> dict[str, Any]:
         """The sampling settings: the call's, else the pipeline's saved defaults."""

@@ -49,7 +49,7 @@ def evaluate(pipe: TokenPrior, args: argparse.Namespace, guidance: float) -> dic
 
     def generate(prompts: list[str], seed: int) -> torch.Tensor:
         negative = [args.negative] * len(prompts) if args.negative else None
-        generator = torch.Generator(pipe.device).manual_seed(seed)
+        generator = torch.Generator().manual_seed(seed)  # a CPU generator: the same tokens on any device
         return pipe.generate(prompts, negative_prompts=negative, generator=generator, **sampling)
 
     start = time.perf_counter()

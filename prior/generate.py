@@ -149,8 +149,9 @@ class TokenPrior:
         tokens = sample_tokens(self.prior, cond, uncond, generator=generator, **dataclasses.asdict(settings))
         return self.decode(tokens)
 
+    @torch.no_grad()
     def decode(self, tokens: Tensor) -> Tensor:
-        """Code indices (B, N) -> images (B, 3, H, W) in [-1, 1]."""
+        """Code indices (B, N) -> images (B, 3, H, W) in [-1, 1] (no autograd graph is kept)."""
         grid = rearrange(tokens, "b (h w) -> b h w", h=self.prior.config.grid_size)
         return self.autoencoder.decode_indices(grid).float().clamp(-1, 1)
 
@@ -193,9 +194,19 @@ class TokenPrior:
 
 
 def find_pipeline(path: str | Path) -> Path:
-    """A pipeline directory, given it or a training run directory that holds ``pipeline/``."""
+    """A pipeline directory (of any kind), given it or a training run directory that holds ``pipeline/``.
+
+    Mirrors :func:`diffusion.latent_diffusion.find_pipeline_dir` (prior/ must not import diffusion/);
+    both are to become one ``common.checkpoint.find_pipeline_dir``.
+
+    Raises:
+        CheckpointError: neither ``path/pipeline.json`` nor ``path/pipeline/pipeline.json`` exists.
+    """
     path = Path(path)
     for candidate in (path, path / "pipeline"):
         if (candidate / PIPELINE_FILE).is_file():
             return candidate
-    raise CheckpointError(f"no {PIPELINE_FILE} in {path} or {path / 'pipeline'}")
+    missing = " (it does not exist)" if not path.exists() else ""
+    raise CheckpointError(f"{path} is neither a pipeline directory nor a run directory with pipeline/{PIPELINE_FILE}"
+                          f"{missing}; train one with `accelerate launch prior/train.py configs/prior/<config>.yaml` "
+                          f"(it writes <run.out_dir>/pipeline)")

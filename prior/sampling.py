@@ -74,8 +74,22 @@ def filter_logits(logits: Tensor, temperature: float = 1.0, top_k: int = 0, top_
 
 
 def draw(logits: Tensor, generator: torch.Generator | None = None) -> Tensor:
-    """One code per row from softmax(logits) (B, K) -> (B,) int64."""
-    return torch.multinomial(logits.softmax(dim=-1), 1, generator=generator)[:, 0]
+    """One code per row from softmax(logits) (B, K) -> (B,) int64, by inverting the CDF.
+
+    One uniform per row comes from ``generator`` on the generator's own device (the global RNG on
+    the logits' device without one) and is moved to the logits, so a CPU generator works with logits
+    on any device and a seed draws the same codes everywhere (up to float rounding of the CDF).
+    Codes of probability 0 (filtered out, -inf logits) are never drawn.
+    """
+    probs = logits.float().softmax(dim=-1)
+    rows, count = probs.shape
+    device = generator.device if generator is not None else probs.device
+    uniform = torch.rand(rows, 1, generator=generator, device=device).to(probs.device)
+    cdf = probs.cumsum(dim=-1)
+    index = torch.searchsorted(cdf, uniform * cdf[:, -1:], right=True)[:, 0]
+    # u * total may round up to the total: stay on the last code that has any probability
+    last = count - 1 - (probs > 0).flip(-1).int().argmax(dim=-1)
+    return torch.minimum(index, last)
 
 
 class _Stepper:

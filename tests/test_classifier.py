@@ -223,3 +223,10 @@ def test_evaluate_shapes_with_a_classifier(trained, capsys):
     assert all(r["attribute"] == "colour" and r["guided_accuracy"] == r["colour"] for r in results)
     with pytest.raises(SystemExit, match="predicts 'colour', not 'shape'"):
         evaluate_shapes.main([str(trained / "diffusion"), "--classifier", str(trained / "run"), "--attribute", "shape"])
+    with pytest.raises(SystemExit, match=r"error: .*diffusion is neither a classifier directory nor a run directory "
+                                         r"with classifier/config.json; train one with `accelerate launch "
+                                         r"diffusion/train_classifier.py"):
+        evaluate_shapes.main([str(trained / "diffusion"), "--classifier", str(trained / "diffusion")])
+    with pytest.raises(SystemExit, match=r"error: .*run is neither a pipeline directory nor a run directory with "
+                                         r"pipeline/pipeline.json; train one with"):
+        evaluate_shapes.main([str(trained / "run")])

@@ -80,16 +80,49 @@ def test_bad_arguments_print_one_error_line_and_exit_2(dirs, capsys, args, messa
 
 @pytest.mark.parametrize("run_dir, args, message", [
     ("prior", ["a dog", "--init-image", "{tmp}/in.png"], "needs a text-to-image diffusion pipeline"),
-    ("class", ["a dog"], "prompts must be class ids"),
+    ("class", ["a dog"], "'a dog' is not a class of this pipeline; valid names: circle, square, triangle"),
     ("{tmp}/nowhere", ["a dog"], "path {tmp}/nowhere does not exist"),
-    ("{tmp}", ["a dog"], "no pipeline.json"),
+    ("{tmp}", ["a dog"], "is neither a pipeline directory nor a run directory with pipeline/pipeline.json; train one"),
+    ("prior", ["a dog", "--classifier", "{classifier}", "--classifier-label", "red"],
+     "classifier: TokensToImage cannot use classifier guidance"),
+    ("text", ["a dog", "--classifier", "{classifier}", "--classifier-label", "violet"],
+     "'violet' is not a class of the classifier (it predicts 'colour'); valid names: red, green, blue, yellow"),
+    ("text", ["a dog", "a cat", "--classifier", "{classifier}"] + ["--classifier-label", "red"] * 3,
+     "classifier_labels has 3 entries for 2 prompts"),
+    ("text", ["a dog", "--classifier-label", "red"], "--classifier-label and --classifier-scale need --classifier"),
+    ("text", ["a dog", "--classifier", "{classifier}"], "--classifier needs --classifier-label"),
+    ("text", ["a dog", "--classifier", "{classifier}", "--classifier-label", "red", "--classifier-scale", "-1"],
+     "classifier_scale must be a finite number >= 0"),
+    ("text", ["a dog", "--classifier", "{classifier}", "--classifier-label", "red", "--init-image", "{tmp}/in.png"],
+     "--classifier works with text- and class-to-image pipelines, not with --init-image"),
 ])
 def test_inputs_the_pipeline_cannot_take_exit_2(dirs, tmp_path, capsys, run_dir, args, message):
     Image.new("RGB", (16, 16)).save(tmp_path / "in.png")
     path = str(dirs.get(run_dir, run_dir)).format(tmp=tmp_path)
     with pytest.raises(SystemExit) as exit_info:
-        generate.main([path, *(a.format(tmp=tmp_path) for a in args), "--no-progress"])
+        generate.main([path, *(a.format(tmp=tmp_path, classifier=dirs["classifier"]) for a in args), "--no-progress"])
     assert exit_info.value.code == 2 and message.format(tmp=tmp_path) in capsys.readouterr().err
+
+
+def test_classifier_guidance_from_the_command_line(dirs, tmp_path, capsys):
+    common = ["-n", "2", "--seed", "5", "--steps", "2", "--guidance", "1"]
+    plain, _ = run([str(dirs["text"]), "a dog", "a cat", *common, "-o", str(tmp_path / "plain.png")], capsys)
+    assert "classifier" not in plain
+    steer = ["--classifier", str(dirs["classifier"]), "--classifier-label", "red", "--classifier-label", "blue"]
+    report, lines = run([str(dirs["text"]), "a dog", "a cat", *common, *steer, "--classifier-scale", "3",
+                         "-o", str(tmp_path / "guided.png")], capsys)
+    assert json.loads(lines[1]) == report
+    assert report["classifier"] == str(dirs["classifier"]) and report["classifier_scale"] == 3.0
+    assert report["classifier_labels"] == ["red", "blue"]
+    run([str(dirs["text"]), "a dog", "a cat", *common, *steer, "--classifier-scale", "0",
+         "-o", str(tmp_path / "zero.png")], capsys)
+    pixels = {name: np.array(Image.open(tmp_path / f"{name}.png")) for name in ("plain", "guided", "zero")}
+    assert np.array_equal(pixels["zero"], pixels["plain"]) and not np.array_equal(pixels["guided"], pixels["plain"])
+    report, _ = run([str(dirs["class"]), "circle", "2", "-n", "1", "--steps", "2", "--classifier",
+                     str(dirs["classifier"] / "classifier"), "--classifier-label", "4", "-o", str(tmp_path / "c.png")],
+                    capsys)
+    assert report["pipeline"] == "ClassToImage" and report["classifier_labels"] == [4]
+    assert report["classifier_scale"] == 1.0 and Image.open(tmp_path / "c.png").size == grid_size(2, 1)
 
 
 def test_the_real_command_exits_2_without_a_traceback(dirs):

@@ -1,12 +1,16 @@
-"""LatentDiffusion: pipeline directory round trip, seeding, guidance, img2img and inpainting."""
+"""LatentDiffusion: pipeline directory round trip, seeding, guidance, img2img and inpainting, sizes, class names."""
 from __future__ import annotations
 
+import dataclasses
 import json
 
 import pytest
 import torch
 
-from diffusion.latent_diffusion import DiffusionConfig, LatentDiffusion, training_loss
+from common.checkpoint import CheckpointError
+from diffusion.latent_diffusion import (
+    DiffusionConfig, LatentDiffusion, find_classifier_dir, find_pipeline_dir, training_loss,
+)
 from diffusion.objectives import Denoiser
 from diffusion.samplers import sample_dpmpp_2m
 from diffusion.unet import UNet
@@ -83,6 +87,70 @@ def test_inpainting_keeps_the_known_region(pipe):
                               guidance=2.0, mask=mask, known_latents=known, generator=torch.Generator().manual_seed(0))
     assert torch.equal(out[..., :4], known[..., :4])
     assert (out[..., 4:] - known[..., 4:]).abs().mean() > 0.05
+
+
+def test_latent_shape_takes_height_and_width_and_checks_them(pipe):
+    assert pipe.size_multiple == 4  # f=2 autoencoder, one U-Net downsampling
+    assert pipe.latent_shape(2) == (2, 4, 8, 8)
+    assert pipe.latent_shape(3, 16, 32) == (3, 4, 8, 16) and pipe.latent_shape(1, width=8) == (1, 4, 8, 4)
+    assert generate(pipe, 0, steps=2, height=16, width=24).shape == (2, 3, 16, 24)
+    assert generate(pipe, 0, steps=2, size=8).shape == (2, 3, 8, 8)
+    with pytest.raises(ValueError, match=r"height=13 is not a multiple of 4 \(the autoencoder downsamples by 2 and the "
+                                         r"U-Net by 2 more\); image sizes must be multiples of 4, e.g. 12 or 16"):
+        pipe.latent_shape(1, 13)
+    with pytest.raises(ValueError, match="width=2 is not a multiple of 4 .*, e.g. 4$"):
+        pipe.latent_shape(1, 16, 2)
+    for bad in (0, -16):
+        with pytest.raises(ValueError, match=f"height={bad}: image sizes must be positive multiples of 4 .*; leave "
+                                             f"height out for the training resolution 16"):
+            pipe.latent_shape(1, bad)
+    with pytest.raises(TypeError, match="width must be an integer number of pixels, got 16.0"):
+        pipe.latent_shape(1, 16, 16.0)
+    with pytest.raises(ValueError, match="height=10 is not a multiple of 4"):
+        generate(pipe, 0, size=10)
+    with pytest.raises(ValueError, match="size=16 and height/width were both given"):
+        generate(pipe, 0, size=16, height=16)
+
+
+def test_class_names_are_saved_loaded_and_checked(pipe, tmp_path):
+    unet = UNet(dataclasses.replace(tiny_unet_config(context_dim=0), num_classes=2)).eval()
+    parts = (pipe.autoencoder, unet, None, pipe.config, 2.5)
+    LatentDiffusion(*parts, class_names=["cat", "dog"]).save_pretrained(tmp_path / "named")
+    assert json.loads((tmp_path / "named" / "pipeline.json").read_text())["class_names"] == ["cat", "dog"]
+    assert LatentDiffusion.from_pretrained(tmp_path / "named").class_names == ("cat", "dog")
+    LatentDiffusion(*parts).save_pretrained(tmp_path / "unnamed")
+    assert json.loads((tmp_path / "unnamed" / "pipeline.json").read_text())["class_names"] is None
+    assert LatentDiffusion.from_pretrained(tmp_path / "unnamed").class_names is None
+    with pytest.raises(ValueError, match="3 class_names for a U-Net with num_classes=2"):
+        LatentDiffusion(*parts, class_names=["cat", "dog", "cow"])
+    with pytest.raises(ValueError, match=r"class_names must be distinct, \['dog'\] repeat"):
+        LatentDiffusion(*parts, class_names=["dog", "dog"])
+    with pytest.raises(ValueError, match="class_names must be a list of strings"):
+        LatentDiffusion(*parts, class_names=[0, 1])
+    with pytest.raises(ValueError, match=r"num_classes=0 \(no class conditioning: leave class_names out\)"):
+        LatentDiffusion(pipe.autoencoder, pipe.unet, pipe.text_encoder, pipe.config, 2.5, class_names=["cat"])
+    meta = json.loads((tmp_path / "named" / "pipeline.json").read_text())
+    (tmp_path / "named" / "pipeline.json").write_text(json.dumps({**meta, "class_names": ["cat"]}))
+    with pytest.raises(CheckpointError, match="pipeline.json: 1 class_names for a U-Net with num_classes=2"):
+        LatentDiffusion.from_pretrained(tmp_path / "named")
+
+
+def test_pipeline_and_classifier_directories_are_found_in_run_directories(pipe, tmp_path):
+    pipe.save_pretrained(tmp_path / "run" / "pipeline")
+    assert find_pipeline_dir(tmp_path / "run") == tmp_path / "run" / "pipeline"
+    assert find_pipeline_dir(tmp_path / "run" / "pipeline") == tmp_path / "run" / "pipeline"
+    assert find_classifier_dir(tmp_path / "run" / "pipeline" / "unet") == tmp_path / "run" / "pipeline" / "unet"
+    with pytest.raises(CheckpointError, match=r"unet is neither a pipeline directory nor a run directory with "
+                                              r"pipeline/pipeline.json; train one with `accelerate launch "
+                                              r"diffusion/train_latent.py configs/diffusion/<config>.yaml`"):
+        find_pipeline_dir(tmp_path / "run" / "pipeline" / "unet")
+    with pytest.raises(CheckpointError, match=r"nowhere is neither a pipeline directory .* \(it does not exist\); "
+                                              r"train one with my command"):
+        find_pipeline_dir(tmp_path / "nowhere", how_to_train="my command")
+    with pytest.raises(CheckpointError, match=r"is neither a classifier directory nor a run directory with "
+                                              r"classifier/config.json; train one with `accelerate launch "
+                                              r"diffusion/train_classifier.py"):
+        find_classifier_dir(tmp_path / "run")
 
 
 def test_mismatched_components_fail_clearly(pipe):

@@ -1,8 +1,9 @@
 """The user-facing pipelines on tiny random components: loading, seeding, argument checks, outputs.
 
 Also home of :func:`build_pipelines`, the tiny saved pipelines the CLI and README tests share: a
-text-conditioned diffusion run, a class-conditional diffusion run (no text encoder) and a text token
-prior run, all 16 px over one f=2 VQ autoencoder and a one-layer 32-wide BERT.
+text-conditioned diffusion run, a class-conditional diffusion run (no text encoder, class names
+"circle", "square", "triangle") and a text token prior run, all 16 px over one f=2 VQ autoencoder
+and a one-layer 32-wide BERT, and a tiny random colour classifier run for classifier guidance.
 """
 from __future__ import annotations
 
@@ -23,14 +24,18 @@ from diffusion.latent_diffusion import DiffusionConfig, LatentDiffusion
 from diffusion.unet import UNet
 from pipelines import (ClassToImage, ImageToImage, Inpaint, PipelineKindError, TextToImage, TokensToImage,
                        load_pipeline)
+from pipelines.latent import LatentPipeline
 from prior.generate import TokenPrior
 from prior.sampling import SamplingConfig
 from prior.transformer import GPT, PriorConfig
+from test_classifier import tiny_classifier
 from test_latent_cache import make_tiny_autoencoder, make_tiny_text_encoder, single_thread, tiny_unet_config  # noqa: F401
 
 pytest.importorskip("transformers")
 PROMPTS = ["a small red circle at the top left", "a large blue square in the center"]
 FAST = {"num_inference_steps": 3, "progress": False}  # diffusion only: the token prior warns that it ignores steps
+CLASS_NAMES = ("circle", "square", "triangle")
+COLOURS = "red, green, blue, yellow, purple, orange"  # the tiny classifier's class names, in order
 
 
 def fast(generator) -> dict:
@@ -58,7 +63,8 @@ def build_pipelines(root: Path) -> dict[str, Path]:
     # 64 channels: GroupNorm then has 2 channels per group; with one, it cancels the class embedding's shift
     class_config = dataclasses.replace(tiny_unet_config(context_dim=0), num_classes=3, block_channels=(64, 64))
     class_unet = perturbed(UNet(class_config), 1)
-    LatentDiffusion(autoencoder, class_unet, None, config, 2.5).save_pretrained(root / "class_run" / "pipeline")
+    LatentDiffusion(autoencoder, class_unet, None, config, 2.5, class_names=CLASS_NAMES).save_pretrained(
+        root / "class_run" / "pipeline")
     torch.manual_seed(2)
     prior = GPT(PriorConfig(codebook_size=32, grid_size=8, condition="text", text_dim=32, text_tokens=12, width=32,
                             depth=2, heads=4)).eval()
@@ -67,7 +73,9 @@ def build_pipelines(root: Path) -> dict[str, Path]:
             parameter.add_(0.3 * torch.randn_like(parameter))
     TokenPrior(autoencoder, prior, text_config, sampling=SamplingConfig(guidance=2.0)).save_pretrained(
         root / "prior_run" / "pipeline")
-    return {"text": root / "text_run", "class": root / "class_run", "prior": root / "prior_run"}
+    tiny_classifier().save_pretrained(root / "classifier_run" / "classifier")  # same latents and schedule
+    return {"text": root / "text_run", "class": root / "class_run", "prior": root / "prior_run",
+            "classifier": root / "classifier_run"}
 
 
 @pytest.fixture(scope="module")
@@ -119,7 +127,9 @@ def test_load_pipeline_picks_the_class_and_wrong_kinds_name_the_right_one(dirs, 
         ImageToImage.from_pretrained(dirs["class"])
     with pytest.raises(PipelineKindError, match="num_classes > 0.*load it with TextToImage"):
         ClassToImage.from_pretrained(dirs["text"])
-    with pytest.raises(CheckpointError, match="no pipeline.json"):
+    with pytest.raises(CheckpointError, match=r"missing is neither a pipeline directory nor a run directory with "
+                                              r"pipeline/pipeline.json \(it does not exist\); train one with "
+                                              r"`accelerate launch diffusion/train_latent.py .* prior/train.py"):
         TextToImage.from_pretrained(dirs["text"] / "missing")
     assert pipe.to("cpu") is pipe and pipe.device.type == "cpu"
 
@@ -233,6 +243,87 @@ def test_class_to_image_guides_against_the_null_class(classes):
     assert not torch.equal(guided[0], guided[1])
     with pytest.raises(ValueError, match=r"class_labels must be in \[0, 3\), got 3"):
         classes([0, 3])
+
+
+def test_class_to_image_takes_the_saved_class_names(dirs, classes):
+    meta = json.loads((dirs["class"] / "pipeline" / "pipeline.json").read_text())
+    assert meta["class_names"] == list(CLASS_NAMES) and classes.class_names == CLASS_NAMES
+    assert json.loads((dirs["text"] / "pipeline" / "pipeline.json").read_text())["class_names"] is None
+    by_id = classes([0, 2], seed=1, output_type="latent", **FAST).images
+    assert torch.equal(classes(["circle", "triangle"], seed=1, output_type="latent", **FAST).images, by_id)
+    assert torch.equal(classes(["circle", 2], seed=1, output_type="latent", **FAST).images, by_id)
+    with pytest.raises(ValueError, match="class_labels: 'hexagon' is not a class of this pipeline; valid names: "
+                                         "circle, square, triangle"):
+        classes(["circle", "hexagon"])
+    with pytest.raises(ValueError, match="class_labels is empty"):
+        classes([])
+
+
+# ------------------------------------------------------------------------------------------ classifier guidance
+def spy_on_sampling(monkeypatch, generator: LatentPipeline) -> list[dict]:
+    """Record the keyword arguments of every LatentDiffusion.sample_latents call the pipeline makes."""
+    calls, original = [], generator.model.sample_latents
+    monkeypatch.setattr(generator.model, "sample_latents", lambda *args, **kwargs: calls.append(kwargs)
+                        or original(*args, **kwargs))
+    return calls
+
+
+@pytest.mark.parametrize("which", ["text", "class"])
+def test_classifier_guidance_scale_zero_is_no_classifier_and_labels_are_per_prompt(pipe, classes, dirs, which,
+                                                                                   monkeypatch):
+    generator, first = (pipe, PROMPTS) if which == "text" else (classes, [0, 2])
+    classifier = tiny_classifier()
+    call = dict(seed=3, guidance_scale=2.0, output_type="latent", **FAST)
+    plain = generator(first, **call).images
+    steered = dict(classifier=classifier, classifier_labels=["red", "blue"])
+    assert torch.equal(generator(first, **steered, classifier_scale=0.0, **call).images, plain)
+    guided = generator(first, **steered, classifier_scale=3.0, **call).images
+    assert (guided - plain).abs().max() > 1e-3
+    # ids and names, the object and its saved run directory: the same guidance
+    again = generator(first, classifier=dirs["classifier"], classifier_labels=[0, 2], classifier_scale=3.0, **call)
+    assert torch.equal(again.images, guided)
+    calls = spy_on_sampling(monkeypatch, generator)
+    generator(first, classifier=classifier, classifier_labels=["red", "blue"], num_images_per_prompt=2, **call)
+    generator(first, classifier=classifier, classifier_labels="purple", num_images_per_prompt=2, **call)
+    assert calls[0]["classifier_labels"].tolist() == [0, 0, 2, 2], "each prompt's label, repeated per image"
+    assert calls[1]["classifier_labels"].tolist() == [4] * 4, "one label steers every prompt"
+    assert calls[0]["classifier"] is classifier and calls[0]["classifier_scale"] == 1.0
+
+
+@pytest.mark.parametrize("changes, message", [
+    ({"classifier_labels": ["red", "violet"]},
+     f"classifier_labels: 'violet' is not a class of the classifier \\(it predicts 'colour'\\); "
+     f"valid names: {COLOURS}"),
+    ({"classifier_labels": None}, f"classifier_labels: classifier guidance needs the colour .* valid names: {COLOURS}"),
+    ({"classifier_labels": [0, 6]}, r"classifier_labels must be in \[0, 6\), got 6"),
+    ({"classifier_labels": ["red"] * 3}, "classifier_labels has 3 entries for 2 prompts"),
+    ({"classifier_labels": [0.5]}, r"classifier_labels must be class ids or names \(int or str\), got 0.5"),
+    ({"classifier_scale": -1.0}, "classifier_scale must be a finite number >= 0, got -1.0"),
+    ({"classifier_scale": float("nan")}, "classifier_scale must be a finite number >= 0, got nan"),
+    ({"classifier_scale": float("inf")}, "classifier_scale must be a finite number >= 0, got inf"),
+    ({"classifier": None}, "classifier_labels needs a classifier: pass classifier="),
+    ({"classifier": None, "classifier_labels": None, "classifier_scale": 3.0}, "classifier_scale=3 needs a classifier"),
+    ({"latent_scale": 3.0}, "classifier: the classifier was trained on latents scaled by 3"),
+])
+def test_classifier_guidance_rejects_bad_arguments(pipe, classes, changes, message):
+    changes = dict(changes)
+    classifier = tiny_classifier(**({"latent_scale": changes.pop("latent_scale")} if "latent_scale" in changes else {}))
+    arguments = {"classifier": classifier, "classifier_labels": "red", **changes}
+    for generator, first in ((pipe, PROMPTS), (classes, [0, 1])):
+        with pytest.raises(ValueError, match=message):
+            generator(first, **arguments, **FAST)
+
+
+def test_classifier_guidance_needs_a_classifier_directory_and_a_diffusion_pipeline(pipe, prior, dirs):
+    with pytest.raises(CheckpointError, match=r"is neither a classifier directory nor a run directory with "
+                                              r"classifier/config.json; train one with .*train_classifier.py"):
+        pipe(PROMPTS, classifier=dirs["text"], classifier_labels="red", **FAST)
+    with pytest.raises(TypeError, match="classifier must be a NoisyLatentClassifier or the path of its directory"):
+        pipe(PROMPTS, classifier=object(), classifier_labels="red", **FAST)
+    with pytest.raises(ValueError, match="classifier: TokensToImage cannot use classifier guidance"):
+        prior(PROMPTS, classifier=tiny_classifier(), classifier_labels="red", progress=False)
+    with pytest.raises(ValueError, match="classifier_scale must be a finite number >= 0"):
+        prior(PROMPTS, classifier_scale=-2.0, progress=False)
 
 
 # ------------------------------------------------------------------------------------------ img2img, inpainting

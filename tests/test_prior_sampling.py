@@ -10,8 +10,8 @@ from autoencoder.model import VQGAN, AutoencoderConfig
 from common.checkpoint import CheckpointError
 from common.data.shapes import NUM_LABELS, ShapeSpec
 from prior import evaluate_shapes
-from prior.generate import TokenPrior
-from prior.sampling import SamplingConfig, filter_logits, sample_tokens
+from prior.generate import TokenPrior, find_pipeline
+from prior.sampling import SamplingConfig, draw, filter_logits, sample_tokens
 from prior.text import TextEncoderConfig
 from prior.transformer import GPT, Condition, PriorConfig
 
@@ -67,6 +67,46 @@ def test_temperature_scales_logits_and_combines_with_filters():
     assert (both.isfinite().sum(-1) <= 5).all() and (both.isfinite().sum(-1) >= 1).all()
     with pytest.raises(ValueError, match="temperature"):
         filter_logits(logits, temperature=0)
+
+
+# ------------------------------------------------------------------------------------------ drawing
+def test_draw_follows_the_probabilities_and_never_draws_filtered_codes():
+    logits = torch.tensor([0.0, 1.0, -1.0, 2.0, float("-inf")]).expand(40000, -1)
+    codes = draw(logits, seeded(0))
+    assert codes.shape == (40000,) and codes.dtype == torch.long
+    frequencies = torch.bincount(codes, minlength=5).float() / len(codes)
+    torch.testing.assert_close(frequencies, logits[0].softmax(-1), atol=0.01, rtol=0)
+    assert frequencies[4] == 0
+    assert torch.equal(draw(logits[:50], seeded(1)), draw(logits[:50], seeded(1)))
+    assert not torch.equal(draw(logits[:50], seeded(1)), draw(logits[:50], seeded(2)))
+    torch.manual_seed(0)
+    assert ((draw(logits[:1000]) >= 0) & (draw(logits[:1000]) < 4)).all(), "without a generator: the global RNG"
+    for only in (0, 2, 5):
+        single = torch.full((100, 6), float("-inf"))
+        single[:, only] = 0.0
+        assert (draw(single, seeded()) == only).all()
+
+
+def test_draw_stays_on_a_code_with_probability_when_the_uniform_rounds_up(monkeypatch):
+    """u * total can round to the total, past the last code with probability when filtered codes follow it."""
+    logits = torch.tensor([[0.0, 1.0, float("-inf"), float("-inf")]] * 3)
+    real_rand = torch.rand
+    monkeypatch.setattr(torch, "rand", lambda *size, **options: real_rand(*size, **options).fill_(1.0))
+    assert draw(logits, seeded()).tolist() == [1, 1, 1]
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a second device")
+def test_a_cpu_generator_draws_the_same_codes_on_any_device():
+    logits = torch.randn(64, K, generator=seeded(3))
+    on_cpu = draw(logits, seeded(4))
+    assert torch.equal(draw(logits.cuda(), seeded(4)).cpu(), on_cpu)
+    model = tiny_prior()
+    cond, uncond = model.prefix(Condition(labels=torch.tensor([0, 1]))), model.null_prefix(2)
+    tokens = sample_tokens(model, cond, uncond, guidance=2.0, generator=seeded(7))
+    model.cuda()
+    cond, uncond = model.prefix(Condition(labels=torch.tensor([0, 1]).cuda())), model.null_prefix(2)
+    on_gpu = sample_tokens(model, cond, uncond, guidance=2.0, generator=seeded(7))
+    assert (on_gpu.cpu() == tokens).float().mean() > 0.9, "the same seed, the same tokens up to float rounding"
 
 
 # ------------------------------------------------------------------------------------------ sampling
@@ -157,6 +197,25 @@ def test_pipeline_directory_round_trip(tmp_path):
     (tmp_path / "pipe" / "pipeline.json").write_text(json.dumps(meta))
     with pytest.raises(CheckpointError, match="tokens_to_image"):
         TokenPrior.from_pretrained(tmp_path / "pipe")
+
+
+def test_decode_keeps_no_autograd_graph():
+    pipeline = tiny_pipeline("class")
+    assert all(p.requires_grad for p in pipeline.autoencoder.parameters())
+    images = pipeline.decode(torch.randint(0, K, (2, 64), generator=seeded()))
+    assert images.shape == (2, 3, 16, 16) and not images.requires_grad and images.grad_fn is None
+
+
+def test_find_pipeline_takes_a_pipeline_or_run_directory(tmp_path):
+    tiny_pipeline("class").save_pretrained(tmp_path / "run" / "pipeline")
+    pipeline_dir = tmp_path / "run" / "pipeline"
+    assert find_pipeline(tmp_path / "run") == find_pipeline(pipeline_dir) == pipeline_dir
+    with pytest.raises(CheckpointError, match=r"prior is neither a pipeline directory nor a run directory with "
+                                              r"pipeline/pipeline.json; train one with `accelerate launch "
+                                              r"prior/train.py"):
+        find_pipeline(tmp_path / "run" / "pipeline" / "prior")
+    with pytest.raises(CheckpointError, match=r"nowhere is neither .* \(it does not exist\); train one with"):
+        find_pipeline(tmp_path / "nowhere")
 
 
 def test_text_pipeline_with_negative_prompts(tmp_path):
