@@ -203,9 +203,10 @@ def _shapes_evaluator(kind: str, path: str, device: str) -> tuple[Any, Any]:
 
         return module, LatentDiffusion.from_pretrained(module.pipeline_dir(path)).to(device)
     from prior import evaluate_shapes as module
-    from prior.generate import TokenPrior, find_pipeline
+    from common.checkpoint import find_pipeline_dir
+    from prior.generate import TRAIN_PRIOR, TokenPrior
 
-    return module, TokenPrior.from_pretrained(find_pipeline(path), device=device)
+    return module, TokenPrior.from_pretrained(find_pipeline_dir(path, TRAIN_PRIOR), device=device)
 
 
 def guidance_sweep(ctx: Context, kind: str, path: str) -> dict:

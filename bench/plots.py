@@ -72,11 +72,7 @@ def training_curves(curves: dict[str, dict[str, Curve]], path: Path) -> Path:
         for name, points in series.items():
             axis.plot([p[0] for p in points], [p[1] for p in points], label=name)
         axis.set(xlabel="step", ylabel="loss", title=title)
-        if all(p[1] > 0 for points in series.values() for p in points):
-            axis.set_yscale("log")
-            axis.yaxis.set_minor_formatter(NullFormatter())
-        axis.grid(alpha=0.3)
-        axis.legend()
+        _loss_axis(axis, series)
     return _save(figure, path)
 
 
@@ -86,9 +82,14 @@ def loss_vs_time(series: dict[str, Curve], path: Path) -> Path:
     for name, points in series.items():
         axis.plot([p[0] / 60 for p in points], [p[1] for p in points], label=name)
     axis.set(xlabel="wall-clock minutes", ylabel="reconstruction loss (L1 + L2)", title="Equal-time training")
+    _loss_axis(axis, series)
+    return _save(figure, path)
+
+
+def _loss_axis(axis, series: dict[str, Curve]) -> None:
+    """Log scale when every value of ``series`` is positive (losses span decades), a light grid, the legend."""
     if all(p[1] > 0 for points in series.values() for p in points):
         axis.set_yscale("log")
         axis.yaxis.set_minor_formatter(NullFormatter())
     axis.grid(alpha=0.3)
     axis.legend()
-    return _save(figure, path)

@@ -20,7 +20,10 @@ from common.config import ConfigError, from_dict, to_dict
 
 CONFIG_FILE = "config.json"
 WEIGHTS_FILE = "model.safetensors"
+PIPELINE_FILE = "pipeline.json"  # the record of a pipeline directory (diffusion and token prior alike)
 FORMAT_VERSION = 1
+TRAIN_PIPELINE = ("`accelerate launch diffusion/train_latent.py configs/diffusion/<config>.yaml` or "
+                  "`accelerate launch prior/train.py configs/prior/<config>.yaml` (each writes <run.out_dir>/pipeline)")
 T = TypeVar("T")
 
 
@@ -49,6 +52,32 @@ def atomic_write(path: str | Path, write: Callable[[Path], None]) -> Path:
     finally:
         os.close(directory)
     return path
+
+
+def find_pipeline_dir(path: str | Path, how_to_train: str = TRAIN_PIPELINE, part: str = "pipeline",
+                      marker: str = PIPELINE_FILE) -> Path:
+    """``path`` if it holds ``marker``, else ``path/part`` (a training run directory's ``pipeline/``).
+
+    The one finder for every kind of pipeline (diffusion, token prior) and, with ``part`` and
+    ``marker``, for other parts a run directory holds (a classifier run's ``classifier/config.json``).
+
+    Args:
+        path: the directory itself, or a training run directory that holds it as ``part``.
+        how_to_train: the command the error suggests for making one.
+        part: the sub-directory of a run directory, also the name of what is looked for.
+        marker: the file that makes a directory one.
+
+    Raises:
+        CheckpointError: "PATH is neither a pipeline directory nor a run directory with
+            pipeline/pipeline.json (it does not exist); train one with ...".
+    """
+    path = Path(path)
+    for candidate in (path, path / part):
+        if (candidate / marker).is_file():
+            return candidate
+    missing = " (it does not exist)" if not path.exists() else ""
+    raise CheckpointError(f"{path} is neither a {part} directory nor a run directory with {part}/{marker}"
+                          f"{missing}; train one with {how_to_train}")
 
 
 def save_component(directory: str | Path, kind: str, config: Any, state: nn.Module | dict[str, Tensor]) -> Path:

@@ -27,16 +27,17 @@ from pathlib import Path
 import torch
 
 from common.checkpoint import CheckpointError
-from common.evaluation import evaluate_shapes
+from common.checkpoint import find_pipeline_dir
+from common.evaluation import evaluate_shapes, finite_number, number_list, whole_number
 from diffusion.classifier import NoisyLatentClassifier
-from diffusion.latent_diffusion import LatentDiffusion, find_classifier_dir, find_pipeline_dir
+from diffusion.latent_diffusion import TRAIN_DIFFUSION, LatentDiffusion, find_classifier_dir
 from diffusion.samplers import SAMPLERS
 
 
 def pipeline_dir(path: str | Path) -> Path:
     """:func:`find_pipeline_dir` for the command line: a bad path exits with ``error: <why>``."""
     try:
-        return find_pipeline_dir(path)
+        return find_pipeline_dir(path, TRAIN_DIFFUSION)
     except CheckpointError as error:
         raise SystemExit(f"error: {error}") from None
 
@@ -50,23 +51,27 @@ def classifier_dir(path: str | Path) -> Path:
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    """The command line, every number checked (a bad one exits with ``error: argument --steps: ...``);
+    ``sweep`` and ``classifier_sweep`` come back as lists of floats ([] when not given)."""
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    count = whole_number(1)
     parser.add_argument("run_dir", help="training run directory or pipeline directory")
-    parser.add_argument("--guidance", type=float, default=4.0, help="classifier-free guidance scale")
-    parser.add_argument("--sweep", default="", help="comma-separated guidance scales, e.g. 0,1,2,4,8 (overrides --guidance)")
-    parser.add_argument("--steps", type=int, default=20, help="sampling steps")
+    parser.add_argument("--guidance", type=finite_number(), default=4.0, help="classifier-free guidance scale")
+    parser.add_argument("--sweep", type=number_list, default="",
+                        help="comma-separated guidance scales, e.g. 0,1,2,4,8 (overrides --guidance)")
+    parser.add_argument("--steps", type=count, default=20, help="sampling steps")
     parser.add_argument("--sampler", default="dpmpp_2m", choices=sorted(SAMPLERS))
-    parser.add_argument("--prompts", type=int, default=32, help="number of fixed evaluation prompts")
-    parser.add_argument("--samples", type=int, default=4, help="samples per prompt")
+    parser.add_argument("--prompts", type=count, default=32, help="number of fixed evaluation prompts")
+    parser.add_argument("--samples", type=count, default=4, help="samples per prompt")
     parser.add_argument("--seed", type=int, default=0, help="sampling seed")
-    parser.add_argument("--rescale", type=float, default=0.0, help="guidance rescale in [0, 1]")
+    parser.add_argument("--rescale", type=finite_number(0.0, 1.0), default=0.0, help="guidance rescale in [0, 1]")
     parser.add_argument("--negative", default="", help="negative prompt (default: the null prompt \"\")")
-    parser.add_argument("--batch-size", type=int, default=64, help="images per sampling call")
-    parser.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: torch's default)")
+    parser.add_argument("--batch-size", type=count, default=64, help="images per sampling call")
+    parser.add_argument("--threads", type=whole_number(0), default=0, help="torch CPU threads (0: torch's default)")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--classifier", default="", help="classifier directory or run: classifier guidance")
-    parser.add_argument("--classifier-scale", type=float, default=1.0, help="classifier guidance scale")
-    parser.add_argument("--classifier-sweep", default="",
+    parser.add_argument("--classifier-scale", type=finite_number(), default=1.0, help="classifier guidance scale")
+    parser.add_argument("--classifier-sweep", type=number_list, default="",
                         help="comma-separated classifier scales, e.g. 0,1,3,10 (overrides --classifier-scale)")
     parser.add_argument("--attribute", default="", help="check that the classifier predicts this attribute")
     return parser.parse_args(argv)
@@ -115,19 +120,14 @@ def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
-    scales = parse_scales(args.sweep) if args.sweep else [args.guidance]
+    scales = args.sweep or [args.guidance]
     classifier = load_classifier(args)
-    classifier_scales = parse_scales(args.classifier_sweep) if args.classifier_sweep else [args.classifier_scale]
+    classifier_scales = args.classifier_sweep or [args.classifier_scale]
     pipe = LatentDiffusion.from_pretrained(pipeline_dir(args.run_dir)).to(args.device)
     results = [evaluate(pipe, args, scale, classifier, classifier_scale)
                for scale in scales for classifier_scale in classifier_scales]
     json.dump(results if args.sweep or args.classifier_sweep else results[0], sys.stdout, indent=2)
     sys.stdout.write("\n")
-
-
-def parse_scales(text: str) -> list[float]:
-    """"0,1,3" -> [0.0, 1.0, 3.0]."""
-    return [float(s) for s in text.split(",") if s.strip()]
 
 
 if __name__ == "__main__":

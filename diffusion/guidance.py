@@ -12,6 +12,7 @@ unconditional x0 estimates; a = sqrt(alpha_bar_t), s = sqrt(1 - alpha_bar_t); w 
 """
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 from typing import Any
 
@@ -82,13 +83,20 @@ def classifier_free(
         rescale: phi in [0, 1] of Lin et al. 2023 §3.4; 0 is plain CFG, 1 matches the conditional std
             (the paper suggests 0.7).
 
+    Raises:
+        ValueError: a scale that is not finite, a rescale outside [0, 1], or cond / uncond that do not pair up.
+
     Returns:
         A DenoiserFn ``(x_t, t) -> x0_hat``; it takes no further conditioning keywords.
     """
+    if not math.isfinite(scale):  # NaN/inf would only surface as NaN latents after the whole sampling run
+        raise ValueError(f"the classifier-free guidance scale must be a finite number (not NaN/inf), got {scale}; "
+                         f"1 is the conditional model, 0 the unconditional one, > 1 strengthens the condition")
+    if not 0.0 <= rescale <= 1.0:  # also refuses NaN
+        raise ValueError(f"the guidance rescale must be in [0, 1] (a finite number; 0 is plain guidance, 0.7 is "
+                         f"suggested), got {rescale}")
     if set(cond) != set(uncond):
         raise ValueError(f"cond and uncond need the same keys, got {sorted(cond)} and {sorted(uncond)}")
-    if not 0.0 <= rescale <= 1.0:
-        raise ValueError(f"rescale must be in [0, 1], got {rescale}")
     uncond = {name: _match_uncond(name, cond[name], uncond[name]) for name in cond}  # checked, broadcast
     paired = {name: _stack(cond[name], uncond[name]) for name in cond}
 

@@ -33,7 +33,7 @@ import torch
 from torch import Tensor, nn
 
 from autoencoder.model import Autoencoder
-from common.checkpoint import CONFIG_FILE, CheckpointError, atomic_write
+from common.checkpoint import CONFIG_FILE, PIPELINE_FILE, CheckpointError, atomic_write, find_pipeline_dir
 from common.config import from_dict, to_dict
 from diffusion.guidance import classifier_free, classifier_guided, inpainting
 from diffusion.latent_cache import decode_latents, encode_latents, pad_tokens
@@ -48,7 +48,6 @@ from diffusion.unet import NULL_CLASS, UNet
 if TYPE_CHECKING:  # diffusion.classifier imports this module (for DiffusionConfig)
     from diffusion.classifier import NoisyLatentClassifier
 
-PIPELINE_FILE = "pipeline.json"
 PIPELINE_KIND = "text_to_image"
 FORMAT_VERSION = 1
 TRAIN_DIFFUSION = ("`accelerate launch diffusion/train_latent.py configs/diffusion/<config>.yaml` "
@@ -178,11 +177,11 @@ class LatentDiffusion(nn.Module):
             raise CheckpointError(f"{directory / PIPELINE_FILE}: {error}") from None
 
     # ------------------------------------------------------------------------------------- the pieces
-    def encode_prompts(self, prompts: list[str]) -> TextEmbedding:
-        """Prompts -> TextEmbedding(states (B, L, E), mask (B, L)) on the U-Net's device."""
+    def encode_prompts(self, prompts: str | list[str]) -> TextEmbedding:
+        """Prompts (a bare string is one) -> TextEmbedding(states (B, L, E), mask (B, L)) on the U-Net's device."""
         if self.text_encoder is None:
             raise ValueError("this pipeline has no text encoder (its U-Net has no cross-attention)")
-        text = self.text_encoder.encode(list(prompts))
+        text = self.text_encoder.encode(as_prompt_list(prompts))
         return TextEmbedding(text.states.to(self.device), text.mask.to(self.device))
 
     @torch.no_grad()
@@ -261,8 +260,9 @@ class LatentDiffusion(nn.Module):
             generator: the only source of randomness (initial noise, img2img noise, stochastic steps).
             init_latents: (B, D, h, w) scaled latents to start from (img2img); ``strength`` 0 returns them.
             strength: fraction of the trajectory re-run from ``init_latents``.
-            mask, known_latents: inpainting: where ``mask`` (B or 1, 1, h, w) is 1, the result equals
-                ``known_latents`` (B, D, h, w).
+            mask, known_latents: inpainting: where ``mask`` (B or 1, 1, h, w), values in [0, 1], is 1, the
+                result equals ``known_latents`` (B, D, h, w); a pair that does not fit ``shape`` is a ValueError
+                (:func:`check_inpainting_inputs`).
             class_labels: (B,) dataset labels (not shifted) for a class-conditional U-Net.
             callback: ``callback(i, x_t, x0_hat)`` after each step.
             classifier: a noisy-latent classifier trained on this pipeline's latents and schedule; its
@@ -286,9 +286,11 @@ class LatentDiffusion(nn.Module):
         if classifier is not None:  # inside inpainting, which must see the final x0 estimate
             denoiser = self._classifier_guided(denoiser, classifier, classifier_labels, classifier_scale, shape[0])
         if mask is not None:
-            if known_latents is None:
-                raise ValueError("inpainting needs known_latents together with mask")
+            check_inpainting_inputs(mask, known_latents, shape)
             denoiser = inpainting(denoiser, known_latents.to(device), mask.to(device))
+        elif known_latents is not None:
+            raise ValueError("known_latents were given without mask; inpainting needs both (mask (B or 1, 1, h, w), "
+                             "1 = keep known_latents)")
         return get_sampler(sampler)(denoiser, x, self.schedule, timesteps, generator=generator,
                                     callback=callback, **sampler_options)
 
@@ -327,7 +329,7 @@ class LatentDiffusion(nn.Module):
         return classifier_guided(denoiser, lambda x, t: classifier.log_prob(x, t, labels), scale, self.schedule)
 
     @torch.no_grad()
-    def generate(self, prompts: list[str], *, negative_prompts: list[str] | None = None, steps: int = 20,
+    def generate(self, prompts: str | list[str], *, negative_prompts: str | list[str] | None = None, steps: int = 20,
                  guidance: float = 4.0, rescale: float = 0.0, sampler: str = "dpmpp_2m",
                  generator: torch.Generator | None = None, size: int | None = None,
                  height: int | None = None, width: int | None = None,
@@ -336,18 +338,23 @@ class LatentDiffusion(nn.Module):
                  **sampler_options: Any) -> Tensor:
         """Text -> images (B, 3, H, W) in [-1, 1]; negative prompts (1 or B) replace the null prompt "".
 
+        ``prompts`` and ``negative_prompts`` take a list, or one bare string (one prompt, as the pipelines do).
         ``size`` is a square image's side, ``height``/``width`` one side each (not both kinds); all
         default to the training resolution, see :meth:`latent_shape`.
         ``classifier``, ``classifier_labels``, ``classifier_scale``: classifier guidance, see :meth:`sample_latents`.
         """
         if size is not None and (height is not None or width is not None):
             raise ValueError(f"size={size} and height/width were both given; give size (square) or height and width")
-        cond = self.encode_prompts(prompts) if self.text_encoder is not None else None
+        prompts = as_prompt_list(prompts) if prompts is not None else []
+        cond = self.encode_prompts(prompts) if self.text_encoder is not None else None  # refuses no prompts
+        labels = class_labels if class_labels is not None else classifier_labels  # without prompts: the batch size
+        if not prompts and labels is None:
+            raise ValueError("give prompts, or class_labels (or classifier_labels) to a pipeline without text")
+        batch = len(prompts) if prompts else int(labels.shape[0])
+        negatives = self._negatives(negative_prompts, batch)
         uncond = None
         if cond is not None and guidance != 1.0:
-            uncond = self.encode_prompts(negative_prompts if negative_prompts else [""])
-        labels = class_labels if class_labels is not None else classifier_labels  # without prompts: the batch size
-        batch = len(prompts) if prompts else int(labels.shape[0])
+            uncond = self.encode_prompts(negatives if negatives is not None else [""])
         shape = self.latent_shape(batch, size if size is not None else height, size if size is not None else width)
         latents = self.sample_latents(cond, uncond, shape, steps=steps, guidance=guidance,
                                       rescale=rescale, sampler=sampler, generator=generator,
@@ -356,39 +363,59 @@ class LatentDiffusion(nn.Module):
                                       **sampler_options)
         return self.decode(latents)
 
+    def _negatives(self, negative_prompts: str | list[str] | None, batch: int) -> list[str] | None:
+        """``negative_prompts`` as a list of 1 or ``batch`` prompts (None: the null prompt)."""
+        if negative_prompts is None:
+            return None
+        if self.text_encoder is None:
+            raise ValueError("negative_prompts need a text encoder, and this pipeline has none (its U-Net has no "
+                             "cross-attention); leave negative_prompts out")
+        negatives = as_prompt_list(negative_prompts)
+        if len(negatives) not in (1, batch):
+            raise ValueError(f"negative_prompts has {len(negatives)} entries for {batch} prompts; give one (shared by "
+                             f"every prompt) or one per prompt, or leave it out for the null prompt \"\"")
+        return negatives
 
-def find_pipeline_dir(path: str | Path, how_to_train: str = TRAIN_DIFFUSION) -> Path:
-    """``path`` if it is a pipeline directory (any kind), else the ``pipeline/`` of the training run directory ``path``.
 
-    The one implementation for diffusion/ and pipelines/ (prior/ has the same function,
-    :func:`prior.generate.find_pipeline`, since it must not import diffusion/).
+def as_prompt_list(prompts: str | Sequence[str]) -> list[str]:
+    """A bare string is one prompt (``"a dog"`` -> ``["a dog"]``, not one prompt per character); a
+    sequence is copied to a list. The text encoder checks the items."""
+    return [prompts] if isinstance(prompts, str) else list(prompts)
 
-    Args:
-        path: a pipeline directory or a training run directory.
-        how_to_train: the command the error suggests for making one.
+
+def check_inpainting_inputs(mask: Tensor, known_latents: Tensor | None, shape: tuple[int, ...]) -> None:
+    """Refuse an inpainting ``mask`` / ``known_latents`` pair that does not fit latents of ``shape`` (B, D, h, w).
 
     Raises:
-        CheckpointError: "PATH is neither a pipeline directory nor a run directory with
-            pipeline/pipeline.json; train one with ...".
+        ValueError: no known_latents; known_latents not of ``shape``; a mask that is not (B or 1, 1, h, w),
+            or whose values are not finite numbers in [0, 1].
     """
-    return _find_in_run(path, "pipeline", PIPELINE_FILE, how_to_train)
+    batch, _, height, width = shape
+    if known_latents is None:
+        raise ValueError("inpainting needs known_latents together with mask")
+    if tuple(known_latents.shape) != tuple(shape):
+        raise ValueError(f"known_latents has shape {tuple(known_latents.shape)} but the latents being sampled are "
+                         f"{tuple(shape)}; give known_latents of exactly that shape (encode_images of the images)")
+    if mask.ndim != 4 or mask.shape[0] not in (1, batch) or tuple(mask.shape[1:]) != (1, height, width):
+        rows = f"{batch} or 1" if batch > 1 else "1"
+        raise ValueError(f"mask has shape {tuple(mask.shape)} but must be ({rows}, 1, {height}, {width}): one "
+                         f"channel on the latent grid (the image size divided by the autoencoder's "
+                         f"downsampling factor)")
+    if not bool(torch.isfinite(mask).all()):
+        raise ValueError("mask holds NaN/inf values; masks must be finite numbers in [0, 1] (1 = keep known_latents, "
+                         "0 = generate)")
+    low, high = float(mask.min()), float(mask.max())
+    if low < 0 or high > 1:
+        hint = " (it looks like a 0..255 image: divide it by 255)" if high > 1 and high <= 255 else ""
+        raise ValueError(f"mask values must lie in [0, 1] (1 = keep known_latents, 0 = generate), got values in "
+                         f"[{low:g}, {high:g}]{hint}")
 
 
 def find_classifier_dir(path: str | Path) -> Path:
     """``path`` if it is a component directory (a noisy-latent classifier's), else the ``classifier/`` of the
-    classifier training run directory ``path``; a CheckpointError says what is missing and how to train one."""
-    return _find_in_run(path, "classifier", CONFIG_FILE, TRAIN_CLASSIFIER)
-
-
-def _find_in_run(path: str | Path, part: str, marker: str, how_to_train: str) -> Path:
-    """``path`` or ``path/part``, whichever holds ``marker``."""
-    path = Path(path)
-    for candidate in (path, path / part):
-        if (candidate / marker).is_file():
-            return candidate
-    missing = " (it does not exist)" if not path.exists() else ""
-    raise CheckpointError(f"{path} is neither a {part} directory nor a run directory with {part}/{marker}"
-                          f"{missing}; train one with {how_to_train}")
+    classifier training run directory ``path``; a CheckpointError says what is missing and how to train one
+    (see :func:`common.checkpoint.find_pipeline_dir`)."""
+    return find_pipeline_dir(path, TRAIN_CLASSIFIER, part="classifier", marker=CONFIG_FILE)
 
 
 def check_class_names(class_names: Sequence[str] | None, num_classes: int) -> tuple[str, ...] | None:

@@ -29,21 +29,21 @@ from accelerate.utils import set_seed
 from torch.utils.data import Dataset
 from tqdm import tqdm
 
-from common.checkpoint import atomic_write
+from common.checkpoint import atomic_write, find_pipeline_dir
 from common.config import ConfigError, dump_config, load_config
 from common.data import DataConfig
 from common.ema import EMA
 from common.text_encoder import TextEncoderConfig
 from common.training import (
     Budget, MetricsLog, NonFiniteSkips, OptimConfig, RunConfig, all_finite, make_accelerator, make_loader,
-    make_optimizer, resume_training_state, save_training_state,
+    make_optimizer, resume_training_state, run_cli, save_training_state,
 )
 from diffusion.classifier import (
     ClassifierConfig, NoisyLatentClassifier, attribute_classes, attribute_targets, check_attribute,
     classifier_loss, noisy_accuracy,
 )
 from diffusion.latent_cache import LatentCache, load_or_build_cache
-from diffusion.latent_diffusion import find_pipeline_dir, read_pipeline_meta
+from diffusion.latent_diffusion import TRAIN_DIFFUSION, read_pipeline_meta
 from diffusion.unet import UNetConfig
 
 EVAL_FILE = "eval.json"
@@ -169,8 +169,11 @@ def main(argv: list[str] | None = None) -> None:
     cfg = load_config(TrainConfig, args.config, args.overrides)
     if not cfg.diffusion:
         raise ConfigError("set diffusion=<diffusion run directory>: the classifier is trained on its latents")
-    check_attribute(cfg.target, cfg.data.name)
-    pipeline = find_pipeline_dir(cfg.diffusion)
+    try:
+        check_attribute(cfg.target, cfg.data.name)
+    except ValueError as error:
+        raise ConfigError(f"target: {error}") from None
+    pipeline = find_pipeline_dir(cfg.diffusion, TRAIN_DIFFUSION)
     diffusion, text, latent_scale = read_pipeline_meta(pipeline)
     accelerator = make_accelerator(cfg.run)
     out_dir, main_process = cfg.run.out_dir, accelerator.is_main_process
@@ -204,6 +207,7 @@ def main(argv: list[str] | None = None) -> None:
         if not ok:
             skips.skip(step, loss)
             continue
+        skips.ok()
         if not accelerator.sync_gradients:
             continue  # gradient accumulation: the optimizer has not stepped yet
         sched.step()
@@ -231,4 +235,4 @@ def main(argv: list[str] | None = None) -> None:
 
 
 if __name__ == "__main__":
-    main(sys.argv[1:])
+    run_cli(main, sys.argv[1:])

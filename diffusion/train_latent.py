@@ -7,6 +7,8 @@ embedding) and every step trains on it: t ~ U{0, ..., T-1}, the chosen predictio
 weights, and condition dropout to the "" caption so that classifier-free guidance works. EMA weights
 draw the sample grids and are what ``run_dir/pipeline/`` (a LatentDiffusion directory, written at
 every save) holds. Re-running the same command resumes from ``run.out_dir``'s latest checkpoint.
+A class-conditional U-Net (``model.num_classes`` > 0) is saved with the names of the dataset's labels
+(shapes: their captions; a folder: its class sub-folders), so that the pipelines accept class names.
 """
 from __future__ import annotations
 
@@ -22,7 +24,7 @@ from tqdm import tqdm
 
 from autoencoder.model import Autoencoder
 from common.config import ConfigError, dump_config, load_config
-from common.data import DataConfig
+from common.data import DataConfig, label_names
 from common.ema import EMA
 from common.images import save_grid
 from common.training import (
@@ -87,6 +89,24 @@ def unet_config_for(model: UNetConfig, code_dim: int, text_width: int) -> UNetCo
     return dataclasses.replace(model, in_channels=code_dim, out_channels=code_dim)
 
 
+def class_names_for(model: UNetConfig, data: DataConfig) -> list[str] | None:
+    """The name of each class of a class-conditional U-Net, saved in ``pipeline.json`` so that the
+    pipelines take class names: the dataset's label names (:func:`common.data.label_names`; shapes:
+    each label's caption, folder: its class sub-folders). None without class conditioning, or when
+    the labels have no names (emoji, a folder without class sub-folders).
+
+    Raises:
+        ConfigError: ``model.num_classes`` differs from the number of named labels.
+    """
+    if not model.num_classes:
+        return None
+    names = label_names(data)
+    if names is not None and len(names) != model.num_classes:
+        raise ConfigError(f"model.num_classes={model.num_classes}, but the {data.name} data has {len(names)} labels; "
+                          f"set model.num_classes={len(names)} (one class per label)")
+    return names
+
+
 def train_step(batch: dict, unet, cache: LatentCache, pipe: LatentDiffusion, cfg: TrainConfig, opt, accelerator):
     """One denoising update with condition dropout; returns (loss, grad norm or None, whether it was finite)."""
     ids = drop_condition(batch["caption_id"], cfg.diffusion.cond_drop_prob, NULL_ID)
@@ -122,6 +142,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("overrides", nargs="*", help="dotted overrides, e.g. optim.lr=2e-4")
     args = parser.parse_args(argv)
     cfg = load_config(TrainConfig, args.config, args.overrides)
+    class_names = class_names_for(cfg.model, cfg.data)
     accelerator = make_accelerator(cfg.run)
     device, out_dir, main_process = accelerator.device, cfg.run.out_dir, accelerator.is_main_process
 
@@ -147,7 +168,7 @@ def main(argv: list[str] | None = None) -> None:
     step = resume_training_state(accelerator, out_dir)
     if main_process:  # after the resume: a config that does not fit leaves the old record
         dump_config(cfg, f"{out_dir}/config.yaml")
-    pipe = LatentDiffusion(autoencoder, ema.shadow, text_encoder, cfg.diffusion, cache.latent_scale)
+    pipe = LatentDiffusion(autoencoder, ema.shadow, text_encoder, cfg.diffusion, cache.latent_scale, class_names)
 
     batches = make_loader(cache, cfg.run, accelerator, step)
     metrics, budget = MetricsLog(accelerator, out_dir), Budget(cfg.run, accelerator)

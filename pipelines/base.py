@@ -20,14 +20,11 @@ from PIL import Image
 from torch import Tensor
 from tqdm.auto import tqdm
 
-from common.checkpoint import CheckpointError
+from common.checkpoint import PIPELINE_FILE, CheckpointError, find_pipeline_dir
 from common.images import tensor_to_pil
-from diffusion.latent_diffusion import PIPELINE_FILE, find_pipeline_dir
 from diffusion.samplers import Callback
 
 PipelineT = TypeVar("PipelineT", bound="Pipeline")
-TRAIN_ANY = ("`accelerate launch diffusion/train_latent.py configs/diffusion/<config>.yaml` or "
-             "`accelerate launch prior/train.py configs/prior/<config>.yaml` (each writes <run.out_dir>/pipeline)")
 
 # The class that loads each kind written to pipeline.json, named in wrong-kind errors (strings, so
 # this module need not import the concrete pipelines).
@@ -64,19 +61,22 @@ def read_kind(directory: Path) -> tuple[str, dict[str, Any]]:
 
 def resolve(path: str | Path) -> tuple[Path, str, dict[str, Any]]:
     """A pipeline directory given it or a training run directory holding ``pipeline/``, with its kind."""
-    directory = find_pipeline_dir(path, how_to_train=TRAIN_ANY)
+    directory = find_pipeline_dir(path)  # its error names both training commands
     kind, meta = read_kind(directory)
     return directory, kind, meta
 
 
 class Pipeline:
-    """Base class: subclasses set :attr:`kind` and implement ``_load``, ``save_pretrained`` and ``to``.
+    """Base class: subclasses set :attr:`kind`, hold their bundle as :attr:`model` and implement ``_load``.
 
     Attributes:
         kind: the ``pipeline.json`` kind this class runs.
+        model: the generator bundle (:class:`diffusion.latent_diffusion.LatentDiffusion` or
+            :class:`prior.generate.TokenPrior`), which saves, loads and moves itself.
     """
 
     kind: ClassVar[str] = ""
+    model: Any
 
     @classmethod
     def from_pretrained(cls: type[PipelineT], path: str | Path) -> PipelineT:
@@ -102,16 +102,19 @@ class Pipeline:
         raise NotImplementedError
 
     def save_pretrained(self, path: str | Path) -> Path:
-        """Write a pipeline directory that ``from_pretrained`` (and :func:`pipelines.load_pipeline`) reads."""
-        raise NotImplementedError
+        """Write a pipeline directory that ``from_pretrained`` (and :func:`pipelines.load_pipeline`) reads:
+        ``pipeline.json`` and the bundle's component directories (``autoencoder/`` and ``unet/`` or ``prior/``;
+        the text encoder is referenced by name)."""
+        return self.model.save_pretrained(path)
 
     def to(self: PipelineT, device: torch.device | str) -> PipelineT:
         """Move every component to ``device``; returns the pipeline itself."""
-        raise NotImplementedError
+        self.model.to(device)
+        return self
 
     @property
     def device(self) -> torch.device:
-        raise NotImplementedError
+        return self.model.device
 
     @property
     def default_guidance_scale(self) -> float:

@@ -65,18 +65,6 @@ class LatentPipeline(Pipeline):
     def _load(cls: type[LatentT], directory: Path) -> LatentT:
         return cls(LatentDiffusion.from_pretrained(directory))
 
-    def save_pretrained(self, path: str | Path) -> Path:
-        """Write ``pipeline.json``, ``autoencoder/`` and ``unet/`` (the text encoder is referenced by name)."""
-        return self.model.save_pretrained(path)
-
-    def to(self: LatentT, device: torch.device | str) -> LatentT:
-        self.model.to(device)
-        return self
-
-    @property
-    def device(self) -> torch.device:
-        return self.model.device
-
     @property
     def default_guidance_scale(self) -> float:
         """What ``guidance_scale=None`` means."""

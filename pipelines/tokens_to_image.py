@@ -57,18 +57,6 @@ class TokensToImage(Pipeline):
     def _load(cls, directory: Path) -> TokensToImage:
         return cls(TokenPrior.from_pretrained(directory))
 
-    def save_pretrained(self, path: str | Path) -> Path:
-        """Write ``pipeline.json``, ``autoencoder/`` and ``prior/``."""
-        return self.model.save_pretrained(path)
-
-    def to(self, device: torch.device | str) -> TokensToImage:
-        self.model.to(device)
-        return self
-
-    @property
-    def device(self) -> torch.device:
-        return self.model.device
-
     @property
     def default_guidance_scale(self) -> float:
         """What ``guidance_scale=None`` means: the guidance saved with the pipeline."""

@@ -18,25 +18,29 @@ import time
 
 import torch
 
-from common.evaluation import evaluate_shapes
-from prior.generate import TokenPrior, find_pipeline
+from common.checkpoint import find_pipeline_dir
+from common.evaluation import evaluate_shapes, finite_number, number_list, whole_number
+from prior.generate import TRAIN_PRIOR, TokenPrior
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    count, number = whole_number(1), finite_number()
     parser.add_argument("run_dir", help="training run directory or pipeline directory")
-    parser.add_argument("--guidance", type=float, default=None, help="guidance scale (default: the pipeline's)")
-    parser.add_argument("--sweep", default="", help="comma-separated guidance scales, e.g. 0,1,2,4 (overrides --guidance)")
-    parser.add_argument("--guidance-tokens", type=int, default=None, help="guide only the first N tokens (0: all)")
-    parser.add_argument("--temperature", type=float, default=None)
-    parser.add_argument("--top-k", type=int, default=None, help="0 keeps every code")
-    parser.add_argument("--top-p", type=float, default=None, help="1 keeps every code")
+    parser.add_argument("--guidance", type=number, default=None, help="guidance scale (default: the pipeline's)")
+    parser.add_argument("--sweep", type=number_list, default="",
+                        help="comma-separated guidance scales, e.g. 0,1,2,4 (overrides --guidance)")
+    parser.add_argument("--guidance-tokens", type=whole_number(0), default=None,
+                        help="guide only the first N tokens (0: all)")
+    parser.add_argument("--temperature", type=number, default=None)
+    parser.add_argument("--top-k", type=whole_number(0), default=None, help="0 keeps every code")
+    parser.add_argument("--top-p", type=number, default=None, help="1 keeps every code")
     parser.add_argument("--negative", default="", help="negative prompt (default: the learned null condition)")
-    parser.add_argument("--prompts", type=int, default=32, help="number of fixed evaluation prompts")
-    parser.add_argument("--samples", type=int, default=4, help="samples per prompt")
+    parser.add_argument("--prompts", type=count, default=32, help="number of fixed evaluation prompts")
+    parser.add_argument("--samples", type=count, default=4, help="samples per prompt")
     parser.add_argument("--seed", type=int, default=0, help="sampling seed")
-    parser.add_argument("--batch-size", type=int, default=64, help="images per sampling call")
-    parser.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: torch's default)")
+    parser.add_argument("--batch-size", type=count, default=64, help="images per sampling call")
+    parser.add_argument("--threads", type=whole_number(0), default=0, help="torch CPU threads (0: torch's default)")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     return parser.parse_args(argv)
 
@@ -63,9 +67,9 @@ def main(argv: list[str] | None = None) -> dict | list[dict]:
     args = parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
-    pipe = TokenPrior.from_pretrained(find_pipeline(args.run_dir), device=args.device)
+    pipe = TokenPrior.from_pretrained(find_pipeline_dir(args.run_dir, TRAIN_PRIOR), device=args.device)
     default = args.guidance if args.guidance is not None else pipe.sampling.guidance
-    scales = [float(s) for s in args.sweep.split(",") if s.strip()] if args.sweep else [default]
+    scales = args.sweep or [default]
     results = [evaluate(pipe, args, scale) for scale in scales]
     report = results if args.sweep else results[0]
     json.dump(report, sys.stdout, indent=2)

@@ -24,15 +24,18 @@ from einops import rearrange
 from torch import Tensor
 
 from autoencoder.model import VQGAN, Autoencoder
-from common.checkpoint import CheckpointError, atomic_write, load_component, load_state_strict, save_component
+from common.checkpoint import (
+    PIPELINE_FILE, CheckpointError, atomic_write, load_component, load_state_strict, save_component,
+)
 from common.config import from_dict, to_dict
 from prior.sampling import SamplingConfig, sample_tokens
 from prior.text import TextEncoderConfig, encode_prompts, load_text_encoder
 from prior.transformer import COMPONENT_KIND, GPT, Condition, Prefix, PriorConfig
 
-PIPELINE_FILE = "pipeline.json"
 PIPELINE_KIND = "tokens_to_image"
 FORMAT_VERSION = 1
+# what common.checkpoint.find_pipeline_dir suggests when a token prior pipeline is missing
+TRAIN_PRIOR = "`accelerate launch prior/train.py configs/prior/<config>.yaml` (it writes <run.out_dir>/pipeline)"
 
 
 class TokenPrior:
@@ -121,15 +124,15 @@ class TokenPrior:
 
     # -------------------------------------------------------------------------------- generation
     @torch.no_grad()
-    def generate(self, prompts: list[str] | None = None, *, labels: Tensor | None = None,
-                 negative_prompts: list[str] | None = None, num_samples: int | None = None,
+    def generate(self, prompts: str | list[str] | None = None, *, labels: Tensor | None = None,
+                 negative_prompts: str | list[str] | None = None, num_samples: int | None = None,
                  guidance: float | None = None, guidance_tokens: int | None = None,
                  temperature: float | None = None, top_k: int | None = None, top_p: float | None = None,
                  generator: torch.Generator | None = None) -> Tensor:
         """Sample images; unset sampling options take the pipeline's defaults (``self.sampling``).
 
         Args:
-            prompts: B prompts (text priors; class priors with class names).
+            prompts: B prompts (text priors; class priors with class names); a bare string is one prompt.
             labels: (B,) class ids (class priors).
             negative_prompts: B prompts for the unconditional rows of guidance ("" = the null condition).
             num_samples: B for an unconditional prior.
@@ -139,6 +142,8 @@ class TokenPrior:
         Returns:
             (B, 3, H, W) images in [-1, 1].
         """
+        prompts = [prompts] if isinstance(prompts, str) else prompts  # "a dog" is one prompt, as in the pipelines
+        negative_prompts = [negative_prompts] if isinstance(negative_prompts, str) else negative_prompts
         batch = len(prompts) if prompts is not None else len(labels) if labels is not None else num_samples
         if not batch:
             raise ValueError("give prompts, labels or num_samples")
@@ -191,22 +196,3 @@ class TokenPrior:
         text = meta.get("text_encoder")
         return cls(autoencoder, prior, from_dict(TextEncoderConfig, text) if text is not None else None,
                    meta["prior"].get("class_names"), from_dict(SamplingConfig, meta["prior"]["sampling"])).to(device)
-
-
-def find_pipeline(path: str | Path) -> Path:
-    """A pipeline directory (of any kind), given it or a training run directory that holds ``pipeline/``.
-
-    Mirrors :func:`diffusion.latent_diffusion.find_pipeline_dir` (prior/ must not import diffusion/);
-    both are to become one ``common.checkpoint.find_pipeline_dir``.
-
-    Raises:
-        CheckpointError: neither ``path/pipeline.json`` nor ``path/pipeline/pipeline.json`` exists.
-    """
-    path = Path(path)
-    for candidate in (path, path / "pipeline"):
-        if (candidate / PIPELINE_FILE).is_file():
-            return candidate
-    missing = " (it does not exist)" if not path.exists() else ""
-    raise CheckpointError(f"{path} is neither a pipeline directory nor a run directory with pipeline/{PIPELINE_FILE}"
-                          f"{missing}; train one with `accelerate launch prior/train.py configs/prior/<config>.yaml` "
-                          f"(it writes <run.out_dir>/pipeline)")

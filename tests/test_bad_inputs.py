@@ -10,6 +10,7 @@ defects in files owned elsewhere; each reason names the fix.
 """
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import importlib
 import json
@@ -36,6 +37,7 @@ from common.data.folder import FolderDataset
 from common.text_encoder import TextEncoderConfig
 from common.training import latest_checkpoint, run_cli
 from diffusion import evaluate_shapes
+from diffusion.latent_diffusion import LatentDiffusion
 from diffusion.samplers import sample_ddim
 from diffusion.schedules import make_schedule
 from diffusion.unet import UNet
@@ -155,10 +157,14 @@ def test_image_folder(case, tmp_path):
 
 
 # ------------------------------------------------------------------------- configs through the training CLIs
-def test_misspelled_key_on_the_command_line_exits_without_traceback(parts, tmp_path):
+@pytest.mark.parametrize("script", ["autoencoder/train.py", "diffusion/train_classifier.py"])
+def test_misspelled_key_on_the_command_line_exits_without_traceback(script, parts, tmp_path):
     config = parts["root"] / "ae.yaml"
+    if script == "diffusion/train_classifier.py":
+        config = tmp_path / "classifier.yaml"
+        config.write_text(f"diffusion: {parts['root'] / 'diffusion_run'}\n")
     before = snapshot(config)
-    result = subprocess.run([sys.executable, "autoencoder/train.py", str(config), "optim.lrr=1",
+    result = subprocess.run([sys.executable, script, str(config), "optim.lrr=1",
                              f"run.out_dir={tmp_path / 'run'}"], cwd=ROOT, capture_output=True, text=True,
                             env={**os.environ, "PYTHONPATH": str(ROOT)}, timeout=300)
     assert result.returncode == 1 and "Traceback" not in result.stderr
@@ -179,6 +185,9 @@ CONFIG_CASES = {  # name -> (script, YAML text, overrides, words of the message)
     "yaml_syntax_error": ("prior.train", "run: {steps: [1, 2\n", (), ("is not valid YAML", "line 2")),
     "section_given_a_value": ("autoencoder.train", "", ("model=5",), ("model must be a mapping", "got 5")),
     "sub_key_of_a_value": ("prior.train", "", ("run.steps.max=3",), ("run.steps: expected int",)),
+    "classifier_of_an_unknown_attribute": ("diffusion.train_classifier", "diffusion: somewhere\n", ("target=hue",),
+                                           ("target: unknown classifier attribute 'hue'", "valid attributes: colour")),
+    "classifier_without_a_diffusion_run": ("diffusion.train_classifier", "", (), ("set diffusion=",)),
     "folder_data_without_path": ("autoencoder.train", yaml.safe_dump(TINY_AUTOENCODER),  # fails in build_dataset
                                  ("data.name=folder", "run.cpu_threads=1"), ("data.path is empty", "data.path=/path")),
 }
@@ -330,28 +339,7 @@ def test_convert_taming_checkpoint(case, tmp_path):
 
 
 # ------------------------------------------------------------------------- sampling (diffusion)
-DEFECTS = {  # case -> where the defect is (owned elsewhere) and its fix; strict xfail: a fix makes them fail
-    "size_not_a_multiple_of_the_latent_grid": "diffusion/latent_diffusion.py: size=13 silently gives 12 px "
-        "images (15: 'latent size (7, 7)'); latent_shape() should require size % (autoencoder.downsample_factor "
-        "* unet.downsample_factor) == 0 and name the valid sizes",
-    "negative_size": "diffusion/latent_diffusion.py: size=-16 fails in torch.randn ('negative dimension') and "
-        "size=0 silently means the default; latent_shape() should require size > 0 (None for the default)",
-    "more_negative_prompts_than_prompts": "diffusion/latent_diffusion.py: 3 negative prompts for 2 prompts end "
-        "in a tensor size RuntimeError; generate() should require 1 or len(prompts) negative prompts",
-    "bare_string_prompt": "diffusion/latent_diffusion.py: generate('a dog') returns 5 images, one per character "
-        "(encode_prompts calls list(prompts)); refuse a str (or wrap it in a list) before list()",
-    "mask_of_another_size": "diffusion/latent_diffusion.py: a (1, 1, 5, 5) mask for (1, 4, 8, 8) latents fails "
-        "in torch.lerp with a size RuntimeError; sample_latents() should check mask (B or 1, 1, h, w)",
-    "mask_scaled_to_255": "diffusion/latent_diffusion.py: a 0..255 mask is used as lerp weights and silently "
-        "extrapolates; sample_latents() should require mask values in [0, 1]",
-    "known_latents_of_another_shape": "diffusion/latent_diffusion.py: known_latents (1, 3, 8, 8) for (1, 4, 8, 8) "
-        "latents fails in torch.lerp; sample_latents() should require known_latents.shape == shape",
-    "cli_zero_steps": "diffusion/evaluate_shapes.py: a ValueError traceback; parse_args should check --steps, "
-        "--prompts, --samples and --batch-size are positive integers (parser.error)",
-    "cli_nan_guidance": "diffusion/evaluate_shapes.py: a FloatingPointError traceback after sampling; parse_args "
-        "should require finite --guidance, --sweep and --rescale values (parser.error)",
-    "cli_sweep_with_a_word": "diffusion/evaluate_shapes.py: a 'could not convert string to float' traceback; "
-        "parse_scales should report the bad --sweep value through parser.error",
+DEFECTS: dict[str, str] = {  # case -> where a known defect is and its fix; strict xfail: a fix makes them fail
 }
 
 
@@ -367,18 +355,20 @@ SAMPLING_CASES = {  # name -> (generate() arguments, error, words)
     "negative_steps": (dict(steps=-3), ValueError, ("steps must be in [1, 100]", "got -3")),
     "fractional_steps": (dict(steps=2.5), TypeError, ("steps must be a whole number", "2.5")),
     "more_steps_than_timesteps": (dict(steps=5000), ValueError, ("steps must be in [1, 100]",)),
-    "nan_guidance": (dict(guidance=float("nan")), FloatingPointError, ("NaN/inf", "guidance scale")),
-    "inf_guidance": (dict(guidance=float("inf")), FloatingPointError, ("NaN/inf", "guidance scale")),
+    "nan_guidance": (dict(guidance=float("nan")), ValueError, ("guidance scale must be a finite number", "nan")),
+    "inf_guidance": (dict(guidance=float("inf")), ValueError, ("guidance scale must be a finite number", "inf")),
     "negative_ddim_eta": (dict(sampler="ddim", eta=-1.0), ValueError, ("eta must be >= 0",)),
     "misspelled_sampler_option": (dict(sampler="ddim", etaa=0.5), TypeError, ("'etaa'",)),
     "guidance_rescale_above_one": (dict(rescale=2.0), ValueError, ("rescale must be in [0, 1]",)),
     "no_prompts": (dict(prompts=[]), ValueError, ("at least one prompt",)),
     "prompt_that_is_not_text": (dict(prompts=["a dog", None]), TypeError, ("prompt 1 is NoneType",)),
-    "size_not_a_multiple_of_the_latent_grid": (dict(size=13), ValueError, ("size",)),
-    "negative_size": (dict(size=-16), ValueError, ("size",)),
+    "size_not_a_multiple_of_the_latent_grid": (dict(size=13), ValueError, ("height=13 is not a multiple of 4",
+                                                                           "e.g. 12 or 16")),
+    "negative_size": (dict(size=-16), ValueError, ("height=-16", "positive multiples of 4")),
     "more_negative_prompts_than_prompts": (dict(prompts=["a", "b"], negative_prompts=["x", "y", "z"]), ValueError,
-                                           ("negative",)),
-    "bare_string_prompt": (dict(prompts="a dog"), TypeError, ("list",)),
+                                           ("negative_prompts has 3 entries for 2 prompts", "give one")),
+    "negative_prompts_for_a_text_free_pipeline": (dict(negative_prompts="x", text_free=True), ValueError,
+                                                  ("negative_prompts need a text encoder",)),
 }
 
 
@@ -386,19 +376,40 @@ SAMPLING_CASES = {  # name -> (generate() arguments, error, words)
 def test_sampling(case, parts):
     arguments, error, words = SAMPLING_CASES[case]
     arguments = {"prompts": ["a small red circle at the top left"], "steps": 2, **arguments}
+    pipe = parts["pipe"]
+    if arguments.pop("text_free", False):  # the same pipeline without its text encoder, fed class labels
+        unet = UNet(dataclasses.replace(tiny_unet_config(context_dim=0), num_classes=2))
+        pipe = LatentDiffusion(pipe.autoencoder, unet, None, pipe.config, pipe.latent_scale)
+        arguments.update(prompts=None, class_labels=torch.tensor([0, 1]))
     generator = torch.Generator().manual_seed(0)
-    refused(lambda: parts["pipe"].generate(arguments.pop("prompts"), generator=generator, **arguments), *words,
-            error=error)
+    refused(lambda: pipe.generate(arguments.pop("prompts"), generator=generator, **arguments), *words, error=error)
+
+
+def test_a_bare_string_is_one_prompt(parts):
+    """As in the pipelines: "a dog" is one prompt (not one per character), and so is a bare negative prompt."""
+    pipe, seed = parts["pipe"], lambda: torch.Generator().manual_seed(0)
+    images = pipe.generate("a dog", negative_prompts="a cat", steps=2, generator=seed())
+    assert images.shape == (1, 3, 16, 16)
+    torch.testing.assert_close(images, pipe.generate(["a dog"], negative_prompts=["a cat"], steps=2, generator=seed()))
+    torch.testing.assert_close(pipe.encode_prompts("a dog").states, pipe.encode_prompts(["a dog"]).states)
 
 
 MASK_CASES = {  # name -> (mask, known latents, error, words); the latents are (1, 4, 8, 8)
     "mask_without_known_latents": (torch.ones(1, 1, 8, 8), None, ValueError, ("needs known_latents",)),
-    "nan_in_the_mask": (torch.full((1, 1, 8, 8), float("nan")), torch.zeros(1, 4, 8, 8), FloatingPointError,
-                        ("NaN/inf", "masks")),
-    "mask_of_another_size": (torch.ones(1, 1, 5, 5), torch.zeros(1, 4, 8, 8), ValueError, ("mask",)),
-    "mask_scaled_to_255": (torch.full((1, 1, 8, 8), 255.0), torch.zeros(1, 4, 8, 8), ValueError, ("mask",)),
+    "nan_in_the_mask": (torch.full((1, 1, 8, 8), float("nan")), torch.zeros(1, 4, 8, 8), ValueError,
+                        ("mask holds NaN/inf", "finite numbers in [0, 1]")),
+    "mask_of_another_size": (torch.ones(1, 1, 5, 5), torch.zeros(1, 4, 8, 8), ValueError,
+                             ("mask has shape (1, 1, 5, 5)", "must be (1, 1, 8, 8)")),
+    "mask_with_a_channel_per_latent": (torch.ones(1, 4, 8, 8), torch.zeros(1, 4, 8, 8), ValueError,
+                                       ("mask has shape (1, 4, 8, 8)",)),
+    "mask_scaled_to_255": (torch.full((1, 1, 8, 8), 255.0), torch.zeros(1, 4, 8, 8), ValueError,
+                           ("mask values must lie in [0, 1]", "[255, 255]", "divide it by 255")),
+    "negative_mask": (torch.full((1, 1, 8, 8), -0.5), torch.zeros(1, 4, 8, 8), ValueError,
+                      ("mask values must lie in [0, 1]", "[-0.5, -0.5]")),
     "known_latents_of_another_shape": (torch.ones(1, 1, 8, 8), torch.zeros(1, 3, 8, 8), ValueError,
-                                       ("known_latents",)),
+                                       ("known_latents has shape (1, 3, 8, 8)", "(1, 4, 8, 8)")),
+    "known_latents_without_a_mask": (None, torch.zeros(1, 4, 8, 8), ValueError, ("known_latents were given without "
+                                                                                 "mask",)),
 }
 
 
@@ -421,9 +432,15 @@ def test_sampler_with_ascending_timesteps():
 EVALUATE_CASES = {  # name -> (arguments, words of the exit message)
     "cli_unknown_sampler": (["--sampler", "dpm"], "invalid choice: 'dpm' (choose from 'ddim', 'ddpm', 'dpmpp_2m'"),
     "cli_not_a_run_directory": (["--device", "cpu"], "neither a pipeline directory nor a run directory"),
-    "cli_zero_steps": (["--steps", "0"], "--steps"),
-    "cli_nan_guidance": (["--guidance", "nan"], "--guidance"),
-    "cli_sweep_with_a_word": (["--sweep", "1,x"], "--sweep"),
+    "cli_zero_steps": (["--steps", "0"], "argument --steps: must be >= 1, got 0"),
+    "cli_fractional_prompts": (["--prompts", "2.5"], "argument --prompts: expected a whole number >= 1, got '2.5'"),
+    "cli_zero_batch_size": (["--batch-size", "0"], "argument --batch-size: must be >= 1, got 0"),
+    "cli_nan_guidance": (["--guidance", "nan"], "argument --guidance: must be a finite number, got 'nan'"),
+    "cli_rescale_above_one": (["--rescale", "2"], "argument --rescale: must be a finite number in [0, 1], got '2'"),
+    "cli_sweep_with_a_word": (["--sweep", "1,x"], "argument --sweep: expected a number, got 'x'; give "
+                                                  "comma-separated finite numbers, e.g. 0,1,2,4"),
+    "cli_sweep_with_inf": (["--sweep", "1,inf"], "argument --sweep: must be a finite number, got 'inf'"),
+    "cli_classifier_sweep_with_nan": (["--classifier-sweep", "nan"], "argument --classifier-sweep: must be a finite"),
 }
 
 
@@ -488,6 +505,13 @@ def test_prior_generation(case, priors):
     kind, arguments, words = PRIOR_CASES[case]
     refused(lambda: priors[kind].generate(**arguments, generator=torch.Generator().manual_seed(0)), *words,
             error=ValueError)
+
+
+def test_prior_takes_a_bare_string_as_one_prompt(priors):
+    seed = lambda: torch.Generator().manual_seed(0)  # noqa: E731
+    images = priors["class"].generate("a red circle", generator=seed())
+    assert images.shape == (1, 3, 16, 16)
+    torch.testing.assert_close(images, priors["class"].generate(["a red circle"], generator=seed()))
 
 
 def test_prior_prompt_longer_than_its_text_slots(priors, caplog):

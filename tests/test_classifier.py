@@ -214,6 +214,21 @@ def test_train_classifier_rejects_bad_settings(trained):
         train(trained, "diffusion=")
 
 
+def test_train_classifier_counts_non_finite_losses_in_a_row(trained, monkeypatch, capsys):
+    """Two bad losses, a good one, two bad ones: never more than 2 in a row, so max_skipped_steps=2 does not stop it."""
+    real, calls = train_classifier.classifier_loss, iter(range(1, 100))
+
+    def poisoned(*args, **kwargs):
+        loss, accuracy = real(*args, **kwargs)
+        return (loss * float("nan"), accuracy) if next(calls) in (2, 3, 5, 6) else (loss, accuracy)
+
+    monkeypatch.setattr(train_classifier, "classifier_loss", poisoned)
+    train(trained, f"run.out_dir={trained / 'spiky'}", "run.steps=3", "run.max_skipped_steps=2")
+    out = capsys.readouterr().out
+    assert out.count("update skipped") == 4 and "(2 in a row, 4 in this run" in out
+    assert (trained / "spiky" / "checkpoints" / "latest").read_text() == "step_00000003"
+
+
 def test_evaluate_shapes_with_a_classifier(trained, capsys):
     evaluate_shapes.main([str(trained / "diffusion"), "--steps", "2", "--prompts", "2", "--samples", "1",
                           "--guidance", "0", "--classifier", str(trained / "run"), "--classifier-sweep", "0,2",

@@ -16,11 +16,15 @@ import torch
 import yaml
 from accelerate.state import AcceleratorState
 
+from PIL import Image
+
 from common.config import ConfigError
+from common.data import DataConfig
+from common.data.shapes import NUM_LABELS, ShapeSpec
 from common.training import read_metrics
 from diffusion import evaluate_shapes, train_latent
 from diffusion.latent_diffusion import LatentDiffusion, drop_condition
-from diffusion.train_latent import unet_config_for
+from diffusion.train_latent import class_names_for, unet_config_for
 from diffusion.unet import UNetConfig
 from test_latent_cache import make_tiny_autoencoder, make_tiny_text_encoder, single_thread  # noqa: F401 (fixture)
 
@@ -128,3 +132,28 @@ def test_unet_channels_come_from_the_autoencoder_and_context_is_checked():
         unet_config_for(UNetConfig(in_channels=3), code_dim=8, text_width=384)
     with pytest.raises(ConfigError, match="model.context_dim=384 must equal the text encoder's width 32"):
         unet_config_for(UNetConfig(), code_dim=8, text_width=32)
+
+
+def test_class_conditional_run_saves_the_label_names(setup):
+    train(setup, f"run.out_dir={setup / 'classes'}", "run.steps=1", f"model.num_classes={NUM_LABELS}")
+    pipe = LatentDiffusion.from_pretrained(setup / "classes" / "pipeline")
+    assert pipe.unet.config.num_classes == NUM_LABELS
+    assert pipe.class_names == tuple(ShapeSpec.from_label(label).caption for label in range(NUM_LABELS))
+    assert pipe.class_names[0] == "a small red circle at the top left"
+
+
+def test_class_names_come_from_the_data(tmp_path):
+    shapes = DataConfig(name="shapes")
+    assert class_names_for(UNetConfig(), shapes) is None  # no class conditioning
+    assert len(class_names_for(UNetConfig(num_classes=NUM_LABELS), shapes)) == NUM_LABELS
+    with pytest.raises(ConfigError, match=f"model.num_classes=5, but the shapes data has {NUM_LABELS} labels; "
+                                          f"set model.num_classes={NUM_LABELS}"):
+        class_names_for(UNetConfig(num_classes=5), shapes)
+    for name in ("dogs/a.png", "red_cats/b.png", "red_cats/c.png"):
+        (tmp_path / name).parent.mkdir(exist_ok=True)
+        Image.new("RGB", (4, 4)).save(tmp_path / name)
+    assert class_names_for(UNetConfig(num_classes=2), DataConfig(name="folder", path=str(tmp_path))) == [
+        "dogs", "red_cats"]  # the folder names, in label order
+    Image.new("RGB", (4, 4)).save(tmp_path / "loose.png")  # an image at the root: no classes, no names
+    assert class_names_for(UNetConfig(num_classes=2), DataConfig(name="folder", path=str(tmp_path))) is None
+    assert class_names_for(UNetConfig(num_classes=9), DataConfig(name="emoji")) is None

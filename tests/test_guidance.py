@@ -93,8 +93,16 @@ def test_cfg_rescale() -> None:
     torch.testing.assert_close(full.flatten(1).std(1), cond_std)
     half = classifier_free(denoiser, COND, UNCOND, 6.0, rescale=0.5)(x, t)
     torch.testing.assert_close(half, 0.5 * (plain + full))
-    with pytest.raises(ValueError, match="rescale"):
+    with pytest.raises(ValueError, match=r"rescale must be in \[0, 1\].*got 2.0"):
         classifier_free(denoiser, COND, UNCOND, 6.0, rescale=2.0)
+    with pytest.raises(ValueError, match=r"rescale must be in \[0, 1\].*got nan"):
+        classifier_free(denoiser, COND, UNCOND, 6.0, rescale=float("nan"))
+
+
+@pytest.mark.parametrize("scale", [float("nan"), float("inf"), -float("inf")])
+def test_cfg_refuses_a_non_finite_scale_up_front(scale) -> None:
+    with pytest.raises(ValueError, match=f"guidance scale must be a finite number .*got {scale}"):
+        classifier_free(lambda *a, **k: pytest.fail("the denoiser must not run"), COND, UNCOND, scale)
 
 
 def test_cfg_conditioning_validation() -> None:

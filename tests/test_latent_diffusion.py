@@ -7,9 +7,9 @@ import json
 import pytest
 import torch
 
-from common.checkpoint import CheckpointError
+from common.checkpoint import CheckpointError, find_pipeline_dir
 from diffusion.latent_diffusion import (
-    DiffusionConfig, LatentDiffusion, find_classifier_dir, find_pipeline_dir, training_loss,
+    TRAIN_DIFFUSION, DiffusionConfig, LatentDiffusion, find_classifier_dir, training_loss,
 )
 from diffusion.objectives import Denoiser
 from diffusion.samplers import sample_dpmpp_2m
@@ -143,7 +143,7 @@ def test_pipeline_and_classifier_directories_are_found_in_run_directories(pipe, 
     with pytest.raises(CheckpointError, match=r"unet is neither a pipeline directory nor a run directory with "
                                               r"pipeline/pipeline.json; train one with `accelerate launch "
                                               r"diffusion/train_latent.py configs/diffusion/<config>.yaml`"):
-        find_pipeline_dir(tmp_path / "run" / "pipeline" / "unet")
+        find_pipeline_dir(tmp_path / "run" / "pipeline" / "unet", TRAIN_DIFFUSION)
     with pytest.raises(CheckpointError, match=r"nowhere is neither a pipeline directory .* \(it does not exist\); "
                                               r"train one with my command"):
         find_pipeline_dir(tmp_path / "nowhere", how_to_train="my command")

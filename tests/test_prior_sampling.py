@@ -7,10 +7,10 @@ import pytest
 import torch
 
 from autoencoder.model import VQGAN, AutoencoderConfig
-from common.checkpoint import CheckpointError
+from common.checkpoint import CheckpointError, find_pipeline_dir
 from common.data.shapes import NUM_LABELS, ShapeSpec
 from prior import evaluate_shapes
-from prior.generate import TokenPrior, find_pipeline
+from prior.generate import TRAIN_PRIOR, TokenPrior
 from prior.sampling import SamplingConfig, draw, filter_logits, sample_tokens
 from prior.text import TextEncoderConfig
 from prior.transformer import GPT, Condition, PriorConfig
@@ -209,13 +209,13 @@ def test_decode_keeps_no_autograd_graph():
 def test_find_pipeline_takes_a_pipeline_or_run_directory(tmp_path):
     tiny_pipeline("class").save_pretrained(tmp_path / "run" / "pipeline")
     pipeline_dir = tmp_path / "run" / "pipeline"
-    assert find_pipeline(tmp_path / "run") == find_pipeline(pipeline_dir) == pipeline_dir
+    assert find_pipeline_dir(tmp_path / "run") == find_pipeline_dir(pipeline_dir) == pipeline_dir
     with pytest.raises(CheckpointError, match=r"prior is neither a pipeline directory nor a run directory with "
                                               r"pipeline/pipeline.json; train one with `accelerate launch "
                                               r"prior/train.py"):
-        find_pipeline(tmp_path / "run" / "pipeline" / "prior")
+        find_pipeline_dir(tmp_path / "run" / "pipeline" / "prior", TRAIN_PRIOR)
     with pytest.raises(CheckpointError, match=r"nowhere is neither .* \(it does not exist\); train one with"):
-        find_pipeline(tmp_path / "nowhere")
+        find_pipeline_dir(tmp_path / "nowhere", TRAIN_PRIOR)
 
 
 def test_text_pipeline_with_negative_prompts(tmp_path):
@@ -244,3 +244,15 @@ def test_evaluate_cli_prints_a_guidance_sweep(tmp_path, capsys):
         assert {"colour", "shape", "position", "size", "diversity", "seconds", "run_dir", "seed"} <= set(result)
     single = evaluate_shapes.main([str(tmp_path / "run" / "pipeline"), "--prompts", "2", "--samples", "1"])
     assert json.loads(capsys.readouterr().out)["guidance"] == 2.0 == single["guidance"], "the pipeline's default"
+
+
+@pytest.mark.parametrize("arguments, words", [
+    (["--sweep", "1,x"], "argument --sweep: expected a number, got 'x'"),
+    (["--guidance", "inf"], "argument --guidance: must be a finite number, got 'inf'"),
+    (["--samples", "0"], "argument --samples: must be >= 1, got 0"),
+    (["--top-k", "-5"], "argument --top-k: must be >= 0, got -5"),
+])
+def test_evaluate_cli_refuses_bad_numbers_before_loading(arguments, words, tmp_path, capsys):
+    with pytest.raises(SystemExit) as exit:
+        evaluate_shapes.main([str(tmp_path / "nowhere"), *arguments])  # no pipeline: parse_args stops first
+    assert exit.value.code == 2 and words in capsys.readouterr().err

@@ -54,3 +54,21 @@ def build_dataset(config: DataConfig) -> Dataset:
     from common.data.folder import FolderDataset
 
     return FolderDataset(config.path, config.resolution)
+
+
+def label_names(config: DataConfig) -> list[str] | None:
+    """The name of each label (index = label) of the dataset ``config`` names, where labels have names.
+
+    shapes: the caption of each label (``ShapeSpec.from_label(label).caption``); folder: its class
+    sub-folders, when every image sits in one; otherwise (emoji, a folder without classes) None.
+    Nothing is rendered or decoded.
+    """
+    if config.name == "shapes":
+        from common.data.shapes import NUM_LABELS, ShapeSpec
+
+        return [ShapeSpec.from_label(label).caption for label in range(NUM_LABELS)]
+    if config.name == "folder" and config.path:
+        from common.data.folder import folder_classes
+
+        return folder_classes(config.path) or None
+    return None

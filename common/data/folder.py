@@ -160,6 +160,21 @@ def _class_of(relative: Path) -> str | None:
     return relative.parts[0] if len(relative.parts) > 1 else None
 
 
+def _classes(root: Path, candidates: list[Path]) -> list[str]:
+    """Sorted class sub-folder names of the image files ``candidates``; [] when any sits at the root."""
+    folders = [_class_of(path.relative_to(root)) for path in candidates]
+    if any(folder is None for folder in folders):
+        return []
+    return sorted(set(folders))  # type: ignore[arg-type]
+
+
+def folder_classes(path: str | os.PathLike[str]) -> list[str]:
+    """The class names (= labels, in order) a :class:`FolderDataset` of ``path`` would have, from the
+    listing alone (no image is decoded): its sorted class sub-folders, [] without classes or folder."""
+    root = Path(path).expanduser()
+    return _classes(root, _list_images(root)) if root.is_dir() else []
+
+
 class FolderDataset(Dataset):
     """Images of a folder (recursive), resized to a square and captioned.
 
@@ -231,10 +246,7 @@ class FolderDataset(Dataset):
 
     def _find_classes(self, candidates: list[Path]) -> list[str]:
         """Class names from the listing (not the decode results, so labels do not shift)."""
-        folders = [_class_of(self._relative(p)) for p in candidates]
-        if any(folder is None for folder in folders):
-            return []
-        return sorted(set(folders))  # type: ignore[arg-type]
+        return _classes(self.root, candidates)
 
     def _caption_all(self) -> tuple[list[str], list[int]]:
         metadata = _read_metadata(self.root)
