@@ -109,6 +109,24 @@ def git_revision() -> str:
     return head + (" with uncommitted changes" if dirty else "")
 
 
+def other_busy_cores(seconds: float = 2.0) -> float | None:
+    """CPU cores kept busy by everything on the machine over the next ``seconds``, while we sleep.
+
+    Read from /proc/stat (Linux; None elsewhere). Unlike the load average, which trails by minutes,
+    this says whether anything else is running right now."""
+    def ticks() -> tuple[int, int]:
+        values = [int(v) for v in Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:]]
+        idle = values[3] + (values[4] if len(values) > 4 else 0)  # idle + iowait
+        return sum(values) - idle, sum(values)
+    try:
+        busy0, total0 = ticks()
+        time.sleep(seconds)
+        busy1, total1 = ticks()
+    except (OSError, ValueError, IndexError):
+        return None
+    return (busy1 - busy0) / max(1, total1 - total0) * (os.cpu_count() or 1)
+
+
 def machine_info() -> dict[str, Any]:
     """The machine, collected automatically: CPU, cores, GPU, OS, torch build and threads, load."""
     config = torch.__config__.show()
@@ -119,7 +137,8 @@ def machine_info() -> dict[str, Any]:
         "os": platform.platform(), "python": platform.python_version(), "torch": torch.__version__,
         "blas": _first_match(r"BLAS_INFO=(\w+)", config),
         "cpu_capability": _first_match(r"CPU capability usage: (\w+)", config),
-        "threads": torch.get_num_threads(), "load_start": os.getloadavg()[0], "git": git_revision(),
+        "threads": torch.get_num_threads(), "load_start": os.getloadavg()[0], "busy_start": other_busy_cores(),
+        "git": git_revision(),
     }
 
 

@@ -31,7 +31,7 @@ def test_readme_python_api_example_runs(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     namespace: dict = {}
     exec(compile(code, str(README), "exec"), namespace)
-    assert (tmp_path / "dog_face.png").is_file()
+    assert (tmp_path / "dog.png").is_file()
     assert len(namespace["result"].images) == 4 and len(namespace["tokens_result"].images) == 4
     assert tuple(namespace["batch"].shape) == (1, 3, 16, 16)
     assert namespace["filled"].size == namespace["variation"].size == (16, 16)
