@@ -309,6 +309,34 @@ class NonFiniteSkips:
                 f"for NaN/inf values.")
 
 
+def optimizer_steps(accelerator: Accelerator, model: torch.nn.Module, batches: Iterator[dict],
+                    update: Callable[[dict], tuple[torch.Tensor, bool, Any]], *, step: int, budget: Budget,
+                    skips: NonFiniteSkips, sched: Any, ema: Any, bar: Any) -> Iterator[tuple[int, torch.Tensor, Any]]:
+    """The training loop every single-optimizer script shares; yields ``(step, loss, extras)`` after each
+    optimizer step, for the caller to log, sample and save.
+
+    ``update(batch) -> (loss, finite, extras)`` runs one (micro-)step under gradient accumulation.
+    A non-finite loss is reported to ``skips`` (which raises after too many in a row) and does not count
+    as a step; nor does an accumulation micro-step. After a real step the schedule and the EMA advance,
+    then ``step`` and the progress bar. Kept in one place so the order of these calls, which a bit-exact
+    resume depends on, cannot drift between scripts. Stops when ``budget`` is spent.
+    """
+    while not budget.done(step):
+        with accelerator.accumulate(model):
+            loss, finite, extras = update(next(batches))
+        if not finite:
+            skips.skip(step, loss)
+            continue
+        skips.ok()
+        if not accelerator.sync_gradients:
+            continue  # gradient accumulation: the optimizer has not stepped yet
+        sched.step()
+        ema.update(accelerator.unwrap_model(model))
+        step += 1
+        bar.update(1)
+        yield step, loss, extras
+
+
 def run_cli(main: Callable[[Sequence[str]], Any], argv: Sequence[str], *user_errors: type[Exception]) -> None:
     """Run a training script's ``main(argv)``; a mistake in its input ends it with the message alone.
 

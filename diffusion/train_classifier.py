@@ -36,7 +36,7 @@ from common.ema import EMA
 from common.text_encoder import TextEncoderConfig
 from common.training import (
     Budget, MetricsLog, NonFiniteSkips, OptimConfig, RunConfig, all_finite, make_accelerator, make_loader,
-    make_optimizer, resume_training_state, run_cli, save_training_state,
+    make_optimizer, optimizer_steps, resume_training_state, run_cli, save_training_state,
 )
 from diffusion.classifier import (
     ClassifierConfig, NoisyLatentClassifier, attribute_classes, attribute_targets, check_attribute,
@@ -140,18 +140,18 @@ def prepare_data(cfg: TrainConfig, pipeline: Path, text: TextEncoderConfig | Non
 
 
 def train_step(batch: dict, model, schedule, cfg: TrainConfig, opt, accelerator):
-    """One cross-entropy update; returns (loss, accuracy, grad norm or None, whether it was finite)."""
+    """One cross-entropy update; returns (loss, whether it was finite, (accuracy, grad norm or None))."""
     loss, accuracy = classifier_loss(model, schedule, batch["latent"], batch["target"])
     if not all_finite(loss, accelerator):
         opt.zero_grad(set_to_none=True)
-        return loss, accuracy, None, False
+        return loss, False, (accuracy, None)
     accelerator.backward(loss)
     norm = None
     if accelerator.sync_gradients and cfg.optim.grad_clip:
         norm = accelerator.clip_grad_norm_(model.parameters(), cfg.optim.grad_clip)
     opt.step()
     opt.zero_grad(set_to_none=True)
-    return loss, accuracy, norm, True
+    return loss, True, (accuracy, norm)
 
 
 def save_outputs(classifier: NoisyLatentClassifier, out_dir: str, step: int, scores: dict) -> None:
@@ -201,19 +201,9 @@ def main(argv: list[str] | None = None) -> None:
     bar = tqdm(total=cfg.run.steps, initial=step, disable=not (cfg.run.progress and main_process),
                desc="classifier", dynamic_ncols=True)
     skips = NonFiniteSkips(cfg.run, accelerator)
-    while not budget.done(step):
-        with accelerator.accumulate(model):
-            loss, accuracy, norm, ok = train_step(next(batches), model, schedule, cfg, opt, accelerator)
-        if not ok:
-            skips.skip(step, loss)
-            continue
-        skips.ok()
-        if not accelerator.sync_gradients:
-            continue  # gradient accumulation: the optimizer has not stepped yet
-        sched.step()
-        ema.update(accelerator.unwrap_model(model))
-        step += 1
-        bar.update(1)
+    for step, loss, (accuracy, norm) in optimizer_steps(
+            accelerator, model, batches, lambda batch: train_step(batch, model, schedule, cfg, opt, accelerator),
+            step=step, budget=budget, skips=skips, sched=sched, ema=ema, bar=bar):
         if step % cfg.run.log_every == 0 or step == 1:
             values = {"loss": loss, "accuracy": accuracy, "lr": sched.get_last_lr()[0], "seconds": budget.elapsed}
             logged = metrics.log(step, {**values, **({"grad_norm": norm} if norm is not None else {})})

@@ -29,7 +29,7 @@ from common.ema import EMA
 from common.images import save_grid
 from common.training import (
     Budget, MetricsLog, NonFiniteSkips, OptimConfig, RunConfig, all_finite, make_accelerator, make_loader,
-    make_optimizer, resume_training_state, run_cli, save_training_state,
+    make_optimizer, optimizer_steps, resume_training_state, run_cli, save_training_state,
 )
 from diffusion.latent_cache import NULL_ID, LatentCache, load_or_build_cache, resolve_autoencoder_dir
 from diffusion.latent_diffusion import DiffusionConfig, LatentDiffusion, drop_condition, training_loss
@@ -108,7 +108,7 @@ def class_names_for(model: UNetConfig, data: DataConfig) -> list[str] | None:
 
 
 def train_step(batch: dict, unet, cache: LatentCache, pipe: LatentDiffusion, cfg: TrainConfig, opt, accelerator):
-    """One denoising update with condition dropout; returns (loss, grad norm or None, whether it was finite)."""
+    """One denoising update with condition dropout; returns (loss, whether it was finite, grad norm or None)."""
     ids = drop_condition(batch["caption_id"], cfg.diffusion.cond_drop_prob, NULL_ID)
     labels = None
     if cfg.model.num_classes:  # the class is dropped together with the caption
@@ -116,14 +116,14 @@ def train_step(batch: dict, unet, cache: LatentCache, pipe: LatentDiffusion, cfg
     loss = training_loss(unet, pipe.schedule, cfg.diffusion, batch["latent"], cache.text(ids), labels).mean()
     if not all_finite(loss, accelerator):
         opt.zero_grad(set_to_none=True)
-        return loss, None, False
+        return loss, False, None
     accelerator.backward(loss)
     norm = None
     if accelerator.sync_gradients and cfg.optim.grad_clip:
         norm = accelerator.clip_grad_norm_(unet.parameters(), cfg.optim.grad_clip)
     opt.step()
     opt.zero_grad(set_to_none=True)
-    return loss, norm, True
+    return loss, True, norm
 
 
 @torch.no_grad()
@@ -175,20 +175,9 @@ def main(argv: list[str] | None = None) -> None:
     bar = tqdm(total=cfg.run.steps, initial=step, disable=not (cfg.run.progress and main_process),
                desc="diffusion", dynamic_ncols=True)
     skips = NonFiniteSkips(cfg.run, accelerator)
-    while not budget.done(step):
-        batch = next(batches)
-        with accelerator.accumulate(unet):
-            loss, norm, ok = train_step(batch, unet, cache, pipe, cfg, opt, accelerator)
-        if not ok:
-            skips.skip(step, loss)
-            continue
-        skips.ok()
-        if not accelerator.sync_gradients:
-            continue  # gradient accumulation: the optimizer has not stepped yet
-        sched.step()
-        ema.update(accelerator.unwrap_model(unet))
-        step += 1
-        bar.update(1)
+    for step, loss, norm in optimizer_steps(
+            accelerator, unet, batches, lambda batch: train_step(batch, unet, cache, pipe, cfg, opt, accelerator),
+            step=step, budget=budget, skips=skips, sched=sched, ema=ema, bar=bar):
         if step % cfg.run.log_every == 0 or step == 1:
             values = {"loss": loss, "lr": sched.get_last_lr()[0], "seconds": budget.elapsed}
             logged = metrics.log(step, {**values, **({"grad_norm": norm} if norm is not None else {})})

@@ -25,7 +25,7 @@ from common.ema import EMA
 from common.images import save_grid
 from common.training import (
     Budget, MetricsLog, NonFiniteSkips, OptimConfig, RunConfig, all_finite, make_accelerator, make_loader,
-    make_optimizer, resume_training_state, run_cli, save_training_state,
+    make_optimizer, optimizer_steps, resume_training_state, run_cli, save_training_state,
 )
 from prior.generate import TokenPrior
 from prior.losses import LossConfig, condition_dropout, corrupt_tokens, next_token_loss
@@ -101,7 +101,7 @@ def write_samples(model: GPT, autoencoder: Autoencoder, cond: Condition, rows: i
 
 
 def train_step(batch, model, data: TokenData, opt, accelerator, cfg: TrainConfig):
-    """One optimizer (micro-)step; returns (loss terms, whether the loss was finite)."""
+    """One optimizer (micro-)step; returns (loss, whether it was finite, all the loss terms)."""
     tokens = batch["tokens"]
     kind = cfg.model.condition
     inputs = corrupt_tokens(tokens[:, :-1], cfg.loss.pkeep, cfg.model.codebook_size)
@@ -109,13 +109,13 @@ def train_step(batch, model, data: TokenData, opt, accelerator, cfg: TrainConfig
     terms = next_token_loss(model(inputs, batch_condition(batch, data, kind), drop), tokens)
     if not all_finite(terms.loss, accelerator):
         opt.zero_grad(set_to_none=True)
-        return terms, False
+        return terms.loss, False, terms
     accelerator.backward(terms.loss)
     if accelerator.sync_gradients and cfg.optim.grad_clip:
         accelerator.clip_grad_norm_(model.parameters(), cfg.optim.grad_clip)
     opt.step()
     opt.zero_grad(set_to_none=True)
-    return terms, True
+    return terms.loss, True, terms
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -152,20 +152,9 @@ def main(argv: list[str] | None = None) -> None:
     accelerator.print(f"{len(data.tokens)} token sequences of {data.tokens.shape[1]}; model "
                       f"{sum(p.numel() for p in model.parameters()) / 1e6:.2f}M parameters; preview: {captions}")
     skips = NonFiniteSkips(cfg.run, accelerator)
-    while not budget.done(step):
-        batch = next(batches)
-        with accelerator.accumulate(model):
-            terms, ok = train_step(batch, model, data, opt, accelerator, cfg)
-        if not ok:
-            skips.skip(step, terms.loss)
-            continue
-        skips.ok()
-        if not accelerator.sync_gradients:
-            continue  # gradient accumulation: the optimizer has not stepped yet
-        sched.step()
-        ema.update(accelerator.unwrap_model(model))
-        step += 1
-        bar.update(1)
+    for step, _, terms in optimizer_steps(
+            accelerator, model, batches, lambda batch: train_step(batch, model, data, opt, accelerator, cfg),
+            step=step, budget=budget, skips=skips, sched=sched, ema=ema, bar=bar):
         if step % cfg.run.log_every == 0 or step == 1:
             logged = metrics.log(step, {**terms._asdict(), "lr": sched.get_last_lr()[0], "seconds": budget.elapsed})
             bar.set_postfix(loss=f"{logged['loss']:.3f}", acc=f"{logged['accuracy']:.3f}")
