@@ -355,6 +355,25 @@ def all_finite(value: torch.Tensor, accelerator: Accelerator) -> bool:
     return bool(accelerator.reduce(flag, reduction="min").item()) if accelerator.num_processes > 1 else bool(flag)
 
 
+def apply_update(loss: torch.Tensor, model: torch.nn.Module, opt: torch.optim.Optimizer, accelerator: Accelerator,
+                 grad_clip: float) -> tuple[bool, torch.Tensor | None]:
+    """Backward, clip and step on a finite ``loss``; on a non-finite one only clear the gradients.
+
+    Returns (whether the loss was finite, the gradient norm before clipping or None). The finiteness
+    check runs before backward so that NaN never reaches the weights, on any process.
+    """
+    if not all_finite(loss, accelerator):
+        opt.zero_grad(set_to_none=True)
+        return False, None
+    accelerator.backward(loss)
+    norm = None
+    if accelerator.sync_gradients and grad_clip:
+        norm = accelerator.clip_grad_norm_(model.parameters(), grad_clip)
+    opt.step()
+    opt.zero_grad(set_to_none=True)
+    return True, norm
+
+
 def cosine_warmup(step: int, warmup: int, total: int, floor: float = 0.1) -> float:
     """LR multiplier: linear warm-up for ``warmup`` steps, then cosine decay to ``floor`` at ``total``
     (``total`` 0: constant after the warm-up)."""

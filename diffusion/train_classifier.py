@@ -35,7 +35,7 @@ from common.data import DataConfig
 from common.ema import EMA
 from common.text_encoder import TextEncoderConfig
 from common.training import (
-    Budget, MetricsLog, NonFiniteSkips, OptimConfig, RunConfig, all_finite, make_accelerator, make_loader,
+    Budget, MetricsLog, NonFiniteSkips, OptimConfig, RunConfig, apply_update, make_accelerator, make_loader,
     make_optimizer, optimizer_steps, resume_training_state, run_cli, save_training_state,
 )
 from diffusion.classifier import (
@@ -142,16 +142,8 @@ def prepare_data(cfg: TrainConfig, pipeline: Path, text: TextEncoderConfig | Non
 def train_step(batch: dict, model, schedule, cfg: TrainConfig, opt, accelerator):
     """One cross-entropy update; returns (loss, whether it was finite, (accuracy, grad norm or None))."""
     loss, accuracy = classifier_loss(model, schedule, batch["latent"], batch["target"])
-    if not all_finite(loss, accelerator):
-        opt.zero_grad(set_to_none=True)
-        return loss, False, (accuracy, None)
-    accelerator.backward(loss)
-    norm = None
-    if accelerator.sync_gradients and cfg.optim.grad_clip:
-        norm = accelerator.clip_grad_norm_(model.parameters(), cfg.optim.grad_clip)
-    opt.step()
-    opt.zero_grad(set_to_none=True)
-    return loss, True, (accuracy, norm)
+    finite, norm = apply_update(loss, model, opt, accelerator, cfg.optim.grad_clip)
+    return loss, finite, (accuracy, norm)
 
 
 def save_outputs(classifier: NoisyLatentClassifier, out_dir: str, step: int, scores: dict) -> None:

@@ -28,7 +28,7 @@ from common.data import DataConfig, label_names
 from common.ema import EMA
 from common.images import save_grid
 from common.training import (
-    Budget, MetricsLog, NonFiniteSkips, OptimConfig, RunConfig, all_finite, make_accelerator, make_loader,
+    Budget, MetricsLog, NonFiniteSkips, OptimConfig, RunConfig, apply_update, make_accelerator, make_loader,
     make_optimizer, optimizer_steps, resume_training_state, run_cli, save_training_state,
 )
 from diffusion.latent_cache import NULL_ID, LatentCache, load_or_build_cache, resolve_autoencoder_dir
@@ -114,16 +114,8 @@ def train_step(batch: dict, unet, cache: LatentCache, pipe: LatentDiffusion, cfg
     if cfg.model.num_classes:  # the class is dropped together with the caption
         labels = torch.where(ids == NULL_ID, torch.full_like(ids, NULL_CLASS), batch["label"] + 1)
     loss = training_loss(unet, pipe.schedule, cfg.diffusion, batch["latent"], cache.text(ids), labels).mean()
-    if not all_finite(loss, accelerator):
-        opt.zero_grad(set_to_none=True)
-        return loss, False, None
-    accelerator.backward(loss)
-    norm = None
-    if accelerator.sync_gradients and cfg.optim.grad_clip:
-        norm = accelerator.clip_grad_norm_(unet.parameters(), cfg.optim.grad_clip)
-    opt.step()
-    opt.zero_grad(set_to_none=True)
-    return loss, True, norm
+    finite, norm = apply_update(loss, unet, opt, accelerator, cfg.optim.grad_clip)
+    return loss, finite, norm
 
 
 @torch.no_grad()

@@ -24,7 +24,7 @@ from common.data import DataConfig
 from common.ema import EMA
 from common.images import save_grid
 from common.training import (
-    Budget, MetricsLog, NonFiniteSkips, OptimConfig, RunConfig, all_finite, make_accelerator, make_loader,
+    Budget, MetricsLog, NonFiniteSkips, OptimConfig, RunConfig, apply_update, make_accelerator, make_loader,
     make_optimizer, optimizer_steps, resume_training_state, run_cli, save_training_state,
 )
 from prior.generate import TokenPrior
@@ -107,15 +107,8 @@ def train_step(batch, model, data: TokenData, opt, accelerator, cfg: TrainConfig
     inputs = corrupt_tokens(tokens[:, :-1], cfg.loss.pkeep, cfg.model.codebook_size)
     drop = condition_dropout(tokens.shape[0], cfg.loss.cond_drop if kind != "none" else 0.0, tokens.device)
     terms = next_token_loss(model(inputs, batch_condition(batch, data, kind), drop), tokens)
-    if not all_finite(terms.loss, accelerator):
-        opt.zero_grad(set_to_none=True)
-        return terms.loss, False, terms
-    accelerator.backward(terms.loss)
-    if accelerator.sync_gradients and cfg.optim.grad_clip:
-        accelerator.clip_grad_norm_(model.parameters(), cfg.optim.grad_clip)
-    opt.step()
-    opt.zero_grad(set_to_none=True)
-    return terms.loss, True, terms
+    finite, _ = apply_update(terms.loss, model, opt, accelerator, cfg.optim.grad_clip)
+    return terms.loss, finite, terms
 
 
 def main(argv: list[str] | None = None) -> None:
