@@ -1,20 +1,15 @@
-"""Bad inputs at the entry points: each is refused with a message that names the problem and the fix,
-or handled; and the files a case reads are left exactly as they were (hashed before and after).
+"""Bad files and configs at the entry points: each is refused with a message that names the problem and
+the fix, or handled; and the files a case reads are left exactly as they were (hashed before and after).
+Bad generation arguments are in test_bad_generation_inputs.py.
 
 Tested elsewhere, not repeated: truncated, empty, non-image, CMYK, 16-bit, palette, LA/RGBA and I/F
 images, empty / image-less / all-broken / missing folders (test_folder.py); misspelled and unknown keys,
 nine wrong types, a missing or non-mapping config file (test_config.py); wrong kind, missing files,
-invalid JSON, a raw pickle payload in load_component (test_checkpoint.py); empty, non-ASCII, 256+ token
-and bare-string prompts at the MiniLM encoder (test_text_encoder.py). Cases marked xfail (strict) are
-defects in files owned elsewhere; each reason names the fix.
+invalid JSON, a raw pickle payload in load_component (test_checkpoint.py).
 """
 from __future__ import annotations
 
-import dataclasses
-import hashlib
-import importlib
 import json
-import logging
 import os
 import shutil
 import struct
@@ -27,69 +22,20 @@ from pathlib import Path
 import pytest
 import torch
 import yaml
-from accelerate.state import AcceleratorState
 from PIL import Image
 
 from autoencoder import convert, evaluate
 from autoencoder.model import Autoencoder
 from common.checkpoint import CheckpointError, save_component
 from common.data.folder import FolderDataset
-from common.text_encoder import TextEncoderConfig
-from common.training import latest_checkpoint, run_cli
-from diffusion import evaluate_shapes
-from diffusion.latent_diffusion import LatentDiffusion
-from diffusion.samplers import sample_ddim
-from diffusion.schedules import make_schedule
+from common.training import latest_checkpoint
 from diffusion.unet import UNet
 from prior.generate import TokenPrior
-from prior.transformer import GPT, PriorConfig
 from test_autoencoder_train import TINY as TINY_AUTOENCODER
-from test_latent_cache import make_tiny_pipeline, single_thread, tiny_unet_config  # noqa: F401 (fixture)
+from test_latent_cache import single_thread, tiny_unet_config  # noqa: F401 (autouse fixture)
+from bad_inputs import ROOT, cli, parts, refused, snapshot, train  # noqa: F401 (parts is a fixture)
 
-ROOT = Path(__file__).resolve().parents[1]
 pytest.importorskip("transformers")
-
-
-def snapshot(path: Path) -> dict[str, str]:
-    """Every file under ``path`` (or ``path`` itself) with its SHA-256; folders as "dir"."""
-    entries = [path] if path.is_file() else sorted(path.rglob("*"))
-    return {p.as_posix(): hashlib.sha256(p.read_bytes()).hexdigest() if p.is_file() else "dir" for p in entries}
-
-
-def refused(call, *words: str, error: type[BaseException] = Exception) -> str:
-    """Run ``call``, which must fail with ``error``; the message must hold every one of ``words``."""
-    with pytest.raises(error) as caught:
-        call()
-    message = str(caught.value.code if isinstance(caught.value, SystemExit) else caught.value)
-    for word in words:
-        assert word in message, f"{word!r} not in: {message}"
-    return message
-
-
-def train(module: str, *argv: str, wrapped: bool = True) -> None:
-    """A training script's ``main`` in this process, through its command-line wrapper (``run_cli``)."""
-    try:
-        run_cli(importlib.import_module(module).main, argv) if wrapped else importlib.import_module(module).main(argv)
-    finally:
-        AcceleratorState._reset_state(reset_partial_state=True)  # leave no accelerate singleton behind
-
-
-def cli(module: str, *argv: str) -> str:
-    """The message a training script's command line exits with (``error: <message>``, no traceback)."""
-    return refused(lambda: train(module, *argv), "error: ", error=SystemExit)
-
-
-@pytest.fixture(scope="module")
-def parts(tmp_path_factory) -> dict:
-    """A tiny diffusion pipeline saved as a run, its autoencoder and text encoder, and a stage-1 run."""
-    root = tmp_path_factory.mktemp("parts")
-    pipe = make_tiny_pipeline(root)
-    pipe.save_pretrained(root / "diffusion_run" / "pipeline")
-    stage1 = root / "stage1"
-    (root / "ae.yaml").write_text(yaml.safe_dump(TINY_AUTOENCODER))
-    train("autoencoder.train", str(root / "ae.yaml"), f"run.out_dir={stage1}", "run.steps=2", "run.save_every=1",
-          "run.cpu_threads=1", wrapped=False)
-    return {"root": root, "pipe": pipe, "ae": root / "ae", "text": root / "text", "stage1": stage1}
 
 
 # ------------------------------------------------------------------------- image folders (common/data/folder.py)
@@ -336,187 +282,3 @@ def test_convert_taming_checkpoint(case, tmp_path):
             error=SystemExit)
     assert not (tmp_path / "PWNED").exists(), "the payload ran"
     assert snapshot(tmp_path) == before and not (tmp_path / "out").exists()
-
-
-# ------------------------------------------------------------------------- sampling (diffusion)
-DEFECTS: dict[str, str] = {  # case -> where a known defect is and its fix; strict xfail: a fix makes them fail
-}
-
-
-def named(table: dict) -> list:
-    """The case names of ``table`` as parameters, the known defects marked xfail."""
-    return [pytest.param(name, marks=pytest.mark.xfail(strict=True, reason=DEFECTS[name])) if name in DEFECTS
-            else name for name in table]
-
-
-SAMPLING_CASES = {  # name -> (generate() arguments, error, words)
-    "misspelled_sampler": (dict(sampler="dpmpp2m"), ValueError, ("unknown sampler 'dpmpp2m'", "'dpmpp_2m'")),
-    "zero_steps": (dict(steps=0), ValueError, ("steps must be in [1, 100]", "got 0")),
-    "negative_steps": (dict(steps=-3), ValueError, ("steps must be in [1, 100]", "got -3")),
-    "fractional_steps": (dict(steps=2.5), TypeError, ("steps must be a whole number", "2.5")),
-    "more_steps_than_timesteps": (dict(steps=5000), ValueError, ("steps must be in [1, 100]",)),
-    "nan_guidance": (dict(guidance=float("nan")), ValueError, ("guidance scale must be a finite number", "nan")),
-    "inf_guidance": (dict(guidance=float("inf")), ValueError, ("guidance scale must be a finite number", "inf")),
-    "negative_ddim_eta": (dict(sampler="ddim", eta=-1.0), ValueError, ("eta must be >= 0",)),
-    "misspelled_sampler_option": (dict(sampler="ddim", etaa=0.5), TypeError, ("'etaa'",)),
-    "guidance_rescale_above_one": (dict(rescale=2.0), ValueError, ("rescale must be in [0, 1]",)),
-    "no_prompts": (dict(prompts=[]), ValueError, ("at least one prompt",)),
-    "prompt_that_is_not_text": (dict(prompts=["a dog", None]), TypeError, ("prompt 1 is NoneType",)),
-    "size_not_a_multiple_of_the_latent_grid": (dict(size=13), ValueError, ("height=13 is not a multiple of 4",
-                                                                           "e.g. 12 or 16")),
-    "negative_size": (dict(size=-16), ValueError, ("height=-16", "positive multiples of 4")),
-    "more_negative_prompts_than_prompts": (dict(prompts=["a", "b"], negative_prompts=["x", "y", "z"]), ValueError,
-                                           ("negative_prompts has 3 entries for 2 prompts", "give one")),
-    "negative_prompts_for_a_text_free_pipeline": (dict(negative_prompts="x", text_free=True), ValueError,
-                                                  ("negative_prompts need a text encoder",)),
-}
-
-
-@pytest.mark.parametrize("case", named(SAMPLING_CASES))
-def test_sampling(case, parts):
-    arguments, error, words = SAMPLING_CASES[case]
-    arguments = {"prompts": ["a small red circle at the top left"], "steps": 2, **arguments}
-    pipe = parts["pipe"]
-    if arguments.pop("text_free", False):  # the same pipeline without its text encoder, fed class labels
-        unet = UNet(dataclasses.replace(tiny_unet_config(context_dim=0), num_classes=2))
-        pipe = LatentDiffusion(pipe.autoencoder, unet, None, pipe.config, pipe.latent_scale)
-        arguments.update(prompts=None, class_labels=torch.tensor([0, 1]))
-    generator = torch.Generator().manual_seed(0)
-    refused(lambda: pipe.generate(arguments.pop("prompts"), generator=generator, **arguments), *words, error=error)
-
-
-def test_a_bare_string_is_one_prompt(parts):
-    """As in the pipelines: "a dog" is one prompt (not one per character), and so is a bare negative prompt."""
-    pipe, seed = parts["pipe"], lambda: torch.Generator().manual_seed(0)
-    images = pipe.generate("a dog", negative_prompts="a cat", steps=2, generator=seed())
-    assert images.shape == (1, 3, 16, 16)
-    torch.testing.assert_close(images, pipe.generate(["a dog"], negative_prompts=["a cat"], steps=2, generator=seed()))
-    torch.testing.assert_close(pipe.encode_prompts("a dog").states, pipe.encode_prompts(["a dog"]).states)
-
-
-MASK_CASES = {  # name -> (mask, known latents, error, words); the latents are (1, 4, 8, 8)
-    "mask_without_known_latents": (torch.ones(1, 1, 8, 8), None, ValueError, ("needs known_latents",)),
-    "nan_in_the_mask": (torch.full((1, 1, 8, 8), float("nan")), torch.zeros(1, 4, 8, 8), ValueError,
-                        ("mask holds NaN/inf", "finite numbers in [0, 1]")),
-    "mask_of_another_size": (torch.ones(1, 1, 5, 5), torch.zeros(1, 4, 8, 8), ValueError,
-                             ("mask has shape (1, 1, 5, 5)", "must be (1, 1, 8, 8)")),
-    "mask_with_a_channel_per_latent": (torch.ones(1, 4, 8, 8), torch.zeros(1, 4, 8, 8), ValueError,
-                                       ("mask has shape (1, 4, 8, 8)",)),
-    "mask_scaled_to_255": (torch.full((1, 1, 8, 8), 255.0), torch.zeros(1, 4, 8, 8), ValueError,
-                           ("mask values must lie in [0, 1]", "[255, 255]", "divide it by 255")),
-    "negative_mask": (torch.full((1, 1, 8, 8), -0.5), torch.zeros(1, 4, 8, 8), ValueError,
-                      ("mask values must lie in [0, 1]", "[-0.5, -0.5]")),
-    "known_latents_of_another_shape": (torch.ones(1, 1, 8, 8), torch.zeros(1, 3, 8, 8), ValueError,
-                                       ("known_latents has shape (1, 3, 8, 8)", "(1, 4, 8, 8)")),
-    "known_latents_without_a_mask": (None, torch.zeros(1, 4, 8, 8), ValueError, ("known_latents were given without "
-                                                                                 "mask",)),
-}
-
-
-@pytest.mark.parametrize("case", named(MASK_CASES))
-def test_inpainting_inputs(case, parts):
-    mask, known, error, words = MASK_CASES[case]
-    pipe = parts["pipe"]
-    cond = pipe.encode_prompts(["a small red circle at the top left"])
-    refused(lambda: pipe.sample_latents(cond, None, (1, 4, 8, 8), steps=2, guidance=1.0, mask=mask,
-                                        known_latents=known, generator=torch.Generator().manual_seed(0)),
-            *words, error=error)
-
-
-def test_sampler_with_ascending_timesteps():
-    schedule = make_schedule("linear", 100)
-    refused(lambda: sample_ddim(lambda x, t: x, torch.zeros(1, 4, 8, 8), schedule, torch.tensor([10, 50])),
-            "strictly descending", error=ValueError)
-
-
-EVALUATE_CASES = {  # name -> (arguments, words of the exit message)
-    "cli_unknown_sampler": (["--sampler", "dpm"], "invalid choice: 'dpm' (choose from 'ddim', 'ddpm', 'dpmpp_2m'"),
-    "cli_not_a_run_directory": (["--device", "cpu"], "neither a pipeline directory nor a run directory"),
-    "cli_zero_steps": (["--steps", "0"], "argument --steps: must be >= 1, got 0"),
-    "cli_fractional_prompts": (["--prompts", "2.5"], "argument --prompts: expected a whole number >= 1, got '2.5'"),
-    "cli_zero_batch_size": (["--batch-size", "0"], "argument --batch-size: must be >= 1, got 0"),
-    "cli_nan_guidance": (["--guidance", "nan"], "argument --guidance: must be a finite number, got 'nan'"),
-    "cli_rescale_above_one": (["--rescale", "2"], "argument --rescale: must be a finite number in [0, 1], got '2'"),
-    "cli_sweep_with_a_word": (["--sweep", "1,x"], "argument --sweep: expected a number, got 'x'; give "
-                                                  "comma-separated finite numbers, e.g. 0,1,2,4"),
-    "cli_sweep_with_inf": (["--sweep", "1,inf"], "argument --sweep: must be a finite number, got 'inf'"),
-    "cli_classifier_sweep_with_nan": (["--classifier-sweep", "nan"], "argument --classifier-sweep: must be a finite"),
-}
-
-
-@pytest.mark.parametrize("case", named(EVALUATE_CASES))
-def test_evaluate_shapes_cli(case, parts, capsys):
-    arguments, words = EVALUATE_CASES[case]
-    run = parts["root"] / ("stage1" if case == "cli_not_a_run_directory" else "diffusion_run")
-    base = [str(run), "--steps", "2", "--prompts", "2", "--samples", "1", "--device", "cpu"]
-    with pytest.raises(SystemExit) as exit:
-        evaluate_shapes.main(base + arguments)
-    message = str(exit.value.code) + capsys.readouterr().err
-    assert exit.value.code != 0 and "Traceback" not in message and words in message
-
-
-# ------------------------------------------------------------------------- prompts that are handled
-PROMPTS = {
-    "empty_prompt": "",
-    "emoji_prompt": "🐶🌈 a dog under a rainbow 🎉",
-    "cjk_prompt": "一只红色的圆形在左上角",
-    "control_characters": "a red\x00 circle\t\n\r",
-    "longer_than_the_token_limit": "a small red circle at the top left " * 40,
-}
-
-
-@pytest.mark.parametrize("case", PROMPTS)
-def test_prompt_is_handled(case, parts, caplog):
-    with caplog.at_level(logging.WARNING, logger="common.text_encoder"):
-        images = parts["pipe"].generate([PROMPTS[case]], steps=2, generator=torch.Generator().manual_seed(0))
-    assert images.shape == (1, 3, 16, 16) and torch.isfinite(images).all()
-    truncated = [r.getMessage() for r in caplog.records if "truncated" in r.getMessage()]
-    assert bool(truncated) == (case == "longer_than_the_token_limit")
-    if truncated:
-        assert "exceed the text encoder's limit of 64 tokens" in truncated[0]
-
-
-# ------------------------------------------------------------------------- the token prior
-@pytest.fixture(scope="module")
-def priors(parts) -> dict[str, TokenPrior]:
-    autoencoder = Autoencoder.from_pretrained(parts["ae"])
-    torch.manual_seed(0)
-    common = dict(codebook_size=32, grid_size=8, width=32, depth=1, heads=4)
-    by_class = GPT(PriorConfig(condition="class", num_classes=2, **common))
-    by_text = GPT(PriorConfig(condition="text", text_dim=32, text_tokens=6, **common))
-    return {"class": TokenPrior(autoencoder, by_class, class_names=["a red circle", "a blue square"]),
-            "text": TokenPrior(autoencoder, by_text, TextEncoderConfig(name_or_path=str(parts["text"])))}
-
-
-ONE = torch.tensor([0])
-PRIOR_CASES = {  # name -> (prior, generate() arguments, words)
-    "class_label_out_of_range": ("class", dict(labels=torch.tensor([0, 7])), ("class labels must lie in [0, 2)",)),
-    "prompt_naming_no_class": ("class", dict(prompts=["a green star"]), ("name no class", "'a green star'")),
-    "nan_guidance": ("class", dict(labels=ONE, guidance=float("nan")), ("guidance must be a finite number", "nan")),
-    "zero_temperature": ("class", dict(labels=ONE, temperature=0.0), ("temperature", "top_k=1")),
-    "top_p_above_one": ("class", dict(labels=ONE, top_p=1.5), ("top_p must be in (0, 1]",)),
-    "negative_top_k": ("class", dict(labels=ONE, top_k=-5), ("top_k must be >= 0",)),
-    "text_prior_without_prompts": ("text", dict(num_samples=2), ("a text prior needs prompts",)),
-}
-
-
-@pytest.mark.parametrize("case", PRIOR_CASES)
-def test_prior_generation(case, priors):
-    kind, arguments, words = PRIOR_CASES[case]
-    refused(lambda: priors[kind].generate(**arguments, generator=torch.Generator().manual_seed(0)), *words,
-            error=ValueError)
-
-
-def test_prior_takes_a_bare_string_as_one_prompt(priors):
-    seed = lambda: torch.Generator().manual_seed(0)  # noqa: E731
-    images = priors["class"].generate("a red circle", generator=seed())
-    assert images.shape == (1, 3, 16, 16)
-    torch.testing.assert_close(images, priors["class"].generate(["a red circle"], generator=seed()))
-
-
-def test_prior_prompt_longer_than_its_text_slots(priors, caplog):
-    with caplog.at_level(logging.WARNING, logger="prior.text"):
-        images = priors["text"].generate(["a small red circle at the top left of the picture 🐶"], guidance=2.0,
-                                         generator=torch.Generator().manual_seed(0))
-    assert images.shape == (1, 3, 16, 16) and torch.isfinite(images).all()
-    assert any("raise model.text_tokens" in r.getMessage() for r in caplog.records)
