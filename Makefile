@@ -1,13 +1,15 @@
 # Two entry points: `make demo` (the main job on the built-in data) and `make test`.
-# Both are idempotent: they create .venv, install latentgen with its dev extras, and fetch
-# Debian's emoji font when it is missing and we are root.
+# Both are idempotent: they create .venv, install latentgen with its dev extras at the tested versions
+# of constraints.txt, and fetch Debian's emoji font when it is missing and we are root.
+# `make install CONSTRAINTS=` (or `export CONSTRAINTS=`) installs without the pins, in a fresh .venv.
 PYTHON ?= python3
+CONSTRAINTS ?= constraints.txt
 VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 EMOJI_FONT := /usr/share/fonts/truetype/noto/NotoColorEmoji.ttf
 
-.PHONY: demo test test-slow install fonts
+.PHONY: demo test test-slow install fonts constraints
 
 demo: install fonts
 	$(PY) -m pipelines.demo $(ARGS)
@@ -20,11 +22,24 @@ test-slow: install fonts
 
 install: $(STAMP)
 
-$(STAMP): setup.cfg pyproject.toml
+# A change to setup.cfg, pyproject.toml or the constraints file reinstalls.
+$(STAMP): setup.cfg pyproject.toml $(CONSTRAINTS)
 	$(PYTHON) -m venv $(VENV)
-	$(PY) -m pip install -q --upgrade pip
-	$(PY) -m pip install -q -e '.[dev]' --config-settings editable_mode=compat
+	$(PY) -m pip install -q --upgrade pip $(if $(CONSTRAINTS),-c $(CONSTRAINTS))
+	$(PY) -m pip install -q -e '.[dev]' --config-settings editable_mode=compat $(if $(CONSTRAINTS),-c $(CONSTRAINTS))
 	touch $(STAMP)
+
+# Rewrite constraints.txt from a fresh venv: the newest releases that setup.cfg's bounds allow. Then run
+# `make test` (which reinstalls .venv at the new pins) before committing it.
+constraints:
+	@set -e; tmp=$$(mktemp -d); trap 'rm -rf "$$tmp"' EXIT; \
+	echo "resolving in a fresh venv ($$tmp) without constraints ..."; \
+	$(PYTHON) -m venv "$$tmp/venv"; \
+	"$$tmp/venv/bin/python" -m pip install -q --upgrade pip; \
+	"$$tmp/venv/bin/python" -m pip install -q -e '.[dev]' --config-settings editable_mode=compat; \
+	"$$tmp/venv/bin/python" -m common.environment --constraints > "$$tmp/constraints.txt"; \
+	mv "$$tmp/constraints.txt" constraints.txt; \
+	echo "wrote constraints.txt ($$(grep -c '==' constraints.txt) pins)"
 
 fonts:
 	@if [ -f $(EMOJI_FONT) ]; then :; \

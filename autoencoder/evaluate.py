@@ -14,8 +14,9 @@ import sys
 from pathlib import Path
 
 import torch
+from torch import Tensor
 
-from autoencoder.model import Autoencoder
+from autoencoder.model import Autoencoder, AutoencoderOutput, KLAutoencoder
 from autoencoder.perceptual import PerceptualWeightsError, build_perceptual
 from common.checkpoint import CONFIG_FILE, WEIGHTS_FILE, CheckpointError
 from common.config import ConfigError
@@ -35,20 +36,48 @@ def component_dir(path: str | Path) -> Path:
         f"run, or the directory autoencoder.convert wrote")
 
 
+def reconstruct(model: Autoencoder, x: Tensor) -> AutoencoderOutput:
+    """The model's deterministic reconstruction of ``x``: a KL model decodes its posterior mean.
+
+    A posterior sample would add the encoder's noise to the figures, so two runs would disagree and
+    the scores would understate what the decoder does with the latents stage 2 is trained on.
+    """
+    if isinstance(model, KLAutoencoder):
+        return model(x, sample=False)
+    return model(x)
+
+
 @torch.no_grad()
 def evaluate(model: Autoencoder, data: DataConfig, batch_size: int = 64, lpips_weights: str = "") -> dict:
-    """Reconstruction quality and codebook use of ``model`` on ``data``."""
-    dataset = build_dataset(data)
+    """Reconstruction quality and codebook use of ``model`` on ``data``.
+
+    Runs in eval mode whatever mode the model is in (a training-mode quantizer would update its codebook
+    statistics and restart codes while being scored), and restores the mode afterwards.
+    """
+    was_training = model.training
+    model.eval()
     try:
-        perceptual = build_perceptual("lpips", lpips_weights)
+        return _scores(model, build_dataset(data), batch_size, _perceptual_or_none(lpips_weights))
+    finally:
+        model.train(was_training)
+
+
+def _perceptual_or_none(lpips_weights: str) -> torch.nn.Module | None:
+    """LPIPS, or None when its VGG weights are not available (reported as null, never a made-up number)."""
+    try:
+        return build_perceptual("lpips", lpips_weights)
     except PerceptualWeightsError:
-        perceptual = None
+        return None
+
+
+def _scores(model: Autoencoder, dataset, batch_size: int, perceptual: torch.nn.Module | None) -> dict:
+    """Per-image PSNR / SSIM / LPIPS averaged over ``dataset``, and the codebook statistics of its codes."""
     device = next(model.parameters()).device
     sums = {"psnr": 0.0, "ssim": 0.0, "lpips": 0.0}
     indices = []
     for start in range(0, len(dataset), batch_size):
         x = torch.stack([dataset[i]["image"] for i in range(start, min(start + batch_size, len(dataset)))]).to(device)
-        out = model(x)
+        out = reconstruct(model, x)
         recon = out.recon.float().clamp(-1, 1)
         sums["psnr"] += psnr(recon, x).sum().item()
         sums["ssim"] += ssim(recon, x).sum().item()

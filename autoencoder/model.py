@@ -9,6 +9,7 @@ width the quantizer or the Gaussian posterior works in), Z ``z_channels`` (the d
 """
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal, NamedTuple
@@ -46,6 +47,8 @@ class AutoencoderConfig:
             :class:`autoencoder.quantizer.QuantizerConfig`. ``code_dim`` is also the latent width of
             the KL variant; the other quantizer options are ignored there.
         logvar_min, logvar_max: clamp of the posterior log-variance (KL variant).
+        gradient_checkpointing: recompute the encoder's and decoder's block activations in the backward
+            pass while training (less memory, about one more forward pass of time); no effect in eval mode.
     """
 
     resolution: int = 256
@@ -71,6 +74,7 @@ class AutoencoderConfig:
     ema_eps: float = 1e-5
     logvar_min: float = -30.0
     logvar_max: float = 20.0
+    gradient_checkpointing: bool = False  # off by default, so config.json files saved before it load unchanged
 
     def __post_init__(self) -> None:
         problems = []
@@ -198,9 +202,15 @@ class Autoencoder(nn.Module):
         load_state_strict(self, state_dict, source)
 
     @classmethod
-    def from_pretrained(cls, directory: str | Path) -> Autoencoder:
-        """Load a directory written by :meth:`save_pretrained` (strict; on CPU; in eval mode)."""
+    def from_pretrained(cls, directory: str | Path, **overrides: object) -> Autoencoder:
+        """Load a directory written by :meth:`save_pretrained` (strict; on CPU; in eval mode).
+
+        ``overrides`` replace config fields that do not change the weights, e.g. ``gradient_checkpointing=True``
+        to fine-tune a saved model.
+        """
         config, state = load_component(directory, COMPONENT_KIND, AutoencoderConfig)
+        if overrides:
+            config = dataclasses.replace(config, **overrides)
         model_cls = _CLASSES[config.kind]
         if not issubclass(model_cls, cls):
             raise CheckpointError(f"{directory} holds a {config.kind!r} autoencoder, not a {cls.__name__}")

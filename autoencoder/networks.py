@@ -10,6 +10,10 @@ Layout (the order taming-transformers runs, with its tensors one-to-one):
              [(num_res_blocks + 1) x (ResBlock, attention?)] + Upsample -> GroupNorm, SiLU, conv_out
 Unlike taming, ``decoder.up`` is stored in the order it runs (``up.0`` is the lowest resolution),
 which is also diffusers' ``up_blocks`` order.
+
+With ``gradient_checkpointing`` in the config, every ResBlock and attention block of the encoder and
+decoder recomputes its activations in the backward pass while training (the quantizer is never
+checkpointed: its training-mode forward updates codebook state, which a replay would do twice).
 """
 from __future__ import annotations
 
@@ -18,7 +22,7 @@ from typing import TYPE_CHECKING
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from common.layers import Downsample, ResBlock, SpatialSelfAttention, Upsample, group_norm
+from common.layers import Downsample, ResBlock, SpatialSelfAttention, Upsample, group_norm, maybe_checkpoint
 
 if TYPE_CHECKING:
     from autoencoder.model import AutoencoderConfig
@@ -45,12 +49,12 @@ class Level(nn.Module):
                                    for _ in range(num_blocks if attention else 0))
         self.resample = resample if resample is not None else nn.Identity()
 
-    def forward(self, x: Tensor) -> Tensor:
+    def forward(self, x: Tensor, checkpointing: bool = False) -> Tensor:
         """(B, C_in, H, W) -> (B, C_out, H', W') with H' = H/2, 2H or H depending on the resampler."""
         for index, block in enumerate(self.blocks):
-            x = block(x)
+            x = maybe_checkpoint(block, x, enabled=checkpointing)
             if self.attns:
-                x = self.attns[index](x)
+                x = maybe_checkpoint(self.attns[index], x, enabled=checkpointing)
         return self.resample(x)
 
 
@@ -63,9 +67,11 @@ class MidBlock(nn.Module):
         self.attn = SpatialSelfAttention(channels, eps=eps) if attention else nn.Identity()
         self.block_2 = ResBlock(channels, dropout=dropout, eps=eps)
 
-    def forward(self, x: Tensor) -> Tensor:
+    def forward(self, x: Tensor, checkpointing: bool = False) -> Tensor:
         """(B, C, h, w) -> (B, C, h, w)."""
-        return self.block_2(self.attn(self.block_1(x)))
+        for block in (self.block_1, self.attn, self.block_2):
+            x = maybe_checkpoint(block, x, enabled=checkpointing and not isinstance(block, nn.Identity))
+        return x
 
 
 def _level_widths(config: AutoencoderConfig) -> list[int]:
@@ -86,6 +92,7 @@ class Encoder(nn.Module):
 
     def __init__(self, config: AutoencoderConfig, out_channels: int) -> None:
         super().__init__()
+        self.gradient_checkpointing = config.gradient_checkpointing
         widths = _level_widths(config)
         eps, last = config.norm_eps, len(widths) - 1
         self.conv_in = nn.Conv2d(config.in_channels, config.base_channels, 3, padding=1)
@@ -102,10 +109,11 @@ class Encoder(nn.Module):
 
     def forward(self, x: Tensor) -> Tensor:
         """(B, in_channels, H, W) -> (B, out_channels, h, w)."""
+        checkpointing = self.gradient_checkpointing and self.training
         h = self.conv_in(x)
         for level in self.down:
-            h = level(h)
-        h = self.mid(h)
+            h = level(h, checkpointing)
+        h = self.mid(h, checkpointing)
         return self.conv_out(F.silu(self.norm_out(h)))
 
 
@@ -118,6 +126,7 @@ class Decoder(nn.Module):
 
     def __init__(self, config: AutoencoderConfig) -> None:
         super().__init__()
+        self.gradient_checkpointing = config.gradient_checkpointing
         widths = _level_widths(config)
         eps = config.norm_eps
         previous = widths[-1]
@@ -135,7 +144,8 @@ class Decoder(nn.Module):
 
     def forward(self, z: Tensor) -> Tensor:
         """(B, Z, h, w) -> (B, in_channels, H, W), unbounded (trained toward [-1, 1])."""
-        h = self.mid(self.conv_in(z))
+        checkpointing = self.gradient_checkpointing and self.training
+        h = self.mid(self.conv_in(z), checkpointing)
         for level in self.up:
-            h = level(h)
+            h = level(h, checkpointing)
         return self.conv_out(F.silu(self.norm_out(h)))

@@ -14,19 +14,19 @@ from dataclasses import dataclass, field
 
 import torch
 from torch.func import functional_call
-from tqdm import tqdm
 
 from autoencoder import losses
 from autoencoder.discriminator import DiscriminatorConfig, PatchDiscriminator
 from autoencoder.model import AutoencoderConfig, build_autoencoder
 from autoencoder.perceptual import PerceptualWeightsError, build_perceptual
+from autoencoder.quantizer import mark_micro_step
 from common.config import dump_config, load_config
 from common.data import DataConfig, build_dataset
 from common.ema import EMA
 from common.images import save_grid
 from common.training import (
     Budget, MetricsLog, NonFiniteSkips, OptimConfig, RunConfig, all_finite, make_accelerator, make_loader,
-    make_optimizer, resume_training_state, run_cli, save_training_state,
+    make_optimizer, resolved_config, resume_training_state, run_cli, save_training_state,
 )
 
 
@@ -53,6 +53,7 @@ def frozen_call(module: torch.nn.Module, x: torch.Tensor) -> torch.Tensor:
 def generator_step(batch, model, disc, perceptual, opt, accelerator, cfg: TrainConfig, step: int):
     """One autoencoder update; returns (loss terms, model output, whether the loss was finite)."""
     x = batch["image"]
+    mark_micro_step(model, last=accelerator.sync_gradients)  # the quantizer advances once per optimizer step
     out = model(x)
     gan_on = losses.gan_factor(step, cfg.loss) > 0
     logits_fake = frozen_call(accelerator.unwrap_model(disc), out.recon) if gan_on else None
@@ -110,14 +111,13 @@ def main(argv: list[str] | None = None) -> None:
     accelerator.register_for_checkpointing(ema)
     step = resume_training_state(accelerator, out_dir)
     if accelerator.is_main_process:  # after the resume: a config that does not fit leaves the old record
-        dump_config(cfg, f"{out_dir}/config.yaml")
+        dump_config(resolved_config(cfg, accelerator), f"{out_dir}/config.yaml")
 
     dataset = build_dataset(cfg.data)
     batches = make_loader(dataset, cfg.run, accelerator, step)
     fixed = torch.stack([dataset[i]["image"] for i in range(min(16, len(dataset)))]).to(accelerator.device)
     metrics, budget = MetricsLog(accelerator, out_dir), Budget(cfg.run, accelerator)
-    bar = tqdm(total=cfg.run.steps, initial=step, disable=not (cfg.run.progress and accelerator.is_main_process),
-               desc="autoencoder", dynamic_ncols=True)
+    bar = budget.progress(step, "autoencoder")
     skips = NonFiniteSkips(cfg.run, accelerator)
     while not budget.done(step):
         batch = next(batches)
@@ -139,7 +139,7 @@ def main(argv: list[str] | None = None) -> None:
         if step % cfg.run.log_every == 0 or step == 1:
             stats = {"perplexity": out.quant.perplexity, "usage": out.quant.usage} if out.quant is not None else {}
             logged = metrics.log(step, {**terms._asdict(), **d_logs, **stats, "lr": sched_g.get_last_lr()[0],
-                                        "seconds": budget.elapsed})
+                                        **bar.metrics()})
             bar.set_postfix(l1=f"{logged['l1']:.3f}", usage=f"{logged.get('usage', 0):.2f}")
         if accelerator.is_main_process and step % cfg.run.sample_every == 0:
             write_reconstructions(ema.shadow, fixed, f"{out_dir}/samples/step_{step:08d}.png")
@@ -150,7 +150,7 @@ def main(argv: list[str] | None = None) -> None:
     if accelerator.is_main_process:
         ema.shadow.save_pretrained(f"{out_dir}/autoencoder")
         write_reconstructions(ema.shadow, fixed, f"{out_dir}/samples/final.png")
-        accelerator.print(f"done: {step} steps in {budget.elapsed / 60:.1f} min; autoencoder saved to {out_dir}/autoencoder")
+        accelerator.print(f"done: {bar.summary()}; autoencoder saved to {out_dir}/autoencoder")
     accelerator.end_training()
 
 

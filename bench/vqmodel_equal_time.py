@@ -34,6 +34,7 @@ from autoencoder.model import Autoencoder, AutoencoderConfig
 from autoencoder.train import TrainConfig
 from common.config import load_config
 from common.data import DataConfig, build_dataset
+from common.precision import resolve_precision
 from common.training import make_optimizer, read_metrics
 
 
@@ -71,7 +72,9 @@ def train_for(model: nn.Module, cfg: TrainConfig, seconds: float, device: torch.
     torch.manual_seed(cfg.run.seed)
     optimizer, schedule = make_optimizer(model.parameters(), cfg.optim)
     data = batches(dataclasses.replace(cfg.data, split="train"), cfg.run.batch_size, cfg.run.seed)
-    bf16 = cfg.run.precision == "bf16"
+    # The precision our run trained in (config.yaml records the resolved one; "auto" in an older record
+    # resolves the same way on this machine), so both models train alike.
+    bf16 = resolve_precision(cfg.run.precision, device).precision == "bf16"
     curve, step, start = [], 0, time.perf_counter()
     model.train()
     while time.perf_counter() - start < seconds:

@@ -9,11 +9,25 @@ that taming-transformers' and diffusers' weights map onto these modules one tens
 from __future__ import annotations
 
 import math
+from typing import Any, Callable
 
 import torch
 import torch.nn.functional as F
 from einops import rearrange
 from torch import Tensor, nn
+from torch.utils.checkpoint import checkpoint
+
+
+def maybe_checkpoint(function: Callable[..., Tensor], *args: Any, enabled: bool) -> Tensor:
+    """Call ``function(*args)``, recomputing its activations in the backward pass when ``enabled``.
+
+    Skipped under ``no_grad``, where there is no backward pass to save memory for. The non-reentrant
+    variant replays the RNG state (same dropout masks) and, unlike the reentrant one, still reaches the
+    parameters when no input requires a gradient (the first block's input is the data).
+    """
+    if enabled and torch.is_grad_enabled():
+        return checkpoint(function, *args, use_reentrant=False)
+    return function(*args)
 
 
 def group_norm(channels: int, eps: float = 1e-6, groups: int = 32) -> nn.GroupNorm:

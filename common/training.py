@@ -10,6 +10,7 @@ A run directory looks like::
 """
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import math
@@ -19,7 +20,7 @@ import time
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Iterator, Literal, Sequence
+from typing import Any, Callable, Iterator, Sequence
 
 import torch
 from accelerate import Accelerator
@@ -28,6 +29,9 @@ from torch.utils.data import DataLoader, Dataset, Sampler
 
 from common.checkpoint import CheckpointError, atomic_write
 from common.config import ConfigError
+from common.environment import accelerator_available, accelerator_type, environment_record
+from common.precision import Precision, resolve_precision
+from common.progress import TrainingProgress
 from common.data import DataError
 
 logger = logging.getLogger(__name__)
@@ -39,7 +43,9 @@ class RunConfig:
 
     steps / max_minutes: stop at whichever comes first (max_minutes 0 = no wall-clock budget).
     batch_size: per process; the effective batch is batch_size * processes * grad_accum.
-    precision: accelerate's mixed precision; bf16 also works (and is faster) on recent CPUs.
+    precision: "auto" (the default) picks bf16 only where the device runs it natively faster, fp16 on a
+        CUDA device without bf16, fp32 otherwise (:mod:`common.precision`); "fp32" (or accelerate's "no"),
+        "bf16" and "fp16" force one. The choice and its reason are logged and saved with the run.
     max_skipped_steps: a step with a non-finite loss is skipped; one more than this many in a row stops
         the run (0: stop at the first), leaving the last checkpoint as it was.
     cpu_threads: torch threads per process when training on CPU; 0 = the usable cores divided among
@@ -51,7 +57,7 @@ class RunConfig:
     max_minutes: float = 0.0
     batch_size: int = 32
     grad_accum: int = 1
-    precision: Literal["no", "bf16", "fp16"] = "bf16"
+    precision: Precision = "auto"
     seed: int = 0
     log_every: int = 25
     sample_every: int = 500
@@ -91,21 +97,42 @@ def make_optimizer(params: Any, optim: OptimConfig) -> tuple[torch.optim.Optimiz
 
 
 def make_accelerator(run: RunConfig) -> Accelerator:
-    """An Accelerator for ``run`` with tensorboard logging into the run directory, seeded."""
+    """An Accelerator for ``run`` with tensorboard logging into the run directory, seeded, in the
+    precision :func:`common.precision.resolve_precision` picks for this machine (logged, and written
+    with the package versions to ``run_dir/environment.json``)."""
     Path(run.out_dir).mkdir(parents=True, exist_ok=True)
+    on_cpu = not accelerator_available()
+    if on_cpu:  # before the precision probe, which must time the thread count training will use
+        cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+        torch.set_num_threads(run.cpu_threads or max(1, cores // int(os.environ.get("LOCAL_WORLD_SIZE", 1))))
+    choice = resolve_precision(run.precision, "cpu" if on_cpu else _accelerator_device())
     # Schedulers step once per optimizer step whatever the process count (accelerate's default
     # steps them once per process, which silently changes the schedule with the cluster size).
     # cpu=True when there is no accelerator: only then does `accelerate launch --multi_gpu` on a CPU
     # machine give real multi-process training (gloo) instead of N independent single processes.
-    accelerator = Accelerator(mixed_precision=run.precision, gradient_accumulation_steps=run.grad_accum,
+    accelerator = Accelerator(mixed_precision=choice.accelerate_name, gradient_accumulation_steps=run.grad_accum,
                               log_with="tensorboard", project_dir=run.out_dir, step_scheduler_with_optimizer=False,
-                              cpu=not torch.accelerator.is_available())
+                              cpu=on_cpu)
     accelerator.init_trackers("tensorboard")
-    if accelerator.device.type == "cpu":
-        cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
-        torch.set_num_threads(run.cpu_threads or max(1, cores // int(os.environ.get("LOCAL_WORLD_SIZE", 1))))
+    accelerator.print(f"precision: {choice.precision} ({choice.reason})")
+    if accelerator.is_main_process:
+        record = {"precision": choice.as_record(), **environment_record()}
+        atomic_write(Path(run.out_dir) / "environment.json", lambda path: path.write_text(json.dumps(record, indent=1)))
     set_seed(run.seed, device_specific=True)
     return accelerator
+
+
+def _accelerator_device() -> torch.device:
+    """The device accelerate will pick when an accelerator is present (its type; the index follows LOCAL_RANK)."""
+    if torch.cuda.is_available():
+        return torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)) % torch.cuda.device_count())
+    return torch.device(accelerator_type() or "cpu")
+
+
+def resolved_config(cfg: Any, accelerator: Accelerator) -> Any:
+    """``cfg`` with ``run.precision`` replaced by the precision this run actually trains in, for config.yaml."""
+    chosen = {"no": "fp32"}.get(accelerator.mixed_precision, accelerator.mixed_precision)
+    return dataclasses.replace(cfg, run=dataclasses.replace(cfg.run, precision=chosen))
 
 
 class StreamSampler(Sampler[int]):
@@ -233,6 +260,11 @@ class Budget:
         self.steps, self.seconds = run.steps, run.max_minutes * 60
         self.accelerator = accelerator
         self.start = time.monotonic()
+        self.show = run.progress and accelerator.is_main_process
+
+    def progress(self, step: int, desc: str) -> TrainingProgress:
+        """The progress bar for this budget (drawn by the main process only, unless ``run.progress`` is off)."""
+        return TrainingProgress(self, step, desc, self.show)
 
     @property
     def elapsed(self) -> float:

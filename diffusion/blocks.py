@@ -8,25 +8,12 @@ Parameter names follow the roles, and map one tensor at a time onto diffusers'
 """
 from __future__ import annotations
 
-from typing import Any, Callable
 
-import torch
 import torch.nn.functional as F
 from einops import rearrange
 from torch import Tensor, nn
-from torch.utils.checkpoint import checkpoint
 
 from common.layers import Attention, group_norm, timestep_embedding, zero_module
-
-
-def maybe_checkpoint(function: Callable[..., Tensor], *args: Any, enabled: bool) -> Tensor:
-    """Call ``function(*args)``, recomputing its activations in the backward pass when ``enabled``.
-
-    Checkpointing only pays off while gradients are recorded, so it is skipped under ``no_grad``.
-    """
-    if enabled and torch.is_grad_enabled():
-        return checkpoint(function, *args, use_reentrant=False)
-    return function(*args)
 
 
 class GEGLUFeedForward(nn.Module):

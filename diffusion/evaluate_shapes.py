@@ -10,6 +10,10 @@ the fraction of samples whose colour, shape and position the analytic shapes sco
 a fixed set of prompts (:func:`common.evaluation.evaluate_shapes`, shared with the AR prior);
 diversity is the mean pairwise RMS distance among the samples of one prompt.
 
+A class-only run (``model.context_dim: 0``, trained on the shapes labels) is scored the same way: the
+prompt of class c is its caption, so each prompt is sampled as the class it names, and the guidance
+scale is that of the class against the null class (``"condition": "class"`` in the output).
+
 With ``--classifier`` (a classifier component directory or a classifier run directory) every sample
 is steered by classifier guidance towards the value its prompt names of the classifier's attribute
 (e.g. the colour); ``guided_accuracy`` is the scorer's accuracy on that attribute. ``--guidance 0``
@@ -28,6 +32,7 @@ import torch
 
 from common.checkpoint import CheckpointError
 from common.checkpoint import find_pipeline_dir
+from common.data.shapes import evaluation_prompts
 from common.evaluation import evaluate_shapes, finite_number, number_list, whole_number
 from diffusion.classifier import NoisyLatentClassifier
 from diffusion.latent_diffusion import TRAIN_DIFFUSION, LatentDiffusion, find_classifier_dir
@@ -89,10 +94,24 @@ def load_classifier(args: argparse.Namespace) -> NoisyLatentClassifier | None:
     return classifier.to(args.device)
 
 
+def check_pipeline(pipe: LatentDiffusion, args: argparse.Namespace) -> None:
+    """Exit with ``error: <why>`` when the pipeline cannot be scored on shapes prompts as asked."""
+    if pipe.text_encoder is not None:
+        return
+    if args.negative:
+        raise SystemExit("error: --negative needs a text-conditioned model; this one is class-only (its "
+                         "unconditional branch is the null class)")
+    try:  # the class names of a shapes run are the captions the scorer asks for
+        pipe.labels_of(evaluation_prompts(args.prompts))
+    except ValueError as error:
+        raise SystemExit(f"error: cannot score a class-only model on shapes prompts: {error}") from None
+
+
 def evaluate(pipe: LatentDiffusion, args: argparse.Namespace, guidance: float,
              classifier: NoisyLatentClassifier | None = None, classifier_scale: float = 0.0) -> dict:
     """Score one guidance scale (and classifier scale); the result repeats every setting that produced it."""
     negative = [args.negative] if args.negative else None
+    by_class = pipe.text_encoder is None  # class-only: the prompts are class names
 
     def generate(prompts: list[str], seed: int) -> torch.Tensor:
         generator = torch.Generator().manual_seed(seed)
@@ -100,14 +119,16 @@ def evaluate(pipe: LatentDiffusion, args: argparse.Namespace, guidance: float,
         if classifier is not None:  # each prompt's own attribute value, e.g. "red" for "a small red circle ..."
             steering = dict(classifier=classifier, classifier_labels=classifier.targets_of(prompts),
                             classifier_scale=classifier_scale)
-        return pipe.generate(prompts, negative_prompts=negative, steps=args.steps, guidance=guidance,
+        condition = dict(prompts=None, class_labels=pipe.labels_of(prompts)) if by_class else dict(prompts=prompts)
+        return pipe.generate(**condition, negative_prompts=negative, steps=args.steps, guidance=guidance,
                              rescale=args.rescale, sampler=args.sampler, generator=generator, **steering)
 
     start = time.perf_counter()
     scores = evaluate_shapes(generate, num_prompts=args.prompts, samples_per_prompt=args.samples, seed=args.seed,
                              batch_size=args.batch_size)
-    settings = {"run_dir": str(args.run_dir), "guidance": guidance, "steps": args.steps, "sampler": args.sampler,
-                "rescale": args.rescale, "negative": args.negative, "seed": args.seed}
+    settings = {"run_dir": str(args.run_dir), "condition": "class" if by_class else "text", "guidance": guidance,
+                "steps": args.steps, "sampler": args.sampler, "rescale": args.rescale, "negative": args.negative,
+                "seed": args.seed}
     if classifier is not None:
         attribute = classifier.config.attribute
         settings.update(classifier=str(args.classifier), classifier_scale=classifier_scale, attribute=attribute)
@@ -124,6 +145,7 @@ def main(argv: list[str] | None = None) -> None:
     classifier = load_classifier(args)
     classifier_scales = args.classifier_sweep or [args.classifier_scale]
     pipe = LatentDiffusion.from_pretrained(pipeline_dir(args.run_dir)).to(args.device)
+    check_pipeline(pipe, args)
     results = [evaluate(pipe, args, scale, classifier, classifier_scale)
                for scale in scales for classifier_scale in classifier_scales]
     json.dump(results if args.sweep or args.classifier_sweep else results[0], sys.stdout, indent=2)

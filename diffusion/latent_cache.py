@@ -1,4 +1,4 @@
-"""Encode a dataset once with the frozen autoencoder and text encoder, and reuse it for every step.
+"""Encode a dataset once with the frozen autoencoder (and text encoder), and reuse it for every step.
 
 Stage-2 training never runs the encoder: each item is encoded once into
 
@@ -9,6 +9,9 @@ Stage-2 training never runs the encoder: each item is encoded once into
   UNIQUE caption is encoded once, plus the empty caption "" (id 0), the null condition of
   classifier-free guidance;
 - its label.
+
+A cache for a U-Net without text (class-only) is built with ``text=None``: it stores the captions but
+no text embeddings, and no text encoder is loaded to build it.
 
 No flipped copies are stored: captions say "left" and "right".
 
@@ -91,14 +94,15 @@ class LatentCache(Dataset):
         caption_ids: (N,) int64 indices into ``captions``.
         labels: (N,) int64 dataset labels.
         captions: U unique captions; ``captions[NULL_ID]`` is "".
-        text_states: (U, L, E) float32 token states, zero at padding.
-        text_mask: (U, L) bool, True for real tokens.
+        text_states: (U, L, E) float32 token states, zero at padding; None in a cache built without text.
+        text_mask: (U, L) bool, True for real tokens; None without text.
         latent_scale: the factor the latents were multiplied by.
         directory: where the cache lives on disk (None if it was never saved).
     """
 
     def __init__(self, latents: Tensor, caption_ids: Tensor, labels: Tensor, captions: list[str],
-                 text_states: Tensor, text_mask: Tensor, latent_scale: float, directory: Path | None = None) -> None:
+                 text_states: Tensor | None, text_mask: Tensor | None, latent_scale: float,
+                 directory: Path | None = None) -> None:
         if captions[NULL_ID] != NULL_CAPTION:
             raise ValueError(f"caption {NULL_ID} of a latent cache must be the empty (null) caption")
         self.latents, self.caption_ids, self.labels = latents, caption_ids, labels
@@ -113,16 +117,20 @@ class LatentCache(Dataset):
 
     def text(self, caption_ids: Tensor) -> TextEmbedding:
         """The cached embeddings of ``caption_ids`` (B,), on the device of the text tables."""
+        if self.text_states is None:
+            raise ValueError(f"the latent cache {self.directory} holds no text embeddings: it was built for a U-Net "
+                             f"without text (model.context_dim: 0)")
         ids = caption_ids.to(self.text_states.device)
         return TextEmbedding(self.text_states[ids], self.text_mask[ids])
 
     def text_to(self, device: torch.device | str) -> LatentCache:
         """Move the (small) text tables to ``device``, where training gathers from them; returns self."""
-        self.text_states, self.text_mask = self.text_states.to(device), self.text_mask.to(device)
+        if self.text_states is not None:
+            self.text_states, self.text_mask = self.text_states.to(device), self.text_mask.to(device)
         return self
 
 
-def cache_key(autoencoder_dir: str | Path, data: DataConfig, text: TextEncoderConfig,
+def cache_key(autoencoder_dir: str | Path, data: DataConfig, text: TextEncoderConfig | None,
               dataset: Dataset | None = None) -> str:
     """A hex digest of everything the cached tensors depend on.
 
@@ -137,13 +145,13 @@ def cache_key(autoencoder_dir: str | Path, data: DataConfig, text: TextEncoderCo
         for block in iter(lambda: handle.read(1 << 20), b""):
             digest.update(block)
     package = None
-    if not text.name_or_path:  # the bundled model changes only with its package version
+    if text is not None and not text.name_or_path:  # the bundled model changes only with its package version
         try:
             package = metadata.version(BUNDLED_PACKAGE.replace("_", "-"))
         except metadata.PackageNotFoundError:
             package = "missing"
     inputs = {"format": CACHE_FORMAT, "autoencoder_config": json.loads((autoencoder_dir / CONFIG_FILE).read_text()),
-              "data": to_dict(data), "text": to_dict(text), "text_package": package}
+              "data": to_dict(data), "text": to_dict(text) if text is not None else None, "text_package": package}
     digest.update(json.dumps(inputs, sort_keys=True).encode())
     return digest.hexdigest()
 
@@ -159,7 +167,7 @@ def dataset_fingerprint(dataset: Dataset, probes: int = 4) -> str:
     return digest.hexdigest()
 
 
-def load_or_build_cache(autoencoder_path: str | Path, data: DataConfig, text: TextEncoderConfig,
+def load_or_build_cache(autoencoder_path: str | Path, data: DataConfig, text: TextEncoderConfig | None,
                         cache_root: str | Path, *, autoencoder: Autoencoder | None = None,
                         text_encoder: TextEncoder | None = None, device: torch.device | str = "cpu",
                         batch_size: int = 64, progress: bool = False) -> LatentCache:
@@ -168,7 +176,8 @@ def load_or_build_cache(autoencoder_path: str | Path, data: DataConfig, text: Te
     Args:
         autoencoder_path: a stage-1 run directory or an autoencoder component directory.
         data: which dataset to encode (for procedural shapes, its first ``data.size`` items).
-        text: which text encoder embeds the captions.
+        text: which text encoder embeds the captions; None for a cache without text embeddings (a
+            class-only U-Net), which never loads a text encoder.
         cache_root: parent directory of all caches; each lives in a sub-directory named by its key.
         autoencoder, text_encoder: already loaded models to encode with (loaded from the paths otherwise).
         device: where to encode.
@@ -183,18 +192,22 @@ def load_or_build_cache(autoencoder_path: str | Path, data: DataConfig, text: Te
         return load_cache(directory)
     logger.info("encoding %s into a latent cache at %s", data.name, directory)
     autoencoder = autoencoder if autoencoder is not None else Autoencoder.from_pretrained(autoencoder_dir)
-    text_encoder = text_encoder if text_encoder is not None else TextEncoder(text)
-    cache = encode_dataset(dataset, autoencoder.to(device).eval(), text_encoder.to(device),
-                           batch_size, progress)
+    if text is None:
+        text_encoder = None
+    elif text_encoder is None:
+        text_encoder = TextEncoder(text)
+    cache = encode_dataset(dataset, autoencoder.to(device).eval(),
+                           text_encoder.to(device) if text_encoder is not None else None, batch_size, progress)
     save_cache(cache, directory, {"key": key, "autoencoder": str(autoencoder_dir), "data": to_dict(data),
-                                  "text": to_dict(text)})
+                                  "text": to_dict(text) if text is not None else None})
     cache.directory = directory
     return cache
 
 
-def encode_dataset(dataset: Dataset, autoencoder: Autoencoder, text_encoder: TextEncoder, batch_size: int = 64,
-                   progress: bool = False) -> LatentCache:
-    """Encode every item of ``dataset`` (images in batches, each distinct caption once) on the models' device."""
+def encode_dataset(dataset: Dataset, autoencoder: Autoencoder, text_encoder: TextEncoder | None,
+                   batch_size: int = 64, progress: bool = False) -> LatentCache:
+    """Encode every item of ``dataset`` (images in batches, each distinct caption once unless
+    ``text_encoder`` is None) on the models' device."""
     device = next(autoencoder.parameters()).device
     latents, labels, captions = [], [], []
     # its own generator: starting a loader draws a seed, which must not move the global RNG
@@ -207,9 +220,10 @@ def encode_dataset(dataset: Dataset, autoencoder: Autoencoder, text_encoder: Tex
     scale = 1.0 / float(latents_all.double().std())
     unique = [NULL_CAPTION] + sorted(set(captions) - {NULL_CAPTION})
     index = {caption: i for i, caption in enumerate(unique)}
-    text = encode_captions(text_encoder, unique)
+    text = encode_captions(text_encoder, unique) if text_encoder is not None else None
     return LatentCache((latents_all * scale).float(), torch.tensor([index[c] for c in captions], dtype=torch.long),
-                       torch.cat(labels), unique, text.states.cpu(), text.mask.cpu(), scale)
+                       torch.cat(labels), unique, text.states.cpu() if text is not None else None,
+                       text.mask.cpu() if text is not None else None, scale)
 
 
 def encode_captions(text_encoder: TextEncoder, captions: list[str], chunk: int = 256) -> TextEmbedding:
@@ -235,8 +249,9 @@ def save_cache(cache: LatentCache, directory: str | Path, inputs: dict) -> Path:
     """Write the tensors, then ``meta.json`` (its presence marks a complete cache), both atomically."""
     directory = Path(directory)
     tensors = {"latents": cache.latents.contiguous(), "caption_ids": cache.caption_ids.contiguous(),
-               "labels": cache.labels.contiguous(), "text_states": cache.text_states.contiguous(),
-               "text_mask": cache.text_mask.contiguous()}
+               "labels": cache.labels.contiguous()}
+    if cache.text_states is not None:  # a cache for a U-Net without text has none
+        tensors.update(text_states=cache.text_states.contiguous(), text_mask=cache.text_mask.contiguous())
     meta = {"format_version": CACHE_FORMAT, "latent_scale": cache.latent_scale, "count": len(cache),
             "latent_shape": list(cache.latents.shape[1:]), "captions": cache.captions, "inputs": inputs}
     atomic_write(directory / TENSORS_FILE, lambda tmp: save_file(tensors, str(tmp)))
@@ -252,5 +267,7 @@ def load_cache(directory: str | Path) -> LatentCache:
         raise ValueError(f"{directory} holds latent cache format {meta.get('format_version')}, "
                          f"expected {CACHE_FORMAT}; delete it to re-encode")
     tensors = load_file(str(directory / TENSORS_FILE))
+    mask = tensors.get("text_mask")
     return LatentCache(tensors["latents"], tensors["caption_ids"], tensors["labels"], meta["captions"],
-                       tensors["text_states"], tensors["text_mask"].bool(), meta["latent_scale"], directory)
+                       tensors.get("text_states"), mask.bool() if mask is not None else None, meta["latent_scale"],
+                       directory)

@@ -1,4 +1,4 @@
-"""Latent diffusion as one object: frozen autoencoder + U-Net + text encoder + noise schedule.
+"""Latent diffusion as one object: frozen autoencoder + U-Net + text encoder (or none) + noise schedule.
 
     pipe = LatentDiffusion.from_pretrained("runs/shapes32_diffusion/pipeline")
     images = pipe.generate(["a small red circle at the top left"], guidance=4.0,
@@ -9,11 +9,15 @@ A pipeline directory::
     dir/pipeline.json   {"kind": "text_to_image", "format_version": 1, "diffusion": {DiffusionConfig},
                          "text_encoder": {TextEncoderConfig} | null, "latent_scale": float,
                          "class_names": [str, ...] | null}     (class_names: optional, class-conditional U-Nets)
+                        (any other key is refused: the file was written by another version)
     dir/autoencoder/    component directory (config.json + model.safetensors)
     dir/unet/           component directory
 
 Classifier guidance: ``sample_latents``/``generate`` take a :class:`diffusion.classifier.NoisyLatentClassifier`
 (``classifier=``, ``classifier_labels=``, ``classifier_scale=``) that wraps the (CFG-guided) denoiser.
+
+A class-only U-Net (``context_dim`` 0, ``num_classes`` > 0) is saved without a text encoder
+(``"text_encoder": null``); its prompts are the names of its classes.
 
 The U-Net works on scaled latents z * latent_scale; :meth:`LatentDiffusion.decode` divides the scale
 out (and snaps VQ latents to the codebook) before decoding. This module also holds what training
@@ -50,6 +54,7 @@ if TYPE_CHECKING:  # diffusion.classifier imports this module (for DiffusionConf
 
 PIPELINE_KIND = "text_to_image"
 FORMAT_VERSION = 1
+PIPELINE_KEYS = frozenset({"kind", "format_version", "diffusion", "text_encoder", "latent_scale", "class_names"})
 TRAIN_DIFFUSION = ("`accelerate launch diffusion/train_latent.py configs/diffusion/<config>.yaml` "
                    "(it writes <run.out_dir>/pipeline)")
 TRAIN_CLASSIFIER = ("`accelerate launch diffusion/train_classifier.py configs/classifier/<config>.yaml` "
@@ -68,8 +73,11 @@ class DiffusionConfig:
         prediction: what the U-Net predicts: "epsilon", "x0" or "v".
         weighting: "none" or "min_snr" (Min-SNR-gamma loss weights, Hang et al. 2023).
         snr_gamma: gamma of min_snr.
-        cond_drop_prob: probability that training replaces an item's condition by the null one
-            (the "" caption, the null class), which is what makes classifier-free guidance work.
+        cond_drop_prob: probability p that training replaces a condition by its null (the "" caption, the
+            null class), which is what makes classifier-free guidance work. Caption and class are dropped
+            independently (``diffusion.train_latent.drop_conditions``), so a class + text U-Net sees every
+            pair the pipelines guide with: (class, "") and (null, prompt) each with probability p (1 - p),
+            against (null, "") with p^2.
         spacing: how sampling picks its timesteps ("trailing" starts at T-1).
     """
 
@@ -128,7 +136,8 @@ class LatentDiffusion(nn.Module):
     Args:
         autoencoder: the frozen stage-1 model (VQ or KL).
         unet: the denoising network, on scaled latents with D = autoencoder code_dim channels.
-        text_encoder: the frozen text encoder, or None for a U-Net without cross-attention.
+        text_encoder: the frozen text encoder, or None for a U-Net without cross-attention (class-only:
+            :meth:`generate` then takes the names of its classes as prompts).
         config: the diffusion process the U-Net was trained with.
         latent_scale: the factor between autoencoder latents and U-Net latents.
         class_names: for a class-conditional U-Net, the name of each dataset label (index = label),
@@ -346,6 +355,11 @@ class LatentDiffusion(nn.Module):
         if size is not None and (height is not None or width is not None):
             raise ValueError(f"size={size} and height/width were both given; give size (square) or height and width")
         prompts = as_prompt_list(prompts) if prompts is not None else []
+        if self.text_encoder is None and prompts:  # a class-only U-Net: its prompts are class names
+            if class_labels is not None:
+                raise ValueError("this pipeline has no text encoder: give prompts (names of its classes) or "
+                                 "class_labels, not both")
+            class_labels, prompts = self.labels_of(prompts), []
         cond = self.encode_prompts(prompts) if self.text_encoder is not None else None  # refuses no prompts
         labels = class_labels if class_labels is not None else classifier_labels  # without prompts: the batch size
         if not prompts and labels is None:
@@ -362,6 +376,17 @@ class LatentDiffusion(nn.Module):
                                       classifier_labels=classifier_labels, classifier_scale=classifier_scale,
                                       **sampler_options)
         return self.decode(latents)
+
+    def labels_of(self, prompts: list[str]) -> Tensor:
+        """The dataset labels (B,) of prompts naming classes of :attr:`class_names`; ValueError for any other."""
+        index = {name: label for label, name in enumerate(self.class_names or ())}
+        unknown = [prompt for prompt in prompts if prompt not in index]
+        if unknown:
+            names = (f"its {len(index)} class names (e.g. {self.class_names[0]!r})" if index
+                     else "its (unsaved) class names")
+            raise ValueError(f"this pipeline has no text encoder, and the prompt {unknown[0]!r} is none of {names}; "
+                             f"give class names or class_labels")
+        return torch.tensor([index[prompt] for prompt in prompts], dtype=torch.long)
 
     def _negatives(self, negative_prompts: str | list[str] | None, batch: int) -> list[str] | None:
         """``negative_prompts`` as a list of 1 or ``batch`` prompts (None: the null prompt)."""
@@ -444,6 +469,11 @@ def read_pipeline_meta(directory: str | Path) -> tuple[DiffusionConfig, TextEnco
     if meta.get("kind") != PIPELINE_KIND or meta.get("format_version") != FORMAT_VERSION:
         raise CheckpointError(f"{path} holds kind {meta.get('kind')!r} format {meta.get('format_version')}; "
                               f"expected {PIPELINE_KIND!r} format {FORMAT_VERSION}")
+    # strict like every other file we load: a key we do not know would otherwise be silently ignored
+    unknown = sorted(set(meta) - PIPELINE_KEYS)
+    if unknown:
+        raise CheckpointError(f"{path} has unknown keys {unknown} (valid keys: {', '.join(sorted(PIPELINE_KEYS))}); "
+                              f"was it written by a newer version?")
     text = meta.get("text_encoder")
     text_config = from_dict(TextEncoderConfig, text) if text is not None else None
     return from_dict(DiffusionConfig, meta["diffusion"]), text_config, float(meta["latent_scale"])

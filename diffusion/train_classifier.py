@@ -27,7 +27,6 @@ from pathlib import Path
 import torch
 from accelerate.utils import set_seed
 from torch.utils.data import Dataset
-from tqdm import tqdm
 
 from common.checkpoint import atomic_write, find_pipeline_dir
 from common.config import ConfigError, dump_config, load_config
@@ -36,7 +35,7 @@ from common.ema import EMA
 from common.text_encoder import TextEncoderConfig
 from common.training import (
     Budget, MetricsLog, NonFiniteSkips, OptimConfig, RunConfig, apply_update, make_accelerator, make_loader,
-    make_optimizer, optimizer_steps, resume_training_state, run_cli, save_training_state,
+    make_optimizer, optimizer_steps, resolved_config, resume_training_state, run_cli, save_training_state,
 )
 from diffusion.classifier import (
     ClassifierConfig, NoisyLatentClassifier, attribute_classes, attribute_targets, check_attribute,
@@ -76,7 +75,7 @@ class TrainConfig:
     model: UNetConfig = field(default_factory=lambda: ClassifierConfig().backbone)
     data: DataConfig = field(default_factory=DataConfig)
     optim: OptimConfig = field(default_factory=lambda: OptimConfig(lr=1e-3, warmup_steps=100))
-    run: RunConfig = field(default_factory=lambda: RunConfig(out_dir="runs/classifier", precision="no"))
+    run: RunConfig = field(default_factory=lambda: RunConfig(out_dir="runs/classifier"))
     eval: EvalConfig = field(default_factory=EvalConfig)
 
 
@@ -175,7 +174,7 @@ def main(argv: list[str] | None = None) -> None:
     cfg = dataclasses.replace(cfg, model=backbone_config_for(cfg.model, code_dim))
     config = ClassifierConfig(cfg.model, cfg.target, classes, diffusion, latent_scale)
     if main_process:
-        dump_config(cfg, f"{out_dir}/config.yaml")
+        dump_config(resolved_config(cfg, accelerator), f"{out_dir}/config.yaml")
     schedule = diffusion.make_schedule()
     accelerator.print(f"classifier of {cfg.target!r} ({len(classes)} classes) on {len(train_set)} latents "
                       f"{tuple(train_set.latents.shape[1:])} from {pipeline}; {schedule!r}")
@@ -190,14 +189,13 @@ def main(argv: list[str] | None = None) -> None:
 
     batches = make_loader(train_set, cfg.run, accelerator, step)
     metrics, budget = MetricsLog(accelerator, out_dir), Budget(cfg.run, accelerator)
-    bar = tqdm(total=cfg.run.steps, initial=step, disable=not (cfg.run.progress and main_process),
-               desc="classifier", dynamic_ncols=True)
+    bar = budget.progress(step, "classifier")
     skips = NonFiniteSkips(cfg.run, accelerator)
     for step, loss, (accuracy, norm) in optimizer_steps(
             accelerator, model, batches, lambda batch: train_step(batch, model, schedule, cfg, opt, accelerator),
             step=step, budget=budget, skips=skips, sched=sched, ema=ema, bar=bar):
         if step % cfg.run.log_every == 0 or step == 1:
-            values = {"loss": loss, "accuracy": accuracy, "lr": sched.get_last_lr()[0], "seconds": budget.elapsed}
+            values = {"loss": loss, "accuracy": accuracy, "lr": sched.get_last_lr()[0], **bar.metrics()}
             logged = metrics.log(step, {**values, **({"grad_norm": norm} if norm is not None else {})})
             bar.set_postfix(loss=f"{logged['loss']:.4f}", acc=f"{logged['accuracy']:.3f}")
         if step % cfg.run.save_every == 0:
@@ -211,7 +209,7 @@ def main(argv: list[str] | None = None) -> None:
     if main_process:
         scores = evaluate(ema.shadow, schedule, heldout_set, cfg.eval)
         save_outputs(ema.shadow, out_dir, step, scores)
-        accelerator.print(f"done: {step} steps in {budget.elapsed / 60:.1f} min; held-out accuracy "
+        accelerator.print(f"done: {bar.summary()}; held-out accuracy "
                           f"{json.dumps(scores)}; classifier saved to {out_dir}/classifier")
     accelerator.end_training()
 

@@ -1,14 +1,21 @@
-"""Train the text-conditioned latent diffusion U-Net on top of a frozen stage-1 autoencoder.
+"""Train the latent diffusion U-Net (text- and/or class-conditional) on top of a frozen stage-1 autoencoder.
 
     accelerate launch diffusion/train_latent.py configs/diffusion/shapes32_quick.yaml [key=value ...]
+    accelerate launch diffusion/train_latent.py configs/diffusion/shapes32_class.yaml   # class-only
 
 The dataset is encoded once into a latent cache (latents, and each distinct caption's text
 embedding) and every step trains on it: t ~ U{0, ..., T-1}, the chosen prediction target, Min-SNR
-weights, and condition dropout to the "" caption so that classifier-free guidance works. EMA weights
-draw the sample grids and are what ``run_dir/pipeline/`` (a LatentDiffusion directory, written at
-every save) holds. Re-running the same command resumes from ``run.out_dir``'s latest checkpoint.
-A class-conditional U-Net (``model.num_classes`` > 0) is saved with the names of the dataset's labels
-(shapes: their captions; a folder: its class sub-folders), so that the pipelines accept class names.
+weights, and condition dropout to the "" caption and the null class so that classifier-free guidance
+works (each dropped independently, see ``DiffusionConfig.cond_drop_prob``). EMA weights draw the
+sample grids and are what ``run_dir/pipeline/`` (a LatentDiffusion directory, written at every save)
+holds. Re-running the same command resumes from ``run.out_dir``'s latest checkpoint.
+
+Conditions: ``model.context_dim`` > 0 (the text encoder's width) conditions on captions;
+``model.num_classes`` > 0 on dataset labels, fed as label + 1 with 0 the null class. With
+``model.context_dim: 0`` the U-Net is class-only: no text encoder is loaded, the cache holds no text,
+and the saved pipeline has none (load it with ``pipelines.ClassToImage``). A class-conditional U-Net is
+saved with the names of the dataset's labels (shapes: their captions; a folder: its class
+sub-folders), so that the pipelines accept class names.
 """
 from __future__ import annotations
 
@@ -20,7 +27,7 @@ from typing import Literal
 
 import torch
 from accelerate.utils import set_seed
-from tqdm import tqdm
+from torch import Tensor
 
 from autoencoder.model import Autoencoder
 from common.config import ConfigError, dump_config, load_config
@@ -29,7 +36,7 @@ from common.ema import EMA
 from common.images import save_grid
 from common.training import (
     Budget, MetricsLog, NonFiniteSkips, OptimConfig, RunConfig, apply_update, make_accelerator, make_loader,
-    make_optimizer, optimizer_steps, resume_training_state, run_cli, save_training_state,
+    make_optimizer, optimizer_steps, resolved_config, resume_training_state, run_cli, save_training_state,
 )
 from diffusion.latent_cache import NULL_ID, LatentCache, load_or_build_cache, resolve_autoencoder_dir
 from diffusion.latent_diffusion import DiffusionConfig, LatentDiffusion, drop_condition, training_loss
@@ -62,7 +69,9 @@ class TrainConfig:
     autoencoder: a stage-1 run directory (holding ``autoencoder/``) or an autoencoder component directory.
     cache_dir: parent directory of the latent caches (one sub-directory per autoencoder/data/text combination).
     model: the U-Net. ``in_channels``/``out_channels`` come from the autoencoder's ``code_dim`` (leave them
-        out); ``context_dim`` must equal the text encoder's width (384 for the default MiniLM).
+        out); ``context_dim`` must equal the text encoder's width (384 for the default MiniLM), or be 0 for
+        a U-Net without text, which then needs ``num_classes`` (the number of dataset labels).
+    text: the text encoder; unused (never loaded) when ``model.context_dim`` is 0.
     """
 
     autoencoder: str = "runs/shapes32_quick"
@@ -77,7 +86,9 @@ class TrainConfig:
 
 
 def unet_config_for(model: UNetConfig, code_dim: int, text_width: int) -> UNetConfig:
-    """The U-Net config with the autoencoder's channel count filled in, checked against the text width."""
+    """The U-Net config with the autoencoder's channel count filled in, checked against the text width
+    (0: no text encoder, as for ``model.context_dim: 0``)."""
+    check_conditions(model)
     default = UNetConfig()
     for name in ("in_channels", "out_channels"):
         if getattr(model, name) not in (getattr(default, name), code_dim):
@@ -87,6 +98,19 @@ def unet_config_for(model: UNetConfig, code_dim: int, text_width: int) -> UNetCo
         raise ConfigError(f"model.context_dim={model.context_dim} must equal the text encoder's width {text_width}; "
                           f"set model.context_dim={text_width}")
     return dataclasses.replace(model, in_channels=code_dim, out_channels=code_dim)
+
+
+def check_conditions(model: UNetConfig) -> None:
+    """Refuse a U-Net with neither text nor classes: the pipelines have no unconditional generator."""
+    if not model.context_dim and not model.num_classes:
+        raise ConfigError("model.context_dim=0 and model.num_classes=0 leave the U-Net without a condition; set "
+                          "model.context_dim to the text encoder's width (384 for the default MiniLM) and/or "
+                          "model.num_classes to the number of dataset labels")
+
+
+def load_text_encoder(cfg: TrainConfig, device: torch.device) -> TextEncoder | None:
+    """The frozen text encoder, or None for a class-only U-Net (``model.context_dim: 0``), which loads none."""
+    return TextEncoder(cfg.text).to(device) if cfg.model.context_dim else None
 
 
 def class_names_for(model: UNetConfig, data: DataConfig) -> list[str] | None:
@@ -107,24 +131,48 @@ def class_names_for(model: UNetConfig, data: DataConfig) -> list[str] | None:
     return names
 
 
+def drop_conditions(caption_ids: Tensor | None, labels: Tensor | None, prob: float,
+                    generator: torch.Generator | None = None) -> tuple[Tensor | None, Tensor | None]:
+    """Condition dropout: caption ids (B,) and dataset labels (B,) (None: the U-Net lacks that condition)
+    -> (caption ids or ``NULL_ID``, U-Net class ids ``label + 1`` or ``NULL_CLASS``).
+
+    Each is dropped with probability ``prob`` independently of the other, so that a class + text U-Net
+    also learns (class, "") and (null, prompt), the pairs the class and text pipelines guide with
+    (dropping both together never shows it those). The caption is drawn first: a text-only U-Net draws
+    exactly what it did before classes existed.
+    """
+    if caption_ids is not None:
+        caption_ids = drop_condition(caption_ids, prob, NULL_ID, generator)
+    if labels is not None:
+        labels = drop_condition(labels.long() + 1, prob, NULL_CLASS, generator)
+    return caption_ids, labels
+
+
 def train_step(batch: dict, unet, cache: LatentCache, pipe: LatentDiffusion, cfg: TrainConfig, opt, accelerator):
     """One denoising update with condition dropout; returns (loss, whether it was finite, grad norm or None)."""
-    ids = drop_condition(batch["caption_id"], cfg.diffusion.cond_drop_prob, NULL_ID)
-    labels = None
-    if cfg.model.num_classes:  # the class is dropped together with the caption
-        labels = torch.where(ids == NULL_ID, torch.full_like(ids, NULL_CLASS), batch["label"] + 1)
-    loss = training_loss(unet, pipe.schedule, cfg.diffusion, batch["latent"], cache.text(ids), labels).mean()
+    ids, labels = drop_conditions(batch["caption_id"] if cfg.model.context_dim else None,
+                                  batch["label"] if cfg.model.num_classes else None, cfg.diffusion.cond_drop_prob)
+    text = cache.text(ids) if ids is not None else None
+    loss = training_loss(unet, pipe.schedule, cfg.diffusion, batch["latent"], text, labels).mean()
     finite, norm = apply_update(loss, unet, opt, accelerator, cfg.optim.grad_clip)
     return loss, finite, norm
+
+
+def grid_condition(pipe: LatentDiffusion, prompts: tuple[str, ...], per_prompt: int) -> dict:
+    """The ``generate`` keywords of the sample grid: the prompts, or for a U-Net without text the classes
+    they name; when they name none (labels without names, e.g. emoji), the first classes instead."""
+    if pipe.text_encoder is not None or set(prompts) <= set(pipe.class_names or ()):
+        return {"prompts": [p for _ in range(per_prompt) for p in prompts]}
+    labels = torch.arange(len(prompts)) % pipe.unet.config.num_classes
+    return {"prompts": None, "class_labels": labels.repeat(per_prompt)}
 
 
 @torch.no_grad()
 def write_samples(pipe: LatentDiffusion, sample: SampleConfig, path: str) -> None:
     """Sample the fixed prompts with a fixed generator: one column per prompt, ``per_prompt`` rows."""
-    prompts = [p for _ in range(sample.per_prompt) for p in sample.prompts]
     generator = torch.Generator().manual_seed(sample.seed)
-    images = pipe.generate(prompts, steps=sample.steps, guidance=sample.guidance, sampler=sample.sampler,
-                           generator=generator)
+    images = pipe.generate(**grid_condition(pipe, sample.prompts, sample.per_prompt), steps=sample.steps,
+                           guidance=sample.guidance, sampler=sample.sampler, generator=generator)
     save_grid(images, path, columns=len(sample.prompts), scale=2)
 
 
@@ -134,17 +182,21 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("overrides", nargs="*", help="dotted overrides, e.g. optim.lr=2e-4")
     args = parser.parse_args(argv)
     cfg = load_config(TrainConfig, args.config, args.overrides)
+    check_conditions(cfg.model)  # before anything is loaded or written
     class_names = class_names_for(cfg.model, cfg.data)
     accelerator = make_accelerator(cfg.run)
     device, out_dir, main_process = accelerator.device, cfg.run.out_dir, accelerator.is_main_process
 
     autoencoder_dir = resolve_autoencoder_dir(cfg.autoencoder)
     autoencoder = Autoencoder.from_pretrained(autoencoder_dir).to(device).requires_grad_(False)
-    text_encoder = TextEncoder(cfg.text).to(device)
-    cfg = dataclasses.replace(cfg, model=unet_config_for(cfg.model, autoencoder.config.code_dim, text_encoder.width))
+    text_encoder = load_text_encoder(cfg, device)
+    width = text_encoder.width if text_encoder is not None else 0
+    cfg = dataclasses.replace(cfg, model=unet_config_for(cfg.model, autoencoder.config.code_dim, width))
     with accelerator.main_process_first():  # the main process encodes, the others then read its files
-        cache = load_or_build_cache(autoencoder_dir, cfg.data, cfg.text, cfg.cache_dir, autoencoder=autoencoder,
-                                    text_encoder=text_encoder, device=device, progress=cfg.run.progress and main_process)
+        text_config = cfg.text if text_encoder is not None else None  # class-only: a cache without text
+        cache = load_or_build_cache(autoencoder_dir, cfg.data, text_config, cfg.cache_dir, autoencoder=autoencoder,
+                                    text_encoder=text_encoder, device=device,
+                                    progress=cfg.run.progress and main_process)
     cache.text_to(device)
     accelerator.print(f"latent cache: {len(cache)} items, {len(cache.captions)} captions, latents "
                       f"{tuple(cache.latents.shape[1:])}, latent_scale {cache.latent_scale:.4f} ({cache.directory})")
@@ -159,19 +211,18 @@ def main(argv: list[str] | None = None) -> None:
     accelerator.register_for_checkpointing(ema)
     step = resume_training_state(accelerator, out_dir)
     if main_process:  # after the resume: a config that does not fit leaves the old record
-        dump_config(cfg, f"{out_dir}/config.yaml")
+        dump_config(resolved_config(cfg, accelerator), f"{out_dir}/config.yaml")
     pipe = LatentDiffusion(autoencoder, ema.shadow, text_encoder, cfg.diffusion, cache.latent_scale, class_names)
 
     batches = make_loader(cache, cfg.run, accelerator, step)
     metrics, budget = MetricsLog(accelerator, out_dir), Budget(cfg.run, accelerator)
-    bar = tqdm(total=cfg.run.steps, initial=step, disable=not (cfg.run.progress and main_process),
-               desc="diffusion", dynamic_ncols=True)
+    bar = budget.progress(step, "diffusion")
     skips = NonFiniteSkips(cfg.run, accelerator)
     for step, loss, norm in optimizer_steps(
             accelerator, unet, batches, lambda batch: train_step(batch, unet, cache, pipe, cfg, opt, accelerator),
             step=step, budget=budget, skips=skips, sched=sched, ema=ema, bar=bar):
         if step % cfg.run.log_every == 0 or step == 1:
-            values = {"loss": loss, "lr": sched.get_last_lr()[0], "seconds": budget.elapsed}
+            values = {"loss": loss, "lr": sched.get_last_lr()[0], **bar.metrics()}
             logged = metrics.log(step, {**values, **({"grad_norm": norm} if norm is not None else {})})
             bar.set_postfix(loss=f"{logged['loss']:.4f}")
         if main_process and step % cfg.run.sample_every == 0:
@@ -185,7 +236,7 @@ def main(argv: list[str] | None = None) -> None:
     if main_process:
         pipe.save_pretrained(f"{out_dir}/pipeline")
         write_samples(pipe, cfg.sample, f"{out_dir}/samples/final.png")
-        accelerator.print(f"done: {step} steps in {budget.elapsed / 60:.1f} min; pipeline saved to {out_dir}/pipeline")
+        accelerator.print(f"done: {bar.summary()}; pipeline saved to {out_dir}/pipeline")
     accelerator.end_training()
 
 

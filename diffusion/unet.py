@@ -24,8 +24,8 @@ from torch import Tensor, nn
 
 from common.checkpoint import load_component, load_state_strict, save_component
 from common.config import ConfigError
-from common.layers import Downsample, ResBlock, Upsample, group_norm, zero_module
-from diffusion.blocks import SpatialTransformer, TimestepEmbedder, maybe_checkpoint
+from common.layers import Downsample, ResBlock, Upsample, group_norm, maybe_checkpoint, zero_module
+from diffusion.blocks import SpatialTransformer, TimestepEmbedder
 
 COMPONENT_KIND = "unet"
 NULL_CLASS = 0  # the class id of "no class": real labels are fed as label + 1

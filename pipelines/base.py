@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import json
 from collections.abc import Iterator
-from contextlib import contextmanager
+from contextlib import AbstractContextManager, contextmanager, nullcontext
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, ClassVar, TypeVar
@@ -22,6 +22,7 @@ from tqdm.auto import tqdm
 
 from common.checkpoint import PIPELINE_FILE, CheckpointError, find_pipeline_dir
 from common.images import tensor_to_pil
+from common.precision import PrecisionChoice, check_name, resolve_precision
 from diffusion.samplers import Callback
 
 PipelineT = TypeVar("PipelineT", bound="Pipeline")
@@ -77,21 +78,28 @@ class Pipeline:
 
     kind: ClassVar[str] = ""
     model: Any
+    requested_precision: str = "auto"
 
     @classmethod
-    def from_pretrained(cls: type[PipelineT], path: str | Path) -> PipelineT:
+    def from_pretrained(cls: type[PipelineT], path: str | Path, precision: str = "auto") -> PipelineT:
         """Load a pipeline directory, or the ``pipeline/`` of a training run directory, on CPU.
+
+        ``precision`` is what the networks sample in (see :attr:`precision`): "auto" (bf16 only where
+        the device runs it natively faster), "fp32", "bf16" or "fp16" (CUDA only).
 
         Loading is strict: a directory of another kind, missing or unexpected weights, or unknown
         config keys raise :class:`common.checkpoint.CheckpointError` naming the problem.
         """
+        precision = check_name(precision)  # a misspelling fails before anything is loaded
         directory, kind, meta = resolve(path)
         if kind != cls.kind:
             raise PipelineKindError(
                 f"{directory / PIPELINE_FILE} holds a {kind!r} pipeline, which {cls.__name__} cannot run; load it "
                 f"with {CLASS_FOR_KIND.get(kind, 'no pipeline class (unknown kind)')}, or pipelines.load_pipeline()")
         cls._check_meta(directory, meta)
-        return cls._load(directory)
+        pipe = cls._load(directory)
+        pipe.requested_precision = precision
+        return pipe
 
     @classmethod
     def _check_meta(cls, directory: Path, meta: dict[str, Any]) -> None:
@@ -107,10 +115,30 @@ class Pipeline:
         the text encoder is referenced by name)."""
         return self.model.save_pretrained(path)
 
-    def to(self: PipelineT, device: torch.device | str) -> PipelineT:
-        """Move every component to ``device``; returns the pipeline itself."""
+    def to(self: PipelineT, device: torch.device | str, precision: str | None = None) -> PipelineT:
+        """Move every component to ``device`` (and set ``precision`` when given); returns the pipeline itself."""
         self.model.to(device)
+        if precision is not None:
+            self.requested_precision = check_name(precision)
         return self
+
+    @property
+    def precision(self) -> PrecisionChoice:
+        """The precision the networks (U-Net or transformer) sample in on the current device, and why.
+
+        Weights stay fp32; the forward passes run under autocast, and the sampler's arithmetic, the
+        token draws and the decoder stay fp32. On a CPU, "auto" gives bf16 only with native bf16
+        instructions (measured faster), so the same seed gives the same images on every machine of
+        one kind, and may differ slightly between a bf16 and an fp32 machine.
+        """
+        return resolve_precision(self.requested_precision, self.device)
+
+    def autocast(self) -> AbstractContextManager[Any]:
+        """The autocast context that runs the sampling networks in :attr:`precision`."""
+        dtype = self.precision.autocast_dtype
+        if dtype is None:
+            return nullcontext()
+        return torch.autocast(self.device.type, dtype=dtype)
 
     @property
     def device(self) -> torch.device:
@@ -122,7 +150,7 @@ class Pipeline:
         raise NotImplementedError
 
     def __repr__(self) -> str:
-        return f"{type(self).__name__}(device={self.device})"
+        return f"{type(self).__name__}(device={self.device}, precision={self.requested_precision})"
 
 
 def to_output(images: Tensor, output_type: str) -> PipelineOutput:

@@ -46,14 +46,23 @@ def run_python(module: str, *args: str) -> dict:
     return json.loads(result.stdout[result.stdout.index("{"):])
 
 
-def train_autoencoder(out: Path, minutes: float) -> dict[str, str]:
+def run_facts(run_dir: Path) -> dict:
+    """What a training run did: the precision it chose (and why), its steps and its training rate."""
+    record = json.loads((run_dir / "environment.json").read_text())
+    lines = (run_dir / "metrics.jsonl").read_text().splitlines()
+    last = json.loads(lines[-1]) if lines else {}
+    return {"precision": record["precision"]["chosen"], "precision_reason": record["precision"]["reason"],
+            "steps": last.get("step"), "steps_per_second": last.get("steps_per_second")}
+
+
+def train_autoencoder(out: Path, minutes: float, precision: str) -> dict[str, str]:
     """Train the quick emoji autoencoder (reused when a finished run is already there), evaluate it."""
     run_dir = out / "autoencoder_run"
     if (run_dir / "autoencoder" / "config.json").is_file():
         print(f"reusing the trained autoencoder in {run_dir} (delete it or pass --fresh to retrain)")
     else:
         launch("autoencoder/train.py", CONFIGS / "autoencoder" / "emoji32_quick.yaml",
-               f"run.out_dir={run_dir}", f"run.max_minutes={minutes}")
+               f"run.out_dir={run_dir}", f"run.max_minutes={minutes}", f"run.precision={precision}")
     metrics = run_python("autoencoder.evaluate", str(run_dir), "--data", "emoji", "--split", "heldout")
     (out / "autoencoder_heldout.json").write_text(json.dumps(metrics, indent=2))
     print(f"autoencoder on held-out emoji: PSNR {metrics['psnr']:.2f} dB, SSIM {metrics['ssim']:.3f}, "
@@ -64,7 +73,7 @@ def train_autoencoder(out: Path, minutes: float) -> dict[str, str]:
             "autoencoder_metrics": str(out / "autoencoder_heldout.json")}
 
 
-def train_diffusion(out: Path, autoencoder_run: Path, minutes: float) -> dict[str, str]:
+def train_diffusion(out: Path, autoencoder_run: Path, minutes: float, precision: str) -> dict[str, str]:
     """Train the quick emoji diffusion model on the autoencoder's latents (reused when finished)."""
     run_dir = out / "diffusion_run"
     if (run_dir / "pipeline" / "pipeline.json").is_file() and (run_dir / "samples" / "final.png").is_file():
@@ -72,7 +81,7 @@ def train_diffusion(out: Path, autoencoder_run: Path, minutes: float) -> dict[st
     else:
         launch("diffusion/train_latent.py", CONFIGS / "diffusion" / "emoji32_quick.yaml",
                f"autoencoder={autoencoder_run}", f"cache_dir={out / 'latent_cache'}",
-               f"run.out_dir={run_dir}", f"run.max_minutes={minutes}")
+               f"run.out_dir={run_dir}", f"run.max_minutes={minutes}", f"run.precision={precision}")
     return {"diffusion_run": str(run_dir), "diffusion_samples": str(run_dir / "samples" / "final.png")}
 
 
@@ -110,6 +119,8 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--per-prompt", type=int, default=6, help="images per prompt (grid columns)")
     parser.add_argument("--seed", type=int, default=0, help="sampling seed of the grid")
     parser.add_argument("--fresh", action="store_true", help="retrain everything instead of reusing earlier runs")
+    parser.add_argument("--precision", choices=("auto", "fp32", "bf16"), default="auto",
+                        help="training precision of both stages; auto: bf16 only on hardware that runs it natively")
     args = parser.parse_args(argv)
     out = Path(args.out)
     if args.fresh:
@@ -126,15 +137,20 @@ def main(argv: list[str] | None = None) -> dict:
         last = time.monotonic()
 
     timed("datasets", preview_datasets(out))
-    timed("autoencoder", train_autoencoder(out, args.autoencoder_minutes))
-    timed("diffusion", train_diffusion(out, out / "autoencoder_run", args.diffusion_minutes))
+    timed("autoencoder", train_autoencoder(out, args.autoencoder_minutes, args.precision))
+    timed("diffusion", train_diffusion(out, out / "autoencoder_run", args.diffusion_minutes, args.precision))
     timed("text_to_image", render_prompts(out, out / "diffusion_run", args.prompts, args.per_prompt, args.seed))
-    summary = {"outputs": outputs, "seconds": timings, "total_seconds": round(time.monotonic() - start, 1)}
+    runs = {stage: run_facts(out / f"{stage}_run") for stage in ("autoencoder", "diffusion")}
+    summary = {"outputs": outputs, "seconds": timings, "total_seconds": round(time.monotonic() - start, 1),
+               "training": runs, "autoencoder_heldout": json.loads((out / "autoencoder_heldout.json").read_text())}
     (out / "summary.json").write_text(json.dumps(summary, indent=2))
     print("\nlatentgen demo finished")
     for key, path in outputs.items():
         print(f"  {key:<28} {path}")
     print("  seconds: " + ", ".join(f"{k} {v}" for k, v in timings.items()))
+    for stage, facts in runs.items():
+        print(f"  {stage}: {facts['steps']} steps, {facts['steps_per_second'] or 0:.2f} steps/s, {facts['precision']} "
+              f"({facts['precision_reason']})")
     print(f"  total {summary['total_seconds']} s (summary: {out / 'summary.json'})")
     print(f"try: python -m pipelines.generate {out / 'pipeline'} \"a dog\" -n 4 --seed 1 -o dog.png")
     return summary

@@ -12,7 +12,6 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any, TypeVar
 
-import torch
 from torch import Tensor
 
 from common.text_encoder import TextEmbedding
@@ -158,7 +157,7 @@ class LatentPipeline(Pipeline):
         """
         guidance = run.guidance(self.default_guidance_scale)
         total = self.steps_to_run(run, strength if inputs.get("init_latents") is not None else 1.0)
-        with step_reporter(total, run.progress, run.callback) as callback:
+        with step_reporter(total, run.progress, run.callback) as callback, self.autocast():
             return self.model.sample_latents(
                 cond, uncond, shape, steps=run.num_inference_steps, guidance=guidance, rescale=run.guidance_rescale,
                 sampler=run.sampler, generator=run.make_generator(), strength=strength, callback=callback, **inputs)

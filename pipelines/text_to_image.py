@@ -89,7 +89,10 @@ class TextToImage(LatentPipeline):
 class ClassToImage(LatentPipeline):
     """Class labels -> class-conditional diffusion sampler, guided against the null class -> decoder.
 
-    A U-Net conditioned on text as well gets the null prompt "" in both branches of guidance.
+    It runs class-only U-Nets (trained with ``model.context_dim: 0``; no text encoder is loaded) and
+    class + text ones. The latter get the null prompt "" in both branches of guidance, (class, "")
+    against (null, ""): training drops the caption and the class independently
+    (``diffusion.cond_drop_prob``), so it saw both pairs.
     """
 
     needs_text = False

@@ -102,7 +102,7 @@ class TokensToImage(Pipeline):
                                    classifier_scale=classifier_scale)
         settings = self._settings(run, temperature=temperature, top_k=top_k, top_p=top_p)
         cond, uncond = self._prefixes(prompt, class_labels, negative_prompt, num_images_per_prompt)
-        with self._token_progress(run.progress):
+        with self._token_progress(run.progress), self.autocast():
             tokens = sample_tokens(self.model.prior, cond, uncond, generator=run.make_generator(), **settings)
         if run.output_type == "latent":
             return PipelineOutput(rearrange(tokens, "b (h w) -> b h w", h=self.model.prior.config.grid_size))

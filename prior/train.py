@@ -16,7 +16,6 @@ import sys
 from dataclasses import dataclass, field
 
 import torch
-from tqdm import tqdm
 
 from autoencoder.model import Autoencoder
 from common.config import ConfigError, dump_config, load_config
@@ -25,7 +24,7 @@ from common.ema import EMA
 from common.images import save_grid
 from common.training import (
     Budget, MetricsLog, NonFiniteSkips, OptimConfig, RunConfig, apply_update, make_accelerator, make_loader,
-    make_optimizer, optimizer_steps, resume_training_state, run_cli, save_training_state,
+    make_optimizer, optimizer_steps, resolved_config, resume_training_state, run_cli, save_training_state,
 )
 from prior.generate import TokenPrior
 from prior.losses import LossConfig, condition_dropout, corrupt_tokens, next_token_loss
@@ -135,13 +134,12 @@ def main(argv: list[str] | None = None) -> None:
     accelerator.register_for_checkpointing(ema)
     step = resume_training_state(accelerator, out_dir)
     if accelerator.is_main_process:  # after the resume: a config that does not fit leaves the old record
-        dump_config(cfg, f"{out_dir}/config.yaml")
+        dump_config(resolved_config(cfg, accelerator), f"{out_dir}/config.yaml")
 
     batches = make_loader(TokenDataset(data), cfg.run, accelerator, step)
     preview, captions = preview_condition(data, kind, 8, accelerator.device)
     metrics, budget = MetricsLog(accelerator, out_dir), Budget(cfg.run, accelerator)
-    bar = tqdm(total=cfg.run.steps, initial=step, disable=not (cfg.run.progress and accelerator.is_main_process),
-               desc="prior", dynamic_ncols=True)
+    bar = budget.progress(step, "prior")
     accelerator.print(f"{len(data.tokens)} token sequences of {data.tokens.shape[1]}; model "
                       f"{sum(p.numel() for p in model.parameters()) / 1e6:.2f}M parameters; preview: {captions}")
     skips = NonFiniteSkips(cfg.run, accelerator)
@@ -149,7 +147,7 @@ def main(argv: list[str] | None = None) -> None:
             accelerator, model, batches, lambda batch: train_step(batch, model, data, opt, accelerator, cfg),
             step=step, budget=budget, skips=skips, sched=sched, ema=ema, bar=bar):
         if step % cfg.run.log_every == 0 or step == 1:
-            logged = metrics.log(step, {**terms._asdict(), "lr": sched.get_last_lr()[0], "seconds": budget.elapsed})
+            logged = metrics.log(step, {**terms._asdict(), "lr": sched.get_last_lr()[0], **bar.metrics()})
             bar.set_postfix(loss=f"{logged['loss']:.3f}", acc=f"{logged['accuracy']:.3f}")
         if accelerator.is_main_process and step % cfg.run.sample_every == 0:
             write_samples(ema.shadow, autoencoder, preview, len(captions), cfg.sample,
@@ -162,7 +160,7 @@ def main(argv: list[str] | None = None) -> None:
         class_names = data.class_names() if kind == "class" else None
         TokenPrior(autoencoder, ema.shadow, text, class_names, cfg.sample).save_pretrained(f"{out_dir}/pipeline")
         write_samples(ema.shadow, autoencoder, preview, len(captions), cfg.sample, f"{out_dir}/samples/final.png")
-        accelerator.print(f"done: {step} steps in {budget.elapsed / 60:.1f} min; pipeline saved to {out_dir}/pipeline")
+        accelerator.print(f"done: {bar.summary()}; pipeline saved to {out_dir}/pipeline")
     accelerator.end_training()
 
 

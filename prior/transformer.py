@@ -26,7 +26,7 @@ from einops import rearrange
 from torch import Tensor, nn
 
 from common.config import ConfigError
-from common.layers import Attention
+from common.layers import Attention, maybe_checkpoint
 
 COMPONENT_KIND = "prior"
 
@@ -46,6 +46,8 @@ class PriorConfig:
         width, depth, heads: W, number of blocks, attention heads (W % heads == 0).
         mlp_ratio: hidden width of the MLP as a multiple of W.
         dropout: dropout on the embeddings and on each residual branch during training.
+        gradient_checkpointing: recompute each block's activations in the backward pass of the training
+            forward (less memory, about one more forward pass of time); decoding and eval mode ignore it.
     """
 
     codebook_size: int = 0
@@ -59,6 +61,7 @@ class PriorConfig:
     heads: int = 8
     mlp_ratio: float = 4.0
     dropout: float = 0.0
+    gradient_checkpointing: bool = False  # off by default, so config.json files saved before it load unchanged
 
     @property
     def prefix_len(self) -> int:
@@ -289,8 +292,13 @@ class GPT(nn.Module):
     def _run(self, x: Tensor, start: int, key_valid: Tensor | None, cache: KVCache | None) -> Tensor:
         """Blocks + final norm + head over positions [start, start + T): (B, T, W) -> (B, T, K)."""
         x = self.drop(x)
-        for index, block in enumerate(self.blocks):
-            x = block(x, start, key_valid, cache.layer(index) if cache is not None else None)
+        if cache is None:  # only the cache-free (training) path: decoding has no backward pass to save memory for
+            checkpointing = self.config.gradient_checkpointing and self.training
+            for block in self.blocks:
+                x = maybe_checkpoint(block, x, start, key_valid, None, enabled=checkpointing)
+        else:
+            for index, block in enumerate(self.blocks):
+                x = block(x, start, key_valid, cache.layer(index))
         return self.head(self.norm(x))
 
     def logits(self, prefix: Prefix, idx: Tensor) -> Tensor:

@@ -96,6 +96,14 @@ def test_quick_report_has_every_section_and_figure(runs, tmp_path):
         assert f"]({figure})" in text
     raw = json.loads((out / "benchmarks.json").read_text())
     assert raw["machine"]["torch"] and raw["results"]["latent caching"]["speedup"] == 5.0
+    # the package versions behind the numbers, in the markdown header and the JSON
+    import numpy
+    import torch
+    versions = next(line for line in text.splitlines() if line.startswith("- **Versions:**"))
+    assert f"torch {torch.__version__} (" in versions and f"numpy {numpy.__version__}" in versions
+    assert "transformers " in versions and "accelerate " in versions and "latentgen 0.1.0" in versions
+    assert raw["environment"]["torch"] == torch.__version__
+    assert raw["environment"]["packages"]["numpy"] == numpy.__version__
     assert not list(out.glob(".*partial"))
 
 

@@ -14,6 +14,7 @@ from diffusion.latent_diffusion import (
 from diffusion.objectives import Denoiser
 from diffusion.samplers import sample_dpmpp_2m
 from diffusion.unet import UNet
+from pipelines import TextToImage
 from test_latent_cache import make_tiny_pipeline, single_thread, tiny_unet_config  # noqa: F401 (fixture)
 
 pytest.importorskip("transformers")
@@ -133,6 +134,21 @@ def test_class_names_are_saved_loaded_and_checked(pipe, tmp_path):
     (tmp_path / "named" / "pipeline.json").write_text(json.dumps({**meta, "class_names": ["cat"]}))
     with pytest.raises(CheckpointError, match="pipeline.json: 1 class_names for a U-Net with num_classes=2"):
         LatentDiffusion.from_pretrained(tmp_path / "named")
+
+
+def test_pipeline_json_with_an_unknown_key_is_refused_naming_it(pipe, tmp_path):
+    pipe.save_pretrained(tmp_path / "pipeline")
+    path = tmp_path / "pipeline" / "pipeline.json"
+    meta = json.loads(path.read_text())
+    path.write_text(json.dumps({**meta, "guidance_scale": 7.5}))  # e.g. a setting a newer version stores here
+    with pytest.raises(CheckpointError, match=r"pipeline.json has unknown keys \['guidance_scale'\] \(valid keys: "
+                                              r"class_names, diffusion, format_version, kind, latent_scale, "
+                                              r"text_encoder\)"):
+        LatentDiffusion.from_pretrained(tmp_path / "pipeline")
+    with pytest.raises(CheckpointError, match="unknown keys"):
+        TextToImage.from_pretrained(tmp_path / "pipeline")  # the pipelines load through the same check
+    path.write_text(json.dumps(meta))
+    LatentDiffusion.from_pretrained(tmp_path / "pipeline")  # what save_pretrained writes is accepted
 
 
 def test_pipeline_and_classifier_directories_are_found_in_run_directories(pipe, tmp_path):

@@ -1,10 +1,12 @@
-"""The token prior's transformer: causality, cache parity, padding invariance, condition handling."""
+"""The token prior's transformer (causality, cache parity, padding invariance, condition handling)
+and its pkeep input corruption."""
 from __future__ import annotations
 
 import pytest
 import torch
 
-from common.config import ConfigError
+from common.config import ConfigError, from_dict
+from prior.losses import LossConfig, corrupt_tokens
 from prior.transformer import GPT, Condition, PriorConfig, parameter_groups
 
 K, GRID, CLASSES, TEXT_DIM, SLOTS = 32, 4, 5, 12, 5
@@ -112,3 +114,46 @@ def test_parameter_groups_cover_every_parameter_once():
     assert sorted(ids) == sorted(id(p) for p in model.parameters())
     assert all(p.ndim >= 2 for p in groups[0]["params"])
     assert {id(model.null_text), id(model.text_start)} <= {id(p) for p in groups[1]["params"]}
+
+
+def random_tokens(codebook_size: int, shape=(64, 256)) -> torch.Tensor:
+    return torch.randint(0, codebook_size, shape, generator=torch.Generator().manual_seed(4))
+
+
+def test_pkeep_one_turns_corruption_off():
+    tokens = random_tokens(K)
+    assert torch.equal(corrupt_tokens(tokens, 1.0, K), tokens)
+
+
+@pytest.mark.parametrize("pkeep", [0.0, 0.5, 0.9])
+def test_pkeep_replaces_that_fraction_by_other_valid_codes(pkeep):
+    codes = 4  # a small codebook: a replacement drawn among all codes would often be the token itself
+    tokens = random_tokens(codes)
+    torch.manual_seed(0)  # training draws from the global RNG
+    corrupted = corrupt_tokens(tokens, pkeep, codes)
+    assert corrupted.shape == tokens.shape and corrupted.dtype == tokens.dtype
+    assert corrupted.min() >= 0 and corrupted.max() < codes
+    changed = (corrupted != tokens).float().mean().item()
+    assert changed == pytest.approx(1 - pkeep, abs=0.015)  # 16384 tokens: the standard error is < 0.004
+
+
+def test_replacement_codes_are_uniform_over_the_other_codes():
+    tokens = torch.full((64, 256), 2)
+    torch.manual_seed(0)
+    counts = torch.bincount(corrupt_tokens(tokens, 0.0, 5).flatten(), minlength=5)
+    assert counts[2] == 0 and counts.sum() == tokens.numel()
+    others = counts[[0, 1, 3, 4]].float() / tokens.numel()
+    assert torch.allclose(others, torch.full((4,), 0.25), atol=0.02)
+
+
+def test_corruption_is_reproducible_with_a_generator():
+    tokens = random_tokens(K)
+    first, second = (corrupt_tokens(tokens, 0.5, K, torch.Generator().manual_seed(7)) for _ in range(2))
+    assert torch.equal(first, second) and not torch.equal(first, tokens)
+
+
+def test_loss_config_rejects_probabilities_outside_zero_one():
+    assert from_dict(LossConfig, {"pkeep": 0.8}).pkeep == 0.8
+    for bad in ({"pkeep": 1.5}, {"pkeep": -0.1}, {"cond_drop": 2.0}):
+        with pytest.raises(ConfigError, match=next(iter(bad))):
+            from_dict(LossConfig, bad)

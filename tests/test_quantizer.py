@@ -1,4 +1,5 @@
-"""VectorQuantizer: loss placement, gradient routing, codebook health options, statistics, DDP consistency."""
+"""VectorQuantizer: loss placement, gradient routing, codebook health options (also at 16,384 codes),
+per-optimizer-step statistics under gradient accumulation, DDP consistency of codebooks and statistics."""
 from __future__ import annotations
 
 import dataclasses
@@ -11,7 +12,7 @@ import torch.multiprocessing as mp
 import torch.nn.functional as F
 from einops import rearrange
 
-from autoencoder.quantizer import QuantizerConfig, VectorQuantizer, kmeans
+from autoencoder.quantizer import QuantizerConfig, VectorQuantizer, kmeans, mark_micro_step
 
 PLAIN = QuantizerConfig(codebook_size=16, code_dim=4, beta=0.3)
 
@@ -194,6 +195,87 @@ def test_lookup_and_embed_are_inverse_and_pure():
     torch.testing.assert_close(quantizer.embed(indices), quantizer(z).z_q)
 
 
+def test_state_dict_keys_are_those_of_earlier_checkpoints():
+    # Components load strictly: a new key would make every saved autoencoder unloadable.
+    plain = VectorQuantizer(dataclasses.replace(PLAIN, kmeans_init=True, dead_code_threshold=3))
+    assert set(plain.state_dict()) == {"codebook", "initialized", "step", "last_used"}
+    ema = VectorQuantizer(dataclasses.replace(PLAIN, ema_decay=0.9))
+    assert set(ema.state_dict()) == {"codebook", "ema_cluster_size", "ema_embed_sum", "initialized", "step",
+                                     "last_used"}
+
+
+def test_kmeans_of_16384_codes_waits_for_4_vectors_per_code_and_gives_distinct_codes():
+    size, per_batch = 16384, 4096  # a batch holds a quarter of the codebook's size in vectors
+    # kmeans_iters=0: the seeds alone (a Lloyd step only averages them; distinct seeds stay distinct),
+    # which keeps this test at 2 x 65,536 x 16,384 distances; restarts keep the buffer for the check below
+    config = QuantizerConfig(codebook_size=size, code_dim=4, kmeans_init=True, kmeans_iters=0,
+                             dead_code_threshold=10)
+    torch.manual_seed(0)
+    quantizer = VectorQuantizer(config).train()
+    initial = quantizer.codebook.detach().clone()
+    generator = torch.Generator().manual_seed(1)
+    with torch.no_grad():
+        for _ in range(4 * size // per_batch - 1):
+            quantizer(torch.randn(per_batch // 64, 4, 8, 8, generator=generator))
+        assert not bool(quantizer.initialized) and torch.equal(quantizer.codebook, initial)
+        quantizer(torch.randn(per_batch // 64, 4, 8, 8, generator=generator))  # the 4th vector per code
+    assert bool(quantizer.initialized)
+    assert len(quantizer.recent) == quantizer.recent.pushed == 4 * size  # what the k-means saw; the bound
+    assert torch.unique(quantizer.codebook.detach(), dim=0).shape[0] == size, "duplicate initial codes"
+
+
+def test_kmeans_runs_after_kmeans_max_steps_with_the_vectors_it_has():
+    config = dataclasses.replace(PLAIN, codebook_size=64, kmeans_init=True, kmeans_max_steps=3)
+    quantizer = VectorQuantizer(config).train()
+    vectors = clustered(n=3 * 64, clusters=8)
+    for step in range(3):  # 64 vectors per step, 256 wanted
+        assert not bool(quantizer.initialized)
+        quantizer(as_map(vectors[64 * step:64 * (step + 1)]))
+    assert bool(quantizer.initialized) and quantization_error(quantizer, as_map(vectors)) < 0.01
+
+
+def test_dead_code_restart_draws_more_codes_than_a_batch_holds_from_recent_steps():
+    config = dataclasses.replace(PLAIN, codebook_size=64, dead_code_threshold=4)
+    quantizer = VectorQuantizer(config).train()
+    with torch.no_grad():
+        quantizer.codebook.fill_(100.0)
+        quantizer.codebook[0].zero_()  # every vector picks code 0; the other 63 are never used
+    batches = [torch.randn(16, 4, generator=torch.Generator().manual_seed(step)) for step in range(5)]
+    for batch in batches:  # 16 vectors per step; codes 1..63 are dead after step 4
+        quantizer(as_map(batch, batch=1))
+    restarted = quantizer.codebook.detach()[1:]
+    assert torch.unique(restarted, dim=0).shape[0] == 63, "63 distinct codes from 16-vector batches"
+    seen = torch.cat(batches[:4])  # restarted at the end of step 4, from the buffer of steps 1..4
+    source = (restarted[:, None] == seen[None]).all(dim=2).float().argmax(dim=1)
+    assert (restarted == seen[source]).all()
+    assert len(set((source // 16).tolist())) == 4, "drawn from every recent step"
+
+
+def test_micro_steps_change_the_quantizer_like_one_forward_of_the_whole_batch():
+    config = dataclasses.replace(PLAIN, ema_decay=0.5, kmeans_init=True, kmeans_iters=2, dead_code_threshold=1,
+                                 usage_window=2)
+    whole = VectorQuantizer(config).train()
+    micro = VectorQuantizer(config).train()
+    micro.load_state_dict(whole.state_dict())
+    steps = [as_map(clustered(n=128, clusters=6, seed=step), batch=4) for step in range(3)]
+    torch.manual_seed(0)
+    outputs = [whole(z) for z in steps]
+    torch.manual_seed(0)  # the same draws for k-means and restarts
+    for step, z in enumerate(steps):
+        mark_micro_step(micro, last=False)
+        first = micro(z[:2])
+        assert micro.step.item() == step, "a micro-batch that does not end the step does not advance it"
+        mark_micro_step(micro, last=True)
+        last = micro(z[2:])
+        assert micro.step.item() == step + 1
+        assert torch.equal(torch.cat([first.indices, last.indices]), outputs[step].indices), step
+        torch.testing.assert_close(last.perplexity, outputs[step].perplexity)
+        torch.testing.assert_close(last.usage, outputs[step].usage)
+    assert bool(micro.initialized)
+    for name, value in whole.state_dict().items():
+        torch.testing.assert_close(micro.state_dict()[name], value, msg=name)
+
+
 def _ddp_worker(rank: int, directory: str) -> None:
     dist.init_process_group("gloo", init_method=f"file://{directory}/store", rank=rank, world_size=2)
     torch.manual_seed(rank)  # different random picks on each process: only rank 0's may survive
@@ -204,11 +286,75 @@ def _ddp_worker(rank: int, directory: str) -> None:
         for step in range(3):
             quantizer(as_map(clustered(n=256, seed=10 * rank + step)))
     torch.save({name: t.clone() for name, t in quantizer.state_dict().items()}, f"{directory}/rank{rank}.pt")
+    # k-means from both processes' vectors: each holds 4 clusters the other never sees
+    quantizer = VectorQuantizer(dataclasses.replace(PLAIN, kmeans_init=True)).train()
+    with torch.no_grad():
+        quantizer(as_map(gather_clusters(rank)))
+    torch.save(quantizer.codebook.detach().clone(), f"{directory}/gathered{rank}.pt")
+    # statistics: each process quantizes its half of the batches of stats_reference()
+    quantizer = stats_quantizer()
+    with torch.no_grad():
+        stats = [quantizer(z[rank:rank + 1]) for z in stats_batches()]
+    torch.save([(out.perplexity, out.usage) for out in stats], f"{directory}/stats{rank}.pt")
     dist.destroy_process_group()
 
 
-def test_distributed_processes_keep_identical_codebooks(tmp_path):
-    mp.spawn(_ddp_worker, args=(str(tmp_path),), nprocs=2, join=True)
-    first, second = (torch.load(tmp_path / f"rank{r}.pt") for r in range(2))
+def gather_clusters(rank: int) -> torch.Tensor:
+    """(64, 4) vectors around 4 centres of this process's own."""
+    return clustered(n=64, clusters=4, seed=30 + rank)
+
+
+def stats_quantizer() -> VectorQuantizer:
+    quantizer = VectorQuantizer(QuantizerConfig(codebook_size=32, code_dim=4, l2_normalize=True, usage_window=2))
+    torch.nn.init.normal_(quantizer.codebook, generator=torch.Generator().manual_seed(5))
+    return quantizer.train()
+
+
+def stats_batches() -> list[torch.Tensor]:
+    """Four steps of 2 items; the items' code histograms differ from each other and from step to step."""
+    def item(step: int, which: int) -> torch.Tensor:
+        return clustered(n=128, clusters=2 + step + which, seed=20 + 2 * step + which)
+
+    return [as_map(torch.cat([item(step, 0), item(step, 1)])) for step in range(4)]
+
+
+@pytest.fixture(scope="module")
+def two_processes(tmp_path_factory):
+    directory = tmp_path_factory.mktemp("ddp")
+    mp.spawn(_ddp_worker, args=(str(directory),), nprocs=2, join=True)
+    return directory
+
+
+def test_distributed_processes_keep_identical_codebooks(two_processes):
+    first, second = (torch.load(two_processes / f"rank{r}.pt") for r in range(2))
     for name in first:
         assert torch.equal(first[name], second[name]), name
+
+
+def test_kmeans_initialisation_clusters_the_vectors_of_every_process(two_processes):
+    first, second = (torch.load(two_processes / f"gathered{r}.pt") for r in range(2))
+    assert torch.equal(first, second)
+    quantizer = VectorQuantizer(PLAIN).eval()
+    with torch.no_grad():
+        quantizer.codebook.copy_(first)
+    for rank in range(2):  # all 8 clusters found: only the within-cluster spread is left
+        assert quantization_error(quantizer, as_map(gather_clusters(rank))) < 0.01, f"clusters of rank {rank}"
+
+
+def test_two_processes_report_the_windowed_statistics_of_one_process_with_the_whole_batch(two_processes):
+    reference = stats_quantizer()
+    with torch.no_grad():
+        expected = [(out.perplexity, out.usage) for out in (reference(z) for z in stats_batches())]
+        half = stats_quantizer()
+        alone = [half(z[:1]).perplexity for z in stats_batches()]
+    for rank in range(2):
+        reported = torch.load(two_processes / f"stats{rank}.pt")
+        for step, ((perplexity, usage), (want_perplexity, want_usage)) in enumerate(zip(reported, expected)):
+            torch.testing.assert_close(perplexity, want_perplexity, msg=f"rank {rank} step {step}")
+            torch.testing.assert_close(usage, want_usage, msg=f"rank {rank} step {step}")
+    assert all((a - b).abs() > 0.1 for a, (b, _) in zip(alone, expected)), "a half batch differs: not vacuous"
+    # the window of 2 steps: the last step's figures count the last two batches, not the first two
+    with torch.no_grad():
+        last_two = stats_quantizer().eval()(torch.cat(stats_batches()[2:]))
+    torch.testing.assert_close(expected[3][0], last_two.perplexity)
+    torch.testing.assert_close(expected[3][1], last_two.usage)

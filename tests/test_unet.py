@@ -7,7 +7,7 @@ import torch
 
 from common.checkpoint import CheckpointError, save_component
 from common.config import ConfigError
-from diffusion import blocks
+from common import layers
 from diffusion.unet import NULL_CLASS, UNet, UNetConfig, UNetEncoder
 
 TINY = UNetConfig(in_channels=4, out_channels=4, block_channels=(32, 64), layers_per_block=1,
@@ -96,8 +96,8 @@ def test_class_conditioning_and_the_null_class() -> None:
 
 def test_gradient_checkpointing_gives_the_same_gradients(monkeypatch) -> None:
     calls = []
-    real_checkpoint = blocks.checkpoint
-    monkeypatch.setattr(blocks, "checkpoint", lambda *a, **k: calls.append(k) or real_checkpoint(*a, **k))
+    real_checkpoint = layers.checkpoint
+    monkeypatch.setattr(layers, "checkpoint", lambda *a, **k: calls.append(k) or real_checkpoint(*a, **k))
     base = UNetConfig(block_channels=(32, 32), attention_levels=(True, True), head_dim=16, context_dim=8,
                       layers_per_block=1, dropout=0.1)
     plain = randomize(UNet(base)).train()
