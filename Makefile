@@ -1,4 +1,5 @@
-# Two entry points: `make demo` (the main job on the built-in data) and `make test`.
+# Two entry points: `make demo` (the main job on the built-in data) and `make test` (the linter, then the
+# test suite: the command CI runs). `make lint` runs the linter alone (ruff, configured in pyproject.toml).
 # Both are idempotent: they create .venv, install latentgen with its dev extras at the tested versions
 # of constraints.txt, and fetch Debian's emoji font when it is missing and we are root.
 # `make install CONSTRAINTS=` (or `export CONSTRAINTS=`) installs without the pins, in a fresh .venv.
@@ -9,12 +10,16 @@ PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 EMOJI_FONT := /usr/share/fonts/truetype/noto/NotoColorEmoji.ttf
 
-.PHONY: demo test test-slow install fonts constraints
+.PHONY: demo lint test test-slow install fonts constraints
 
 demo: install fonts
 	$(PY) -m pipelines.demo $(ARGS)
 
-test: install fonts
+# Pyflakes, import order and 120-column lines; `$(PY) -m ruff check --fix .` fixes most findings.
+lint: install
+	$(PY) -m ruff check .
+
+test: lint fonts
 	$(PY) -m pytest -q $(ARGS)
 
 test-slow: install fonts

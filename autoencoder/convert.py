@@ -16,6 +16,7 @@ import json
 import logging
 import math
 import re
+from dataclasses import replace
 from pathlib import Path
 from typing import Any, Sequence
 
@@ -23,13 +24,13 @@ from safetensors.torch import load_file
 from torch import Tensor, nn
 
 from autoencoder.model import Autoencoder, AutoencoderConfig, build_autoencoder
+from autoencoder.quantizer import CLASSIC_QUANTIZER
 from common.checkpoint import CheckpointError, load_legacy_checkpoint
 
 logger = logging.getLogger(__name__)
 
 IGNORED_PREFIXES = ("loss.", "model_ema.")
 LDM_PREFIX = "first_stage_model."
-PLAIN_QUANTIZER = {"l2_normalize": False, "kmeans_init": False, "dead_code_threshold": 0, "ema_decay": 0.0}
 
 # (pattern, replacement) pairs applied in order to every key.
 TAMING_RULES = (
@@ -42,6 +43,14 @@ TAMING_RULES = (
     (r"\.(q|k|v)\.(weight|bias)$", r".attn.to_\1.\2"),
     (r"\.proj_out\.(weight|bias)$", r".attn.to_out.\1"),
 )
+# diffusers' block names, the same in its VAE and U-Net (diffusion.convert uses them too); no pattern
+# matches another's output, so they may stand anywhere after the mid-block rules.
+DIFFUSERS_BLOCK_RULES = (
+    (r"\.resnets\.(\d+)\.", r".blocks.\1."),
+    (r"\.attentions\.(\d+)\.", r".attns.\1."),
+    (r"\.conv_shortcut\.", ".skip."),
+    (r"\.(downsamplers|upsamplers)\.0\.", ".resample."),
+)
 DIFFUSERS_RULES = (
     (r"^quantize\.embedding\.weight$", "quantizer.codebook"),
     (r"^encoder\.down_blocks\.", "encoder.down."),
@@ -49,10 +58,7 @@ DIFFUSERS_RULES = (
     (r"\.mid_block\.resnets\.0\.", ".mid.block_1."),
     (r"\.mid_block\.resnets\.1\.", ".mid.block_2."),
     (r"\.mid_block\.attentions\.0\.", ".mid.attn."),
-    (r"\.resnets\.(\d+)\.", r".blocks.\1."),
-    (r"\.attentions\.(\d+)\.", r".attns.\1."),
-    (r"\.conv_shortcut\.", ".skip."),
-    (r"\.(downsamplers|upsamplers)\.0\.", ".resample."),
+    *DIFFUSERS_BLOCK_RULES,
     (r"\.conv_norm_out\.", ".norm_out."),
     (r"\.group_norm\.", ".norm."),
     (r"\.(to_q|to_k|to_v)\.", r".attn.\1."),
@@ -121,7 +127,7 @@ def config_from_taming(state_dict: dict[str, Tensor], resolution: int = 256) -> 
         channel_mult=_channel_mult(widths, base), num_res_blocks=len(_indices(state_dict, "encoder.down.0.block.")),
         attn_resolutions=tuple(resolution // 2 ** i for i, has in enumerate(attention) if has),
         mid_attention="encoder.mid.attn_1.norm.weight" in state_dict, z_channels=z_channels, kind=kind,
-        codebook_size=codebook_size, code_dim=code_dim, **PLAIN_QUANTIZER,
+        code_dim=code_dim, quantizer=replace(CLASSIC_QUANTIZER, codebook_size=codebook_size),
     )
 
 
@@ -213,8 +219,8 @@ def config_from_diffusers(config: dict[str, Any], class_name: str) -> Autoencode
         channel_mult=_channel_mult(widths, widths[0]), num_res_blocks=config.get("layers_per_block", 1),
         attn_resolutions=tuple(resolution // 2 ** i for i, has in enumerate(attention) if has),
         mid_attention=config.get("mid_block_add_attention", True), z_channels=latent, kind="vq" if vq else "kl",
-        codebook_size=config.get("num_vq_embeddings", 256) if vq else 1,
-        code_dim=(config.get("vq_embed_dim") or latent) if vq else latent, **PLAIN_QUANTIZER,
+        code_dim=(config.get("vq_embed_dim") or latent) if vq else latent,
+        quantizer=replace(CLASSIC_QUANTIZER, codebook_size=config.get("num_vq_embeddings", 256) if vq else 1),
     )
 
 

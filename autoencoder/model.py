@@ -3,118 +3,32 @@
 Shape vocabulary: B batch, H W pixels, h w latent grid (H / f, W / f), D ``code_dim`` (the latent
 width the quantizer or the Gaussian posterior works in), Z ``z_channels`` (the decoder's input width).
 
-    model = VQGAN(AutoencoderConfig(resolution=64, channel_mult=(1, 2, 2)))
+    model = VQGAN(AutoencoderConfig(resolution=64, channel_mult=(1, 2, 2),
+                                    quantizer=QuantizerConfig(codebook_size=512)))
     indices = model.encode_to_indices(images)   # (B, h, w) int64
     images = model.decode_indices(indices)      # (B, 3, H, W)
 """
 from __future__ import annotations
 
 import dataclasses
-from dataclasses import dataclass
 from pathlib import Path
-from typing import Literal, NamedTuple
+from typing import NamedTuple
 
 import torch
 from torch import Tensor, nn
 
+from autoencoder.model_config import AutoencoderConfig
 from autoencoder.networks import Decoder, Encoder
-from autoencoder.quantizer import QuantizerConfig, QuantizerOutput, VectorQuantizer
+from autoencoder.quantizer import QuantizerOutput, VectorQuantizer
 from common.checkpoint import CheckpointError, load_component, load_state_strict, save_component
 from common.config import ConfigError
 
+__all__ = [  # AutoencoderConfig lives in autoencoder.model_config; importing it from here keeps working
+    "Autoencoder", "AutoencoderConfig", "AutoencoderOutput", "GaussianPosterior", "KLAutoencoder", "VQGAN",
+    "build_autoencoder",
+]
+
 COMPONENT_KIND = "autoencoder"
-
-
-@dataclass(frozen=True)
-class AutoencoderConfig:
-    """Architecture and regulariser of a stage 1 autoencoder (defaults: taming's ImageNet f16 VQ-GAN
-    with low-dimensional, l2-normalised, k-means-initialised codes and dead-code restart).
-
-    Attributes:
-        resolution: training image size H = W; fixes which levels get attention.
-        in_channels: image channels (also the decoder's output channels).
-        base_channels: width of the first level; level i has base_channels * channel_mult[i].
-        channel_mult: one multiplier per level; the downsampling factor is 2 ** (len - 1).
-        num_res_blocks: ResBlocks per encoder level (the decoder has one more).
-        attn_resolutions: feature-map sizes at which every ResBlock is followed by self-attention.
-        mid_attention: self-attention between the two middle ResBlocks.
-        z_channels: width of the encoder output and decoder input, around the 1x1 quant convs.
-        dropout: dropout inside the ResBlocks.
-        norm_eps: GroupNorm epsilon.
-        kind: "vq" (vector-quantized) or "kl" (diagonal Gaussian posterior).
-        codebook_size, code_dim, beta, l2_normalize, kmeans_init, kmeans_iters, dead_code_threshold,
-            usage_window, ema_decay, ema_eps: the quantizer options, see
-            :class:`autoencoder.quantizer.QuantizerConfig`. ``code_dim`` is also the latent width of
-            the KL variant; the other quantizer options are ignored there.
-        logvar_min, logvar_max: clamp of the posterior log-variance (KL variant).
-        gradient_checkpointing: recompute the encoder's and decoder's block activations in the backward
-            pass while training (less memory, about one more forward pass of time); no effect in eval mode.
-    """
-
-    resolution: int = 256
-    in_channels: int = 3
-    base_channels: int = 128
-    channel_mult: tuple[int, ...] = (1, 1, 2, 2, 4)
-    num_res_blocks: int = 2
-    attn_resolutions: tuple[int, ...] = (16,)
-    mid_attention: bool = True
-    z_channels: int = 256
-    dropout: float = 0.0
-    norm_eps: float = 1e-6
-    kind: Literal["vq", "kl"] = "vq"
-    codebook_size: int = 1024
-    code_dim: int = 8
-    beta: float = 0.25
-    l2_normalize: bool = True
-    kmeans_init: bool = True
-    kmeans_iters: int = 10
-    dead_code_threshold: int = 100
-    usage_window: int = 100
-    ema_decay: float = 0.0
-    ema_eps: float = 1e-5
-    logvar_min: float = -30.0
-    logvar_max: float = 20.0
-    gradient_checkpointing: bool = False  # off by default, so config.json files saved before it load unchanged
-
-    def __post_init__(self) -> None:
-        problems = []
-        if not self.channel_mult or min(self.channel_mult) < 1:
-            problems.append(f"channel_mult must be a non-empty list of positive ints, got {self.channel_mult}")
-        elif self.resolution % self.downsample_factor:
-            problems.append(f"resolution {self.resolution} is not divisible by the downsampling factor "
-                            f"{self.downsample_factor} of channel_mult {self.channel_mult}")
-        for name in ("resolution", "in_channels", "base_channels", "num_res_blocks", "z_channels",
-                     "codebook_size", "code_dim", "usage_window"):
-            if getattr(self, name) < 1:
-                problems.append(f"{name} must be >= 1, got {getattr(self, name)}")
-        if not 0.0 <= self.ema_decay < 1.0:
-            problems.append(f"ema_decay must be in [0, 1) (0 turns EMA updates off), got {self.ema_decay}")
-        if self.dead_code_threshold < 0 or self.kmeans_iters < 0:
-            problems.append("dead_code_threshold and kmeans_iters must be >= 0")
-        if self.kind not in ("vq", "kl"):
-            problems.append(f"kind must be 'vq' or 'kl', got {self.kind!r}")
-        if problems:
-            raise ConfigError("invalid AutoencoderConfig: " + "; ".join(problems))
-
-    @property
-    def downsample_factor(self) -> int:
-        """f: how many pixels one latent position covers along each side."""
-        return 2 ** (len(self.channel_mult) - 1)
-
-    @property
-    def latent_size(self) -> int:
-        """h = w at the training resolution."""
-        return self.resolution // self.downsample_factor
-
-    @property
-    def quantizer(self) -> QuantizerConfig:
-        """The quantizer options as the quantizer takes them."""
-        return QuantizerConfig(
-            codebook_size=self.codebook_size, code_dim=self.code_dim, beta=self.beta,
-            l2_normalize=self.l2_normalize, kmeans_init=self.kmeans_init, kmeans_iters=self.kmeans_iters,
-            dead_code_threshold=self.dead_code_threshold, usage_window=self.usage_window,
-            ema_decay=self.ema_decay, ema_eps=self.ema_eps,
-        )
 
 
 class GaussianPosterior(NamedTuple):
@@ -230,7 +144,7 @@ class VQGAN(Autoencoder):
 
     def __init__(self, config: AutoencoderConfig) -> None:
         super().__init__(config)
-        self.quantizer = VectorQuantizer(config.quantizer)
+        self.quantizer = VectorQuantizer(config.resolved_quantizer())
 
     def encode(self, x: Tensor) -> Tensor:
         """Images (B, in_channels, H, W) in [-1, 1] -> pre-quantization latents z_e (B, D, h, w)."""

@@ -25,7 +25,7 @@ from torch import Tensor, nn
 from common.layers import Downsample, ResBlock, SpatialSelfAttention, Upsample, group_norm, maybe_checkpoint
 
 if TYPE_CHECKING:
-    from autoencoder.model import AutoencoderConfig
+    from autoencoder.model_config import AutoencoderConfig
 
 
 class Level(nn.Module):

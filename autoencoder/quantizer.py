@@ -50,18 +50,30 @@ from einops import rearrange
 from torch import Tensor, nn
 
 from autoencoder.codebook_health import (
-    RecentVectors, StepAccumulator, WindowedCounts, all_gather_rows, all_reduce_sum, broadcast_from_rank0,
-    is_rank0, kmeans, nearest_codes, perplexity, random_rows, squared_distances,
+    RecentVectors,
+    StepAccumulator,
+    WindowedCounts,
+    all_gather_rows,
+    all_reduce_sum,
+    broadcast_from_rank0,
+    is_rank0,
+    kmeans,
+    nearest_codes,
+    perplexity,
+    random_rows,
+    squared_distances,
 )
 
 
 @dataclass(frozen=True)
 class QuantizerConfig:
-    """Options of :class:`VectorQuantizer`; all health options off gives taming's classic quantizer.
+    """Options of :class:`VectorQuantizer`, and the only place their defaults live (the autoencoder
+    config nests one). The defaults keep the codebook healthy; :data:`CLASSIC_QUANTIZER` is taming's.
 
     Attributes:
         codebook_size: K, the number of codes.
-        code_dim: D, the width of one code.
+        code_dim: D, the width of one code; None inside an autoencoder config, which takes it from the
+            autoencoder's ``code_dim`` (:meth:`AutoencoderConfig.resolved_quantizer`).
         beta: weight of the commitment term.
         l2_normalize: look up l2-normalised vectors among l2-normalised codes (cosine similarity,
             ViT-VQGAN); ``z_q`` is then unit-norm.
@@ -83,22 +95,32 @@ class QuantizerConfig:
     """
 
     codebook_size: int = 1024
-    code_dim: int = 8
+    code_dim: int | None = None
     beta: float = 0.25
-    l2_normalize: bool = False
-    kmeans_init: bool = False
+    l2_normalize: bool = True
+    kmeans_init: bool = True
     kmeans_iters: int = 10
     kmeans_max_steps: int = 50
     vectors_per_code: int = 4
-    dead_code_threshold: int = 0
+    dead_code_threshold: int = 100
     usage_window: int = 100
     ema_decay: float = 0.0
     ema_eps: float = 1e-5
 
     def __post_init__(self) -> None:
-        for name in ("codebook_size", "code_dim", "kmeans_max_steps", "vectors_per_code", "usage_window"):
-            if getattr(self, name) < 1:
-                raise ValueError(f"QuantizerConfig.{name} must be >= 1, got {getattr(self, name)}")
+        problems = [f"{name} must be >= 1, got {getattr(self, name)}"
+                    for name in ("codebook_size", "code_dim", "kmeans_max_steps", "vectors_per_code", "usage_window")
+                    if getattr(self, name) is not None and getattr(self, name) < 1]
+        if not 0.0 <= self.ema_decay < 1.0:
+            problems.append(f"ema_decay must be in [0, 1) (0 turns EMA updates off), got {self.ema_decay}")
+        if self.dead_code_threshold < 0 or self.kmeans_iters < 0:
+            problems.append("dead_code_threshold and kmeans_iters must be >= 0")
+        if problems:
+            raise ValueError("invalid QuantizerConfig: " + "; ".join(problems))
+
+
+# taming-transformers' quantizer: no l2 normalisation, random init, no restarts (imported weights use it)
+CLASSIC_QUANTIZER = QuantizerConfig(l2_normalize=False, kmeans_init=False, dead_code_threshold=0)
 
 
 class QuantizerOutput(NamedTuple):
@@ -134,6 +156,9 @@ class VectorQuantizer(nn.Module):
 
     def __init__(self, config: QuantizerConfig) -> None:
         super().__init__()
+        if config.code_dim is None:
+            raise ValueError("QuantizerConfig.code_dim is None (taken from the autoencoder); pass "
+                             "AutoencoderConfig.resolved_quantizer(), or set code_dim")
         self.config = config
         size, dim = config.codebook_size, config.code_dim
         # taming's initialisation, so a plain quantizer starts where the anchors start.

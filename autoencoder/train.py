@@ -3,41 +3,32 @@
     accelerate launch autoencoder/train.py configs/autoencoder/emoji32_quick.yaml [key=value ...]
 
 Two explicit optimizer steps per iteration: the autoencoder (reconstruction + perceptual +
-codebook/KL + adaptive-weighted adversarial term), then the discriminator. Everything is resumable:
-re-running the same command continues from ``run.out_dir``'s latest checkpoint.
+codebook/KL + adaptive-weighted adversarial term), then the discriminator, both through
+:func:`common.training.apply_update` inside the loop every stage shares
+(:func:`common.training.optimizer_steps`). A non-finite autoencoder loss skips the step; a non-finite
+discriminator loss skips only the discriminator's update (a warning, and ``disc_skipped`` in the
+metrics). Everything is resumable: re-running the same command continues from ``run.out_dir``'s
+latest checkpoint.
 """
 from __future__ import annotations
 
-import argparse
 import sys
-from dataclasses import dataclass, field
+import warnings
 
 import torch
 from torch.func import functional_call
 
 from autoencoder import losses
-from autoencoder.discriminator import DiscriminatorConfig, PatchDiscriminator
-from autoencoder.model import AutoencoderConfig, build_autoencoder
+from autoencoder.discriminator import PatchDiscriminator
+from autoencoder.model import build_autoencoder
 from autoencoder.perceptual import PerceptualWeightsError, build_perceptual
 from autoencoder.quantizer import mark_micro_step
-from common.config import dump_config, load_config
-from common.data import DataConfig, build_dataset
+from autoencoder.train_config import TrainConfig
+from common import training
+from common.config import dump_config
+from common.data import build_dataset
 from common.ema import EMA
 from common.images import save_grid
-from common.training import (
-    Budget, MetricsLog, NonFiniteSkips, OptimConfig, RunConfig, all_finite, make_accelerator, make_loader,
-    make_optimizer, resolved_config, resume_training_state, run_cli, save_training_state,
-)
-
-
-@dataclass(frozen=True)
-class TrainConfig:
-    model: AutoencoderConfig = field(default_factory=AutoencoderConfig)
-    disc: DiscriminatorConfig = field(default_factory=DiscriminatorConfig)
-    loss: losses.LossConfig = field(default_factory=losses.LossConfig)
-    optim: OptimConfig = field(default_factory=OptimConfig)
-    data: DataConfig = field(default_factory=lambda: DataConfig(name="emoji"))
-    run: RunConfig = field(default_factory=lambda: RunConfig(out_dir="runs/autoencoder"))
 
 
 def frozen_call(module: torch.nn.Module, x: torch.Tensor) -> torch.Tensor:
@@ -60,27 +51,27 @@ def generator_step(batch, model, disc, perceptual, opt, accelerator, cfg: TrainC
     terms = losses.autoencoder_loss(
         x, out.recon, out.quantizer_loss, out.kl, logits_fake,
         accelerator.unwrap_model(model).last_layer, step, cfg.loss, perceptual)
-    if not all_finite(terms.total, accelerator):
-        opt.zero_grad(set_to_none=True)
-        return terms, out, False
-    accelerator.backward(terms.total)
-    if accelerator.sync_gradients and cfg.optim.grad_clip:
-        accelerator.clip_grad_norm_(model.parameters(), cfg.optim.grad_clip)
-    opt.step()
-    opt.zero_grad(set_to_none=True)
-    return terms, out, True
+    finite, _ = training.apply_update(terms.total, model, opt, accelerator, cfg.optim.grad_clip)
+    return terms, out, finite
 
 
 def discriminator_step(x, recon, disc, opt, accelerator, cfg: TrainConfig, step: int) -> dict:
-    """One discriminator update on real images and detached reconstructions (one forward pass)."""
+    """One discriminator update on real images and detached reconstructions (one forward pass); returns
+    its logs, empty before ``loss.disc_start``.
+
+    A non-finite discriminator loss skips this update alone (the autoencoder's has been made): the logs
+    are then ``{"disc_skipped": 1.0}`` and a warning names the step.
+    """
     if losses.disc_factor(step, cfg.loss) == 0:
         return {}
     logits_real, logits_fake = disc(torch.cat([x, recon.detach()])).chunk(2)
     loss, logs = losses.discriminator_loss(logits_real, logits_fake, step, cfg.loss)
-    accelerator.backward(loss)
-    opt.step()
-    opt.zero_grad(set_to_none=True)
-    return logs
+    finite, _ = training.apply_update(loss, disc, opt, accelerator, 0.0)  # the discriminator is not clipped
+    if finite:
+        return logs
+    warnings.warn(f"step {step}: non-finite discriminator loss ({float(loss.detach().float())}); its update was "
+                  f"skipped, the autoencoder's was made", RuntimeWarning, stacklevel=2)
+    return {"disc_skipped": 1.0}
 
 
 @torch.no_grad()
@@ -92,50 +83,40 @@ def write_reconstructions(model, images: torch.Tensor, path) -> None:
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("config", help="YAML file under configs/autoencoder/")
-    parser.add_argument("overrides", nargs="*", help="dotted overrides, e.g. optim.lr=2e-4")
-    args = parser.parse_args(argv)
-    cfg = load_config(TrainConfig, args.config, args.overrides)
-    accelerator = make_accelerator(cfg.run)
+    cfg = training.load_run_config(TrainConfig, argv, __doc__, "autoencoder", "optim.lr=2e-4")
+    accelerator = training.make_accelerator(cfg.run)
     out_dir = cfg.run.out_dir
 
     model, disc = build_autoencoder(cfg.model).train(), PatchDiscriminator(cfg.disc)
     perceptual = build_perceptual(cfg.loss.perceptual, cfg.loss.perceptual_weights_path)
     if perceptual is not None:
         perceptual.to(accelerator.device)  # frozen: never wrapped in DDP
-    opt_g, sched_g = make_optimizer(model.parameters(), cfg.optim)
-    opt_d, sched_d = make_optimizer(disc.parameters(), cfg.optim)
+    opt_g, sched_g = training.make_optimizer(model.parameters(), cfg.optim)
+    opt_d, sched_d = training.make_optimizer(disc.parameters(), cfg.optim)
     model, disc, opt_g, opt_d, sched_g, sched_d = accelerator.prepare(model, disc, opt_g, opt_d, sched_g, sched_d)
     ema = EMA(accelerator.unwrap_model(model), cfg.run.ema_decay)
     accelerator.register_for_checkpointing(ema)
-    step = resume_training_state(accelerator, out_dir)
+    step = training.resume_training_state(accelerator, out_dir)
     if accelerator.is_main_process:  # after the resume: a config that does not fit leaves the old record
-        dump_config(resolved_config(cfg, accelerator), f"{out_dir}/config.yaml")
+        dump_config(training.resolved_config(cfg, accelerator), f"{out_dir}/config.yaml")
 
     dataset = build_dataset(cfg.data)
-    batches = make_loader(dataset, cfg.run, accelerator, step)
+    batches = training.make_loader(dataset, cfg.run, accelerator, step)
     fixed = torch.stack([dataset[i]["image"] for i in range(min(16, len(dataset)))]).to(accelerator.device)
-    metrics, budget = MetricsLog(accelerator, out_dir), Budget(cfg.run, accelerator)
+    metrics, budget = training.MetricsLog(accelerator, out_dir), training.Budget(cfg.run, accelerator)
     bar = budget.progress(step, "autoencoder")
-    skips = NonFiniteSkips(cfg.run, accelerator)
-    while not budget.done(step):
-        batch = next(batches)
-        with accelerator.accumulate(model, disc):
-            terms, out, ok = generator_step(batch, model, disc, perceptual, opt_g, accelerator, cfg, step)
-            d_logs = discriminator_step(batch["image"], out.recon, disc, opt_d, accelerator, cfg, step) if ok else {}
-        if not ok:
-            skips.skip(step, terms.total)
-            continue
-        skips.ok()
-        if not accelerator.sync_gradients:
-            continue  # gradient accumulation: the optimizers have not stepped yet
-        sched_g.step()
-        if d_logs:  # the discriminator's schedule runs from its first update
-            sched_d.step()
-        ema.update(accelerator.unwrap_model(model))
-        step += 1
-        bar.update(1)
+
+    def train_step(batch: dict, step: int):
+        """Both updates of one (micro-)step; a non-finite autoencoder loss skips both."""
+        terms, out, finite = generator_step(batch, model, disc, perceptual, opt_g, accelerator, cfg, step)
+        d_logs = discriminator_step(batch["image"], out.recon, disc, opt_d, accelerator, cfg, step) if finite else {}
+        return terms.total, finite, (terms, out, d_logs)
+
+    # the discriminator's schedule runs from its first update
+    scheds = (sched_g, (sched_d, lambda at: losses.disc_factor(at, cfg.loss) != 0))
+    for step, _, (terms, out, d_logs) in training.optimizer_steps(
+            accelerator, (model, disc), batches, train_step, step=step, budget=budget,
+            skips=training.NonFiniteSkips(cfg.run, accelerator), scheds=scheds, ema=ema, bar=bar):
         if step % cfg.run.log_every == 0 or step == 1:
             stats = {"perplexity": out.quant.perplexity, "usage": out.quant.usage} if out.quant is not None else {}
             logged = metrics.log(step, {**terms._asdict(), **d_logs, **stats, "lr": sched_g.get_last_lr()[0],
@@ -144,9 +125,9 @@ def main(argv: list[str] | None = None) -> None:
         if accelerator.is_main_process and step % cfg.run.sample_every == 0:
             write_reconstructions(ema.shadow, fixed, f"{out_dir}/samples/step_{step:08d}.png")
         if step % cfg.run.save_every == 0:
-            save_training_state(accelerator, out_dir, step, cfg.run.keep_checkpoints)
+            training.save_training_state(accelerator, out_dir, step, cfg.run.keep_checkpoints)
     bar.close()
-    save_training_state(accelerator, out_dir, step, cfg.run.keep_checkpoints)
+    training.save_training_state(accelerator, out_dir, step, cfg.run.keep_checkpoints)
     if accelerator.is_main_process:
         ema.shadow.save_pretrained(f"{out_dir}/autoencoder")
         write_reconstructions(ema.shadow, fixed, f"{out_dir}/samples/final.png")
@@ -155,4 +136,4 @@ def main(argv: list[str] | None = None) -> None:
 
 
 if __name__ == "__main__":
-    run_cli(main, sys.argv[1:], PerceptualWeightsError)
+    training.run_cli(main, sys.argv[1:], PerceptualWeightsError)

@@ -12,7 +12,6 @@ from __future__ import annotations
 import argparse
 import contextlib
 import statistics
-import time
 import warnings
 from typing import Callable
 
@@ -20,6 +19,7 @@ import torch
 from torch import Tensor, nn
 
 from autoencoder.convert import from_taming_state_dict
+from bench import device_timer
 
 with warnings.catch_warnings():
     warnings.simplefilter("ignore")
@@ -63,13 +63,7 @@ def our_step(model: nn.Module, x: Tensor, autocast: bool = False) -> None:
 
 def timed(step: Callable[[], None], model: nn.Module, device: torch.device) -> float:
     model.zero_grad(set_to_none=True)
-    if device.type == "cuda":
-        torch.cuda.synchronize()
-    start = time.perf_counter()
-    step()
-    if device.type == "cuda":
-        torch.cuda.synchronize()
-    return time.perf_counter() - start
+    return device_timer.seconds(step, device)
 
 
 def alternate(runs: dict[str, tuple[Callable[[], None], nn.Module]], repeats: int, warmup: int,

@@ -29,12 +29,13 @@ import torch
 from torch.utils.data import DataLoader
 
 from autoencoder.model import Autoencoder, build_autoencoder
+from autoencoder.train_config import TrainConfig as StageOneConfig
 from common.config import load_config
 from common.data import build_dataset
-from diffusion.latent_cache import NULL_CAPTION, NULL_ID, encode_latents, load_or_build_cache
-from diffusion.latent_diffusion import drop_condition, training_loss
 from common.text_encoder import TextEncoder
-from diffusion.train_latent import TrainConfig, unet_config_for
+from diffusion.latent_cache import NULL_CAPTION, NULL_ID, encode_latents, load_or_build_cache
+from diffusion.objectives import drop_condition, training_loss
+from diffusion.train_config import TrainConfig
 from diffusion.unet import UNet
 
 
@@ -57,8 +58,6 @@ def autoencoder_dir(cfg: TrainConfig, args: argparse.Namespace, scratch: Path) -
     for candidate in (Path(cfg.autoencoder), Path(cfg.autoencoder) / "autoencoder"):
         if (candidate / "config.json").is_file():
             return candidate, str(candidate)
-    from autoencoder.train import TrainConfig as StageOneConfig
-
     model = build_autoencoder(load_config(StageOneConfig, args.autoencoder_config).model)
     return model.save_pretrained(scratch / "autoencoder"), f"random weights ({args.autoencoder_config})"
 
@@ -74,7 +73,7 @@ def make_steps(cfg: TrainConfig, args: argparse.Namespace, ae_dir: Path, scratch
     device = torch.device(args.device)
     autoencoder = Autoencoder.from_pretrained(ae_dir).to(device).requires_grad_(False)
     text_encoder = TextEncoder(cfg.text).to(device)
-    model_cfg = unet_config_for(cfg.model, autoencoder.config.code_dim, text_encoder.width)
+    model_cfg = cfg.model.resolve(autoencoder.config.code_dim, text_encoder.width)
     start = time.perf_counter()
     cache = load_or_build_cache(ae_dir, cfg.data, cfg.text, scratch / "cache", autoencoder=autoencoder,
                                 text_encoder=text_encoder, device=device).text_to(device)
@@ -160,9 +159,11 @@ def run(args: argparse.Namespace) -> dict:
     result = {
         "config": args.config, "autoencoder": ae_source, "device": args.device, "threads": torch.get_num_threads(),
         "batch_size": cfg.run.batch_size, "steps_per_run": args.steps, "repeats": args.repeats,
-        "cached_samples_per_s": round(medians["cached"], 2), "on_the_fly_samples_per_s": round(medians["on_the_fly"], 2),
+        "cached_samples_per_s": round(medians["cached"], 2),
+        "on_the_fly_samples_per_s": round(medians["on_the_fly"], 2),
         "speedup": round(medians["cached"] / medians["on_the_fly"], 2),
-        "cache_build_seconds": round(build_seconds, 1), "cache_items": args.items if cfg.data.name == "shapes" else None,
+        "cache_build_seconds": round(build_seconds, 1),
+        "cache_items": args.items if cfg.data.name == "shapes" else None,
         "ms_per_batch": {name: round(1000 * statistics.median(v), 1) for name, v in breakdown.items()},
         "runs": {name: [round(v, 2) for v in values] for name, values in rates.items()},
     }

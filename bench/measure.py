@@ -215,17 +215,12 @@ def latent_caching(ctx: Context) -> dict:
 
 
 def _shapes_evaluator(kind: str, path: str, device: str) -> tuple[Any, Any]:
-    """The evaluator module of ``kind`` ("diffusion" or "prior") and the loaded pipeline."""
-    if kind == "diffusion":
-        from diffusion import evaluate_shapes as module
-        from diffusion.latent_diffusion import LatentDiffusion
+    """The evaluator module of ``kind`` ("diffusion" or "prior") and the pipeline it loads."""
+    from diffusion import evaluate_shapes as diffusion_evaluator
+    from prior import evaluate_shapes as prior_evaluator
 
-        return module, LatentDiffusion.from_pretrained(module.pipeline_dir(path)).to(device)
-    from prior import evaluate_shapes as module
-    from common.checkpoint import find_pipeline_dir
-    from prior.generate import TRAIN_PRIOR, TokenPrior
-
-    return module, TokenPrior.from_pretrained(find_pipeline_dir(path, TRAIN_PRIOR), device=device)
+    module = diffusion_evaluator if kind == "diffusion" else prior_evaluator
+    return module, module.load(path, device)
 
 
 def guidance_sweep(ctx: Context, kind: str, path: str) -> dict:

@@ -20,11 +20,11 @@ import argparse
 import json
 import statistics
 import sys
-import time
 from typing import Callable
 
 import torch
 
+from bench import device_timer
 from prior.sampling import sample_tokens
 from prior.transformer import GPT, Condition, PriorConfig
 
@@ -35,15 +35,7 @@ def timed(fn: Callable[[], object], repeats: int, warmup: int, device: torch.dev
     """Wall-clock seconds of ``repeats`` calls after ``warmup`` untimed calls."""
     for _ in range(warmup):
         fn()
-    times = []
-    for _ in range(repeats):
-        if device.type == "cuda":
-            torch.cuda.synchronize()
-        start = time.perf_counter()
-        fn()
-        if device.type == "cuda":
-            torch.cuda.synchronize()
-        times.append(time.perf_counter() - start)
+    times = [device_timer.seconds(fn, device) for _ in range(repeats)]
     return times
 
 

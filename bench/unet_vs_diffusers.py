@@ -14,13 +14,13 @@ from __future__ import annotations
 import argparse
 import contextlib
 import statistics
-import time
 import warnings
 from typing import Callable
 
 import torch
 from torch import Tensor, nn
 
+from bench import device_timer
 from diffusion.convert import from_diffusers
 
 with warnings.catch_warnings():
@@ -74,23 +74,13 @@ def make_steps(model: nn.Module, is_ours: bool, batch: dict[str, Tensor], device
             "infer fp32": lambda: infer(False), "infer bf16": lambda: infer(True)}
 
 
-def timed(step: Callable[[], None], device: torch.device) -> float:
-    if device.type == "cuda":
-        torch.cuda.synchronize()
-    start = time.perf_counter()
-    step()
-    if device.type == "cuda":
-        torch.cuda.synchronize()
-    return time.perf_counter() - start
-
-
 def alternate(steps: dict[str, Callable[[], None]], repeats: int, warmup: int, device: torch.device,
               ) -> dict[str, tuple[float, float]]:
     """Median and fastest seconds per call of each step, timed in round-robin order."""
     times: dict[str, list[float]] = {name: [] for name in steps}
     for index in range(warmup + repeats):
         for name, step in steps.items():
-            elapsed = timed(step, device)
+            elapsed = device_timer.seconds(step, device)
             if index >= warmup:
                 times[name].append(elapsed)
     return {name: (statistics.median(values), min(values)) for name, values in times.items()}
@@ -108,7 +98,8 @@ def run(device: str = "cpu", batch: int = 32, size: int = 16, channels: int = 4,
     device = torch.device(device)
     torch.manual_seed(0)
     ours, reference = build_pair(settings, device)
-    counts = {name: sum(p.numel() for p in model.parameters()) for name, model in (("ours", ours), ("diffusers", reference))}
+    pair = (("ours", ours), ("diffusers", reference))
+    counts = {name: sum(p.numel() for p in model.parameters()) for name, model in pair}
     echo(f"parameters: ours {counts['ours']:,}  diffusers {counts['diffusers']:,}")
     assert abs(counts["ours"] - counts["diffusers"]) <= 0.01 * counts["diffusers"], "architectures differ"
     inputs = {"x": torch.randn(batch, channels, size, size, device=device),

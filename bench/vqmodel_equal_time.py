@@ -31,7 +31,7 @@ from torch.utils.data import DataLoader
 from autoencoder.convert import from_diffusers
 from autoencoder.evaluate import component_dir, evaluate
 from autoencoder.model import Autoencoder, AutoencoderConfig
-from autoencoder.train import TrainConfig
+from autoencoder.train_config import TrainConfig
 from common.config import load_config
 from common.data import DataConfig, build_dataset
 from common.precision import resolve_precision

@@ -1,1 +1,16 @@
-"""Pieces every stage shares: configs, layers, checkpoints, data, images, EMA."""
+"""Pieces every stage shares. Modules:
+
+- ``common.config``: the one config loader: YAML plus dotted overrides -> a frozen, type-checked dataclass.
+- ``common.checkpoint``: components on disk (``config.json`` + ``model.safetensors``) and pipeline directories.
+- ``common.layers``: the shared layers: attention, ResBlock, resampling, timestep embeddings.
+- ``common.text_encoder``: the frozen Hugging Face text encoder: prompts -> token states and a padding mask.
+- ``common.data``: the built-in datasets (shapes, emoji, an image folder) behind one interface.
+- ``common.images``: PIL images <-> (3, H, W) tensors in [-1, 1], and image grids.
+- ``common.metrics``: image-quality metrics (PSNR, SSIM) on (B, 3, H, W) tensors in [-1, 1].
+- ``common.evaluation``: prompt faithfulness and diversity of a generator on the shapes data.
+- ``common.training``: what every training script shares: run config, accelerator, data stream, loop.
+- ``common.precision``: which floating-point precision to train and sample in (``precision: auto``).
+- ``common.progress``: the training progress bar, towards whichever limit ends the run.
+- ``common.ema``: exponential moving average of model weights.
+- ``common.environment``: versions, build and machine of a result, and guards for newer torch APIs.
+"""

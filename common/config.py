@@ -5,6 +5,11 @@ dataclass fields: an unknown key fails with the list of valid keys and the close
 value of the wrong type fails with the expected type.
 
     cfg = load_config(TrainConfig, "configs/autoencoder/emoji32_quick.yaml", ["optim.lr=2e-4"])
+
+Old layouts: a dataclass may define ``upgrade_legacy(data, where) -> (data, notes)``, which
+:func:`from_dict` calls before it checks the keys. Saved ``config.json`` files are upgraded quietly
+(saving again writes the new layout); YAML files and overrides get one :class:`ConfigUpgradeWarning`
+that says what to rename.
 """
 from __future__ import annotations
 
@@ -13,6 +18,8 @@ import difflib
 import json
 import types
 import typing
+import warnings
+from contextvars import ContextVar
 from pathlib import Path
 from typing import Any, Literal, Sequence, TypeVar, Union
 
@@ -23,6 +30,14 @@ T = TypeVar("T")
 
 class ConfigError(ValueError):
     """A config file or override that does not fit its dataclass."""
+
+
+class ConfigUpgradeWarning(UserWarning):
+    """A config in an old layout that still loads; the message says how to update it."""
+
+
+# The notes of the load_config call in progress (None: upgrade quietly, as for saved config.json files).
+_UPGRADE_NOTES: ContextVar[list[str] | None] = ContextVar("_UPGRADE_NOTES", default=None)
 
 
 class _Override(str):
@@ -50,13 +65,29 @@ def load_config(cls: type[T], path: str | Path | None = None, overrides: Sequenc
         data = loaded
     for override in overrides:
         _apply_override(data, override)
-    return from_dict(cls, data)
+    notes: list[str] = []
+    token = _UPGRADE_NOTES.set(notes)
+    try:
+        config = from_dict(cls, data)
+    finally:
+        _UPGRADE_NOTES.reset(token)
+    if notes:
+        source = f"update {path}" if path is not None else "update the overrides"
+        warnings.warn(f"old config layout (read for now): {'; '.join(notes)}; {source}",
+                      ConfigUpgradeWarning, stacklevel=2)
+    return config
 
 
 def from_dict(cls: type[T], data: dict[str, Any], where: str = "") -> T:
     """Build the dataclass ``cls`` from a nested dict, strictly (unknown keys and bad types fail)."""
     if not isinstance(data, dict):
         raise ConfigError(f"{where.rstrip('.') or 'config'} must be a mapping (a section of keys), got {data!r}")
+    upgrade = getattr(cls, "upgrade_legacy", None)
+    if upgrade is not None:
+        data, notes = upgrade(data, where)
+        collected = _UPGRADE_NOTES.get()
+        if collected is not None:
+            collected.extend(notes)
     fields = {f.name: f for f in dataclasses.fields(cls) if f.init}
     hints = typing.get_type_hints(cls)
     for key in data:
@@ -67,6 +98,24 @@ def from_dict(cls: type[T], data: dict[str, Any], where: str = "") -> T:
         return cls(**values)
     except (ValueError, TypeError) as error:  # the dataclass's own checks (__post_init__): name the section
         raise ConfigError(f"{where.rstrip('.')}: {error}" if where else str(error)) from None
+
+
+def nest_flat_keys(data: dict[str, Any], section: str, names: Sequence[str],
+                   where: str = "") -> tuple[dict[str, Any], list[str]]:
+    """Move the top-level keys ``names`` of ``data`` into its ``section`` mapping: the upgrade of a
+    layout that had them flat. A key given both ways is an error, since the two values may disagree."""
+    flat = [name for name in names if name in data]
+    nested = data.get(section, {})
+    if not flat or not isinstance(nested, dict):  # nothing to move, or a bad section from_dict reports
+        return data, []
+    for name in flat:
+        if name in nested:
+            raise ConfigError(f"{where}{name} and {where}{section}.{name} are both given; keep "
+                              f"{where}{section}.{name} and remove {where}{name}")
+    upgraded = {key: value for key, value in data.items() if key not in flat}
+    upgraded[section] = {**nested, **{name: data[name] for name in flat}}
+    moved = ", ".join(f"{where}{name}" for name in flat)
+    return upgraded, [f"{moved} now go under {where}{section} (e.g. {where}{section}.{flat[0]})"]
 
 
 def to_dict(config: Any) -> dict[str, Any]:

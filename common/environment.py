@@ -179,19 +179,19 @@ def constraints_text(freeze: list[str]) -> str:
     pins = sorted((line.strip() for line in freeze if "==" in line and not line.startswith(("#", "-e "))
                    and normalise(line.split("==")[0]) != "latentgen"), key=str.lower)
     width = max(len(pin) for pin in pins)
+    today, python = time.strftime("%Y-%m-%d"), platform.python_version()
+    system = f"{platform.system()} {platform.machine()}"
     header = f"""\
 # The tested versions of everything `make install` installs: pip applies them with
 # `pip install -c constraints.txt`, so every machine gets the same torch, transformers, diffusers, ...
 #
-# Produced by `make constraints` on {time.strftime("%Y-%m-%d")}: a fresh venv with CPython {platform.python_version()} on \
-{platform.system()} {platform.machine()},
+# Produced by `make constraints` on {today}: a fresh venv with CPython {python} on {system},
 # `pip install -e '.[dev]'` with no constraints (the newest releases that setup.cfg's bounds and pip's own
 # configuration allow), then `pip freeze --all --exclude-editable`. Regenerate: `make constraints`, run
 # `make test`, commit the file. Opt out: `make install CONSTRAINTS=` (or `export CONSTRAINTS=`) in a fresh
 # checkout or after `rm -rf .venv`; pip then resolves within setup.cfg's bounds on its own.
 #
-# The pins are those of a {platform.system()} {platform.machine()} install; a package that another \
-platform does not need
+# The pins are those of a {system} install; a package that another platform does not need
 # (nvidia-*, triton, cuda-*) is simply not installed there, and a constraint on it has no effect.
 # Each pin applies from Python {sys.version_info.major}.{sys.version_info.minor} up ({marker}): older Pythons \
 cannot install

@@ -55,7 +55,8 @@ def save_grid(images: Tensor, path: str | Path, columns: int | None = None, scal
     if scale > 1:
         grid = grid.resize((grid.width * scale, grid.height * scale), Image.NEAREST)
     if row_labels:
-        grid = label_rows(grid, row_labels, math.ceil(images.shape[0] / (columns or math.ceil(math.sqrt(images.shape[0])))))
+        per_row = columns or math.ceil(math.sqrt(images.shape[0]))
+        grid = label_rows(grid, row_labels, math.ceil(images.shape[0] / per_row))
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     grid.save(path)

@@ -10,6 +10,7 @@ A run directory looks like::
 """
 from __future__ import annotations
 
+import argparse
 import dataclasses
 import json
 import logging
@@ -20,7 +21,7 @@ import time
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Iterator, Sequence
+from typing import Any, Callable, Iterator, Sequence, TypeVar, Union
 
 import torch
 from accelerate import Accelerator
@@ -28,13 +29,14 @@ from accelerate.utils import set_seed
 from torch.utils.data import DataLoader, Dataset, Sampler
 
 from common.checkpoint import CheckpointError, atomic_write
-from common.config import ConfigError
+from common.config import ConfigError, load_config
+from common.data import DataError
 from common.environment import accelerator_available, accelerator_type, environment_record
 from common.precision import Precision, resolve_precision
 from common.progress import TrainingProgress
-from common.data import DataError
 
 logger = logging.getLogger(__name__)
+T = TypeVar("T")
 
 
 @dataclass(frozen=True)
@@ -341,32 +343,57 @@ class NonFiniteSkips:
                 f"for NaN/inf values.")
 
 
-def optimizer_steps(accelerator: Accelerator, model: torch.nn.Module, batches: Iterator[dict],
-                    update: Callable[[dict], tuple[torch.Tensor, bool, Any]], *, step: int, budget: Budget,
-                    skips: NonFiniteSkips, sched: Any, ema: Any, bar: Any) -> Iterator[tuple[int, torch.Tensor, Any]]:
-    """The training loop every single-optimizer script shares; yields ``(step, loss, extras)`` after each
-    optimizer step, for the caller to log, sample and save.
+# An LR scheduler, or (scheduler, active) where active(step) says whether it steps after an update at ``step``.
+Sched = Union[Any, tuple[Any, Callable[[int], bool]]]
 
-    ``update(batch) -> (loss, finite, extras)`` runs one (micro-)step under gradient accumulation.
-    A non-finite loss is reported to ``skips`` (which raises after too many in a row) and does not count
-    as a step; nor does an accumulation micro-step. After a real step the schedule and the EMA advance,
-    then ``step`` and the progress bar. Kept in one place so the order of these calls, which a bit-exact
-    resume depends on, cannot drift between scripts. Stops when ``budget`` is spent.
+
+def optimizer_steps(accelerator: Accelerator, models: torch.nn.Module | Sequence[torch.nn.Module],
+                    batches: Iterator[dict], update: Callable[[dict, int], tuple[torch.Tensor, bool, Any]], *,
+                    step: int, budget: Budget, skips: NonFiniteSkips, scheds: Sched | Sequence[Sched], ema: Any,
+                    bar: Any) -> Iterator[tuple[int, torch.Tensor, Any]]:
+    """The training loop every script shares; yields ``(step, loss, extras)`` after each optimizer step,
+    for the caller to log, sample and save.
+
+    ``update(batch, step) -> (loss, finite, extras)`` runs one (micro-)step of every optimizer under
+    gradient accumulation of ``models`` (the first is the one the EMA follows). A non-finite ``loss``
+    is reported to ``skips`` (which raises after too many in a row) and does not count as a step; nor
+    does an accumulation micro-step. ``scheds`` is one scheduler or a sequence of them; after a real
+    step each one whose ``active(step)`` holds steps (a bare scheduler always does), then the EMA,
+    ``step`` and the progress bar advance. Kept in one place so that the order of these calls, which
+    a bit-exact resume depends on, cannot drift between scripts. Stops when ``budget`` is spent.
     """
+    models = (models,) if isinstance(models, torch.nn.Module) else tuple(models)
+    scheds = [sched if isinstance(sched, tuple) else (sched, None)
+              for sched in ((scheds,) if hasattr(scheds, "step") else scheds)]
     while not budget.done(step):
-        with accelerator.accumulate(model):
-            loss, finite, extras = update(next(batches))
+        with accelerator.accumulate(*models):
+            loss, finite, extras = update(next(batches), step)
         if not finite:
             skips.skip(step, loss)
             continue
         skips.ok()
         if not accelerator.sync_gradients:
-            continue  # gradient accumulation: the optimizer has not stepped yet
-        sched.step()
-        ema.update(accelerator.unwrap_model(model))
+            continue  # gradient accumulation: the optimizers have not stepped yet
+        for sched, active in scheds:
+            if active is None or active(step):
+                sched.step()
+        ema.update(accelerator.unwrap_model(models[0]))
         step += 1
         bar.update(1)
         yield step, loss, extras
+
+
+def load_run_config(cls: type[T], argv: Sequence[str] | None, doc: str | None, stage: str, example: str) -> T:
+    """A training script's command line, ``CONFIG [key=value ...]``, read into its config class ``cls``.
+
+    ``doc`` (the script's docstring) is the help text, ``stage`` names the folder under ``configs/`` the
+    YAML files live in and ``example`` is a sample override for the help.
+    """
+    parser = argparse.ArgumentParser(description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("config", help=f"YAML file under configs/{stage}/")
+    parser.add_argument("overrides", nargs="*", help=f"dotted overrides, e.g. {example}")
+    args = parser.parse_args(argv)
+    return load_config(cls, args.config, args.overrides)
 
 
 def run_cli(main: Callable[[Sequence[str]], Any], argv: Sequence[str], *user_errors: type[Exception]) -> None:

@@ -8,7 +8,6 @@ Parameter names follow the roles, and map one tensor at a time onto diffusers'
 """
 from __future__ import annotations
 
-
 import torch.nn.functional as F
 from einops import rearrange
 from torch import Tensor, nn
@@ -95,7 +94,8 @@ class SpatialTransformer(nn.Module):
             raise ValueError(f"{channels} channels cannot be split into {heads} attention heads")
         self.linear_projection = linear_projection
         self.norm = group_norm(channels, eps=1e-6)
-        make = (lambda: nn.Linear(channels, channels)) if linear_projection else (lambda: nn.Conv2d(channels, channels, 1))
+        def make() -> nn.Module:  # SD 1.x projects with 1x1 convs, SD 2.x with linear layers
+            return nn.Linear(channels, channels) if linear_projection else nn.Conv2d(channels, channels, 1)
         self.proj_in = make()
         self.blocks = nn.ModuleList(TransformerBlock(channels, heads, context_dim, dropout) for _ in range(depth))
         self.proj_out = zero_module(make())

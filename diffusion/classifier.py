@@ -2,8 +2,9 @@
 
     clf = NoisyLatentClassifier.from_pretrained("runs/shapes32_classifier/classifier")
     captions = ["a small red circle at the top left", "a large blue square in the center"]
-    images = pipe.generate(captions, guidance=0.0,   # unconditional: only the classifier knows the colour
-                           classifier=clf, classifier_labels=clf.targets_of(captions), classifier_scale=3.0)
+    pipe = TextToImage.from_pretrained("runs/shapes32_diffusion")
+    images = pipe(captions, guidance_scale=0.0,   # unconditional: only the classifier knows the colour
+                  classifier=clf, classifier_labels=clf.targets_of(captions), classifier_scale=3.0).images
 
 The network is the U-Net's down half and middle (:class:`diffusion.unet.UNetEncoder`, with its
 timestep embedding and no text), then GroupNorm, SiLU, a mean over the latent grid and one linear
@@ -20,8 +21,9 @@ Shapes: B batch, D latent channels, h w latent grid, K classes.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 from pathlib import Path
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -31,8 +33,7 @@ from common.checkpoint import load_component, load_state_strict, save_component
 from common.config import ConfigError
 from common.data.shapes import COLOURS, NUM_LABELS, POSITIONS, SHAPES, SIZES, ShapeSpec, parse_caption
 from common.layers import group_norm
-from diffusion.latent_diffusion import DiffusionConfig
-from diffusion.schedules import NoiseSchedule, q_sample
+from diffusion.schedules import NoiseSchedule, ScheduleConfig, q_sample
 from diffusion.unet import UNetConfig, UNetEncoder
 
 COMPONENT_KIND = "noisy_latent_classifier"
@@ -92,8 +93,8 @@ class ClassifierConfig:
             and no class embedding (``num_classes`` 0). ``out_channels`` is unused.
         attribute: what is predicted, one of :data:`ATTRIBUTES`.
         class_names: the K class names, index = class id.
-        diffusion: the diffusion process whose q_sample noised the training latents; guidance
-            refuses a pipeline with a different noise schedule.
+        schedule: the noise schedule whose q_sample noised the training latents; guidance refuses a
+            pipeline with a different one. A full ``DiffusionConfig`` is narrowed to its schedule fields.
         latent_scale: the latent scale the training latents had (0: unknown, not checked).
     """
 
@@ -102,16 +103,33 @@ class ClassifierConfig:
         context_dim=0))
     attribute: str = LABEL
     class_names: tuple[str, ...] = ("0", "1")
-    diffusion: DiffusionConfig = field(default_factory=DiffusionConfig)
+    schedule: ScheduleConfig = field(default_factory=ScheduleConfig)
     latent_scale: float = 0.0
 
     def __post_init__(self) -> None:
+        if type(self.schedule) is not ScheduleConfig:  # e.g. the diffusion run's DiffusionConfig: keep the schedule
+            narrowed = ScheduleConfig(**{f.name: getattr(self.schedule, f.name) for f in fields(ScheduleConfig)})
+            object.__setattr__(self, "schedule", narrowed)
         check_attribute(self.attribute)
         if len(self.class_names) < 2:
             raise ConfigError(f"a classifier needs at least 2 classes, got {list(self.class_names)}")
         if self.backbone.context_dim or self.backbone.num_classes:
             raise ConfigError("the classifier backbone sees neither text nor classes: set context_dim=0 and "
                               f"num_classes=0 (got {self.backbone.context_dim}, {self.backbone.num_classes})")
+
+    @classmethod
+    def upgrade_legacy(cls, data: dict[str, Any], where: str = "") -> tuple[dict[str, Any], list[str]]:
+        """Read configs saved before ``schedule``: their ``diffusion`` section also held the objective."""
+        if "diffusion" not in data:
+            return data, []
+        if "schedule" in data:
+            raise ConfigError(f"{where}diffusion and {where}schedule are both given; keep {where}schedule and "
+                              f"remove {where}diffusion")
+        data = dict(data)
+        old = data.pop("diffusion")
+        keep = {f.name for f in fields(ScheduleConfig)}
+        data["schedule"] = {k: v for k, v in old.items() if k in keep} if isinstance(old, dict) else old
+        return data, [f"{where}diffusion is now {where}schedule (only its schedule keys are kept)"]
 
 
 class NoisyLatentClassifier(nn.Module):
@@ -152,10 +170,10 @@ class NoisyLatentClassifier(nn.Module):
         if config.latent_scale and abs(config.latent_scale - latent_scale) > 1e-4 * abs(latent_scale):
             raise ValueError(f"the classifier was trained on latents scaled by {config.latent_scale:.6g}, the "
                              f"pipeline scales them by {latent_scale:.6g}; train it on this pipeline's latents")
-        own = config.diffusion.make_schedule().alphas_cumprod
+        own = config.schedule.make_schedule().alphas_cumprod
         if own.shape != schedule.alphas_cumprod.shape or not torch.allclose(own, schedule.alphas_cumprod):
             raise ValueError("the classifier was trained with a different noise schedule than the pipeline's "
-                             f"({config.diffusion.schedule}, T={config.diffusion.num_steps} vs {schedule!r})")
+                             f"({config.schedule.schedule}, T={config.schedule.num_steps} vs {schedule!r})")
 
     def save_pretrained(self, directory: str | Path) -> Path:
         """Write ``config.json`` and ``model.safetensors`` to ``directory``."""

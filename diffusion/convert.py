@@ -24,6 +24,7 @@ import torch
 from safetensors.torch import load_file
 from torch import Tensor, nn
 
+from autoencoder.convert import DIFFUSERS_BLOCK_RULES
 from common.checkpoint import CheckpointError, load_legacy_checkpoint, load_state_strict
 from diffusion.unet import UNet, UNetConfig
 
@@ -63,11 +64,8 @@ RULES = (
     (r"^up_blocks\.", "decoder.up."),
     (r"^conv_norm_out\.", "decoder.norm_out."),
     (r"^conv_out\.", "decoder.conv_out."),
-    (r"\.resnets\.(\d+)\.", r".blocks.\1."),
-    (r"\.attentions\.(\d+)\.", r".attns.\1."),
-    (r"\.(downsamplers|upsamplers)\.0\.", ".resample."),
+    *DIFFUSERS_BLOCK_RULES,
     (r"\.time_emb_proj\.", ".emb_proj."),
-    (r"\.conv_shortcut\.", ".skip."),
     (r"\.transformer_blocks\.(\d+)\.", r".blocks.\1."),
     (r"\.to_out\.0\.", ".to_out."),
     (r"\.ff\.net\.0\.proj\.", ".ff.proj_in."),
@@ -112,7 +110,8 @@ def unet_config_from_diffusers(diffusers_config: Mapping[str, Any]) -> UNetConfi
     config = {k: v for k, v in diffusers_config.items() if not k.startswith("_")}
     problems = [f"{key}={config[key]!r} (only {default!r} is supported)" for key, default in REQUIRED_DEFAULTS.items()
                 if key in config and not _is_default(key, config[key], default)]
-    unknown = sorted(k for k in config if k not in REQUIRED_DEFAULTS and k not in HANDLED and config[k] not in (None, False))
+    unknown = sorted(k for k in config
+                     if k not in REQUIRED_DEFAULTS and k not in HANDLED and config[k] not in (None, False))
     problems += [f"unknown option {key}={config[key]!r}" for key in unknown]
     down = list(config.get("down_block_types", (CROSS_DOWN,) * 3 + (PLAIN_DOWN,)))
     up = list(config.get("up_block_types", (PLAIN_UP,) + (CROSS_UP,) * 3))

@@ -30,13 +30,15 @@ from pathlib import Path
 
 import torch
 
-from common.checkpoint import CheckpointError
-from common.checkpoint import find_pipeline_dir
+from common.checkpoint import CheckpointError, find_pipeline_dir
 from common.data.shapes import evaluation_prompts
 from common.evaluation import evaluate_shapes, finite_number, number_list, whole_number
 from diffusion.classifier import NoisyLatentClassifier
-from diffusion.latent_diffusion import TRAIN_DIFFUSION, LatentDiffusion, find_classifier_dir
+from diffusion.latent_diffusion import TRAIN_DIFFUSION, find_classifier_dir
 from diffusion.samplers import SAMPLERS
+from pipelines.latent import LatentPipeline
+from pipelines.loading import load_pipeline
+from pipelines.text_to_image import ClassToImage
 
 
 def pipeline_dir(path: str | Path) -> Path:
@@ -61,7 +63,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     count = whole_number(1)
     parser.add_argument("run_dir", help="training run directory or pipeline directory")
-    parser.add_argument("--guidance", type=finite_number(), default=4.0, help="classifier-free guidance scale")
+    parser.add_argument("--guidance", type=finite_number(), default=None,
+                        help="classifier-free guidance scale (default: the pipeline's)")
     parser.add_argument("--sweep", type=number_list, default="",
                         help="comma-separated guidance scales, e.g. 0,1,2,4,8 (overrides --guidance)")
     parser.add_argument("--steps", type=count, default=20, help="sampling steps")
@@ -94,34 +97,45 @@ def load_classifier(args: argparse.Namespace) -> NoisyLatentClassifier | None:
     return classifier.to(args.device)
 
 
-def check_pipeline(pipe: LatentDiffusion, args: argparse.Namespace) -> None:
+def load(run_dir: str | Path, device: str) -> LatentPipeline:
+    """The diffusion pipeline of ``run_dir`` on ``device``, sampling in fp32 (so scores stay comparable with
+    those of earlier runs, whatever the machine's precision="auto" picks)."""
+    pipe = load_pipeline(pipeline_dir(run_dir)).to(device, precision="fp32")
+    if not isinstance(pipe, LatentPipeline):
+        raise SystemExit(f"error: {run_dir} holds a {type(pipe).__name__} pipeline; score token priors with "
+                         f"python -m prior.evaluate_shapes")
+    return pipe
+
+
+def check_pipeline(pipe: LatentPipeline, args: argparse.Namespace) -> None:
     """Exit with ``error: <why>`` when the pipeline cannot be scored on shapes prompts as asked."""
-    if pipe.text_encoder is not None:
+    if not isinstance(pipe, ClassToImage):
         return
     if args.negative:
         raise SystemExit("error: --negative needs a text-conditioned model; this one is class-only (its "
                          "unconditional branch is the null class)")
     try:  # the class names of a shapes run are the captions the scorer asks for
-        pipe.labels_of(evaluation_prompts(args.prompts))
+        pipe.check_labels(evaluation_prompts(args.prompts))
     except ValueError as error:
         raise SystemExit(f"error: cannot score a class-only model on shapes prompts: {error}") from None
 
 
-def evaluate(pipe: LatentDiffusion, args: argparse.Namespace, guidance: float,
+def evaluate(pipe: LatentPipeline, args: argparse.Namespace, guidance: float,
              classifier: NoisyLatentClassifier | None = None, classifier_scale: float = 0.0) -> dict:
     """Score one guidance scale (and classifier scale); the result repeats every setting that produced it."""
-    negative = [args.negative] if args.negative else None
-    by_class = pipe.text_encoder is None  # class-only: the prompts are class names
+    by_class = isinstance(pipe, ClassToImage)  # class-only: the prompts are class names
+    options = dict(num_inference_steps=args.steps, guidance_scale=guidance, guidance_rescale=args.rescale,
+                   sampler=args.sampler, progress=False, output_type="latent")
+    if args.negative:
+        options["negative_prompt"] = args.negative
 
     def generate(prompts: list[str], seed: int) -> torch.Tensor:
-        generator = torch.Generator().manual_seed(seed)
         steering = {}
         if classifier is not None:  # each prompt's own attribute value, e.g. "red" for "a small red circle ..."
             steering = dict(classifier=classifier, classifier_labels=classifier.targets_of(prompts),
                             classifier_scale=classifier_scale)
-        condition = dict(prompts=None, class_labels=pipe.labels_of(prompts)) if by_class else dict(prompts=prompts)
-        return pipe.generate(**condition, negative_prompts=negative, steps=args.steps, guidance=guidance,
-                             rescale=args.rescale, sampler=args.sampler, generator=generator, **steering)
+        latents = pipe(prompts, seed=seed, **options, **steering).images
+        return pipe.model.decode(latents)  # in [-1, 1], as the scorer takes them
 
     start = time.perf_counter()
     scores = evaluate_shapes(generate, num_prompts=args.prompts, samples_per_prompt=args.samples, seed=args.seed,
@@ -141,11 +155,11 @@ def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
-    scales = args.sweep or [args.guidance]
     classifier = load_classifier(args)
     classifier_scales = args.classifier_sweep or [args.classifier_scale]
-    pipe = LatentDiffusion.from_pretrained(pipeline_dir(args.run_dir)).to(args.device)
+    pipe = load(args.run_dir, args.device)
     check_pipeline(pipe, args)
+    scales = args.sweep or [pipe.default_guidance_scale if args.guidance is None else args.guidance]
     results = [evaluate(pipe, args, scale, classifier, classifier_scale)
                for scale in scales for classifier_scale in classifier_scales]
     json.dump(results if args.sweep or args.classifier_sweep else results[0], sys.stdout, indent=2)

@@ -36,7 +36,7 @@ from torch import Tensor
 from torch.utils.data import DataLoader, Dataset
 from tqdm import tqdm
 
-from autoencoder.model import Autoencoder, VQGAN
+from autoencoder.model import VQGAN, Autoencoder
 from common.checkpoint import CONFIG_FILE, WEIGHTS_FILE, atomic_write
 from common.config import to_dict
 from common.data import DataConfig, build_dataset

@@ -1,8 +1,10 @@
 """Latent diffusion as one object: frozen autoencoder + U-Net + text encoder (or none) + noise schedule.
 
-    pipe = LatentDiffusion.from_pretrained("runs/shapes32_diffusion/pipeline")
-    images = pipe.generate(["a small red circle at the top left"], guidance=4.0,
-                           generator=torch.Generator().manual_seed(0))   # (1, 3, 32, 32) in [-1, 1]
+Users sample through the pipelines (:mod:`pipelines`), which check the call's options and then run
+:meth:`LatentDiffusion.sample_latents` and :meth:`LatentDiffusion.decode`::
+
+    pipe = TextToImage.from_pretrained("runs/shapes32_diffusion")
+    images = pipe(["a small red circle at the top left"], seed=0).images
 
 A pipeline directory::
 
@@ -13,15 +15,15 @@ A pipeline directory::
     dir/autoencoder/    component directory (config.json + model.safetensors)
     dir/unet/           component directory
 
-Classifier guidance: ``sample_latents``/``generate`` take a :class:`diffusion.classifier.NoisyLatentClassifier`
+Classifier guidance: ``sample_latents`` takes a :class:`diffusion.classifier.NoisyLatentClassifier`
 (``classifier=``, ``classifier_labels=``, ``classifier_scale=``) that wraps the (CFG-guided) denoiser.
 
 A class-only U-Net (``context_dim`` 0, ``num_classes`` > 0) is saved without a text encoder
-(``"text_encoder": null``); its prompts are the names of its classes.
+(``"text_encoder": null``); :class:`pipelines.ClassToImage` runs it on class ids or names.
 
 The U-Net works on scaled latents z * latent_scale; :meth:`LatentDiffusion.decode` divides the scale
-out (and snaps VQ latents to the codebook) before decoding. This module also holds what training
-shares with the benchmarks: :class:`DiffusionConfig`, condition dropout and the training loss.
+out (and snaps VQ latents to the codebook) before decoding. :class:`DiffusionConfig`, condition dropout
+and the training loss live in :mod:`diffusion.objectives` (re-exported here).
 
 Shapes: B batch, D latent channels, h w latent grid, L tokens, E text width.
 """
@@ -29,7 +31,6 @@ from __future__ import annotations
 
 import json
 from collections.abc import Sequence
-from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -39,17 +40,15 @@ from torch import Tensor, nn
 from autoencoder.model import Autoencoder
 from common.checkpoint import CONFIG_FILE, PIPELINE_FILE, CheckpointError, atomic_write, find_pipeline_dir
 from common.config import from_dict, to_dict
+from common.text_encoder import TextEmbedding, TextEncoder, TextEncoderConfig
 from diffusion.guidance import classifier_free, classifier_guided, inpainting
 from diffusion.latent_cache import decode_latents, encode_latents, pad_tokens
-from diffusion.objectives import Denoiser, Prediction, Weighting, diffusion_loss, loss_weight, training_target
+from diffusion.objectives import Denoiser, DiffusionConfig, drop_condition, training_loss  # noqa: F401 (re-exported)
 from diffusion.samplers import Callback, get_sampler
-from diffusion.schedules import (
-    NoiseSchedule, ScheduleKind, Spacing, img2img_timesteps, make_schedule, q_sample, timesteps_for,
-)
-from common.text_encoder import TextEmbedding, TextEncoder, TextEncoderConfig
+from diffusion.schedules import img2img_timesteps, q_sample, timesteps_for
 from diffusion.unet import NULL_CLASS, UNet
 
-if TYPE_CHECKING:  # diffusion.classifier imports this module (for DiffusionConfig)
+if TYPE_CHECKING:  # annotations only; diffusion.classifier does not import this module
     from diffusion.classifier import NoisyLatentClassifier
 
 PIPELINE_KIND = "text_to_image"
@@ -61,83 +60,13 @@ TRAIN_CLASSIFIER = ("`accelerate launch diffusion/train_classifier.py configs/cl
                     "(it writes <run.out_dir>/classifier)")
 
 
-@dataclass(frozen=True)
-class DiffusionConfig:
-    """The diffusion process and its training objective.
-
-    Attributes:
-        schedule: beta ramp, see :func:`diffusion.schedules.make_schedule`.
-        num_steps: T, the number of training timesteps.
-        beta_start, beta_end: ends of the linear ramps (ignored by "cosine").
-        zero_terminal_snr: rescale the schedule to zero SNR at T-1 (pair with "v" or "x0" prediction).
-        prediction: what the U-Net predicts: "epsilon", "x0" or "v".
-        weighting: "none" or "min_snr" (Min-SNR-gamma loss weights, Hang et al. 2023).
-        snr_gamma: gamma of min_snr.
-        cond_drop_prob: probability p that training replaces a condition by its null (the "" caption, the
-            null class), which is what makes classifier-free guidance work. Caption and class are dropped
-            independently (``diffusion.train_latent.drop_conditions``), so a class + text U-Net sees every
-            pair the pipelines guide with: (class, "") and (null, prompt) each with probability p (1 - p),
-            against (null, "") with p^2.
-        spacing: how sampling picks its timesteps ("trailing" starts at T-1).
-    """
-
-    schedule: ScheduleKind = "scaled_linear"
-    num_steps: int = 1000
-    beta_start: float = 0.00085
-    beta_end: float = 0.012
-    zero_terminal_snr: bool = False
-    prediction: Prediction = "epsilon"
-    weighting: Weighting = "min_snr"
-    snr_gamma: float = 5.0
-    cond_drop_prob: float = 0.1
-    spacing: Spacing = "trailing"
-
-    def __post_init__(self) -> None:
-        if not 0.0 <= self.cond_drop_prob < 1.0:
-            raise ValueError(f"cond_drop_prob must be in [0, 1), got {self.cond_drop_prob}")
-        if self.zero_terminal_snr and self.prediction == "epsilon":
-            raise ValueError("zero_terminal_snr needs prediction 'v' or 'x0': an epsilon network cannot "
-                             "recover x0 from pure noise at the last timestep")
-
-    def make_schedule(self) -> NoiseSchedule:
-        """The noise schedule this config describes."""
-        return make_schedule(self.schedule, self.num_steps, self.beta_start, self.beta_end, self.zero_terminal_snr)
-
-
-def drop_condition(ids: Tensor, prob: float, null_id: int, generator: torch.Generator | None = None) -> Tensor:
-    """Replace each of ``ids`` (B,) by ``null_id`` with probability ``prob`` (condition dropout)."""
-    if prob <= 0:
-        return ids
-    drop = torch.rand(ids.shape, generator=generator, device=ids.device if generator is None else generator.device)
-    return torch.where(drop.to(ids.device) < prob, torch.full_like(ids, null_id), ids)
-
-
-def training_loss(unet: nn.Module, schedule: NoiseSchedule, config: DiffusionConfig, latents: Tensor,
-                  text: TextEmbedding | None = None, class_labels: Tensor | None = None) -> Tensor:
-    """The weighted denoising loss (B,) of clean scaled latents (B, D, h, w), t ~ U{0, ..., T-1}.
-
-    Draws t and the noise from the global RNG (what accelerate checkpoints, so resume is exact).
-    ``class_labels`` are already shifted (label + 1, or NULL_CLASS) as the U-Net takes them.
-    """
-    batch = latents.shape[0]
-    t = torch.randint(0, schedule.num_steps, (batch,), device=latents.device)
-    noise = torch.randn_like(latents)
-    x_t = q_sample(schedule, latents, t, noise)
-    context = dict(context=text.states, context_mask=text.mask) if text is not None else {}
-    output = unet(x_t, t, class_labels=class_labels, **context)
-    target = training_target(config.prediction, latents, noise, schedule, t)
-    weights = loss_weight(config.weighting, schedule, t, config.snr_gamma, config.prediction)
-    return diffusion_loss(output, target, weights)
-
-
 class LatentDiffusion(nn.Module):
     """Autoencoder + U-Net + text encoder + schedule: the pieces the text-to-image pipelines compose.
 
     Args:
         autoencoder: the frozen stage-1 model (VQ or KL).
         unet: the denoising network, on scaled latents with D = autoencoder code_dim channels.
-        text_encoder: the frozen text encoder, or None for a U-Net without cross-attention (class-only:
-            :meth:`generate` then takes the names of its classes as prompts).
+        text_encoder: the frozen text encoder, or None for a U-Net without cross-attention (class-only).
         config: the diffusion process the U-Net was trained with.
         latent_scale: the factor between autoencoder latents and U-Net latents.
         class_names: for a class-conditional U-Net, the name of each dataset label (index = label),
@@ -186,11 +115,11 @@ class LatentDiffusion(nn.Module):
             raise CheckpointError(f"{directory / PIPELINE_FILE}: {error}") from None
 
     # ------------------------------------------------------------------------------------- the pieces
-    def encode_prompts(self, prompts: str | list[str]) -> TextEmbedding:
-        """Prompts (a bare string is one) -> TextEmbedding(states (B, L, E), mask (B, L)) on the U-Net's device."""
+    def encode_prompts(self, prompts: list[str]) -> TextEmbedding:
+        """Prompts -> TextEmbedding(states (B, L, E), mask (B, L)) on the U-Net's device."""
         if self.text_encoder is None:
             raise ValueError("this pipeline has no text encoder (its U-Net has no cross-attention)")
-        text = self.text_encoder.encode(as_prompt_list(prompts))
+        text = self.text_encoder.encode(list(prompts))
         return TextEmbedding(text.states.to(self.device), text.mask.to(self.device))
 
     @torch.no_grad()
@@ -210,37 +139,13 @@ class LatentDiffusion(nn.Module):
 
     def latent_shape(self, batch: int, height: int | None = None,
                      width: int | None = None) -> tuple[int, int, int, int]:
-        """(B, D, H / f, W / f) for images ``height`` x ``width`` pixels (non-square works: the U-Net is
-        convolutional); each defaults to the autoencoder's training resolution.
-
-        Raises:
-            TypeError: a size that is not an integer.
-            ValueError: a size < 1, or not a multiple of :attr:`size_multiple` (naming the valid ones).
-        """
+        """(B, D, H / f, W / f) for images ``height`` x ``width`` pixels, each defaulting to the autoencoder's
+        training resolution (non-square works: the U-Net is convolutional). The pipelines check the sizes
+        first (:meth:`pipelines.latent.LatentPipeline.check_size`)."""
         ae = self.autoencoder.config
-        height, width = (self._check_side(name, value, ae.resolution) for name, value in
-                         (("height", height), ("width", width)))
         factor = self.autoencoder.downsample_factor
+        height, width = (ae.resolution if side is None else side for side in (height, width))
         return batch, ae.code_dim, height // factor, width // factor
-
-    def _check_side(self, name: str, value: int | None, default: int) -> int:
-        """One image side in pixels, checked (None: ``default``)."""
-        if value is None:
-            return default
-        if isinstance(value, bool) or not isinstance(value, int):
-            raise TypeError(f"{name} must be an integer number of pixels, got {value!r}")
-        multiple = self.size_multiple
-        ae, unet = self.autoencoder.downsample_factor, self.unet.downsample_factor
-        why = f"the autoencoder downsamples by {ae}" + (f" and the U-Net by {unet} more" if unet > 1 else "")
-        if value < 1:
-            raise ValueError(f"{name}={value}: image sizes must be positive multiples of {multiple} ({why}); "
-                             f"leave {name} out for the training resolution {default}")
-        if value % multiple:
-            lower = value - value % multiple
-            valid = f"{lower} or {lower + multiple}" if lower else f"{multiple}"
-            raise ValueError(f"{name}={value} is not a multiple of {multiple} ({why}); image sizes must be "
-                             f"multiples of {multiple}, e.g. {valid}")
-        return value
 
     def timesteps(self, steps: int, sampler: str) -> Tensor:
         """The sampling timesteps, in the style each sampler was matched to diffusers with."""
@@ -323,89 +228,21 @@ class LatentDiffusion(nn.Module):
             return lambda x, t: denoiser(x, t, **cond_kwargs)
         return classifier_free(denoiser, cond_kwargs, uncond_kwargs, guidance, rescale)
 
+    def check_classifier(self, classifier: NoisyLatentClassifier) -> None:
+        """Refuse a classifier trained on other latents or another noise schedule (ValueError saying which)."""
+        classifier.check_compatible(self.autoencoder.config.code_dim, self.latent_scale, self.schedule)
+
     def _classifier_guided(self, denoiser, classifier: NoisyLatentClassifier, labels: Tensor | None,
                            scale: float, batch: int):
-        """Wrap ``denoiser`` with the gradient of log p(labels | x_t) (see :func:`classifier_guided`)."""
-        if labels is None or labels.shape != (batch,):
+        """Wrap ``denoiser`` with the gradient of log p(labels | x_t) (see :func:`classifier_guided`); the
+        pipelines checked ``labels`` (B,) against the classifier's classes."""
+        if labels is None or labels.shape != (batch,):  # a precondition on the tensors, not a user check
             got = None if labels is None else tuple(labels.shape)
             raise ValueError(f"classifier guidance needs classifier_labels of shape ({batch},), got {got}")
-        if int(labels.min()) < 0 or int(labels.max()) >= classifier.num_classes:
-            raise ValueError(f"classifier_labels must lie in [0, {classifier.num_classes}) "
-                             f"({classifier.config.attribute}: {', '.join(classifier.config.class_names)})")
-        classifier.check_compatible(self.autoencoder.config.code_dim, self.latent_scale, self.schedule)
+        self.check_classifier(classifier)
         classifier.to(self.device)
         labels = labels.to(self.device).long()
         return classifier_guided(denoiser, lambda x, t: classifier.log_prob(x, t, labels), scale, self.schedule)
-
-    @torch.no_grad()
-    def generate(self, prompts: str | list[str], *, negative_prompts: str | list[str] | None = None, steps: int = 20,
-                 guidance: float = 4.0, rescale: float = 0.0, sampler: str = "dpmpp_2m",
-                 generator: torch.Generator | None = None, size: int | None = None,
-                 height: int | None = None, width: int | None = None,
-                 class_labels: Tensor | None = None, classifier: NoisyLatentClassifier | None = None,
-                 classifier_labels: Tensor | None = None, classifier_scale: float = 1.0,
-                 **sampler_options: Any) -> Tensor:
-        """Text -> images (B, 3, H, W) in [-1, 1]; negative prompts (1 or B) replace the null prompt "".
-
-        ``prompts`` and ``negative_prompts`` take a list, or one bare string (one prompt, as the pipelines do).
-        ``size`` is a square image's side, ``height``/``width`` one side each (not both kinds); all
-        default to the training resolution, see :meth:`latent_shape`.
-        ``classifier``, ``classifier_labels``, ``classifier_scale``: classifier guidance, see :meth:`sample_latents`.
-        """
-        if size is not None and (height is not None or width is not None):
-            raise ValueError(f"size={size} and height/width were both given; give size (square) or height and width")
-        prompts = as_prompt_list(prompts) if prompts is not None else []
-        if self.text_encoder is None and prompts:  # a class-only U-Net: its prompts are class names
-            if class_labels is not None:
-                raise ValueError("this pipeline has no text encoder: give prompts (names of its classes) or "
-                                 "class_labels, not both")
-            class_labels, prompts = self.labels_of(prompts), []
-        cond = self.encode_prompts(prompts) if self.text_encoder is not None else None  # refuses no prompts
-        labels = class_labels if class_labels is not None else classifier_labels  # without prompts: the batch size
-        if not prompts and labels is None:
-            raise ValueError("give prompts, or class_labels (or classifier_labels) to a pipeline without text")
-        batch = len(prompts) if prompts else int(labels.shape[0])
-        negatives = self._negatives(negative_prompts, batch)
-        uncond = None
-        if cond is not None and guidance != 1.0:
-            uncond = self.encode_prompts(negatives if negatives is not None else [""])
-        shape = self.latent_shape(batch, size if size is not None else height, size if size is not None else width)
-        latents = self.sample_latents(cond, uncond, shape, steps=steps, guidance=guidance,
-                                      rescale=rescale, sampler=sampler, generator=generator,
-                                      class_labels=class_labels, classifier=classifier,
-                                      classifier_labels=classifier_labels, classifier_scale=classifier_scale,
-                                      **sampler_options)
-        return self.decode(latents)
-
-    def labels_of(self, prompts: list[str]) -> Tensor:
-        """The dataset labels (B,) of prompts naming classes of :attr:`class_names`; ValueError for any other."""
-        index = {name: label for label, name in enumerate(self.class_names or ())}
-        unknown = [prompt for prompt in prompts if prompt not in index]
-        if unknown:
-            names = (f"its {len(index)} class names (e.g. {self.class_names[0]!r})" if index
-                     else "its (unsaved) class names")
-            raise ValueError(f"this pipeline has no text encoder, and the prompt {unknown[0]!r} is none of {names}; "
-                             f"give class names or class_labels")
-        return torch.tensor([index[prompt] for prompt in prompts], dtype=torch.long)
-
-    def _negatives(self, negative_prompts: str | list[str] | None, batch: int) -> list[str] | None:
-        """``negative_prompts`` as a list of 1 or ``batch`` prompts (None: the null prompt)."""
-        if negative_prompts is None:
-            return None
-        if self.text_encoder is None:
-            raise ValueError("negative_prompts need a text encoder, and this pipeline has none (its U-Net has no "
-                             "cross-attention); leave negative_prompts out")
-        negatives = as_prompt_list(negative_prompts)
-        if len(negatives) not in (1, batch):
-            raise ValueError(f"negative_prompts has {len(negatives)} entries for {batch} prompts; give one (shared by "
-                             f"every prompt) or one per prompt, or leave it out for the null prompt \"\"")
-        return negatives
-
-
-def as_prompt_list(prompts: str | Sequence[str]) -> list[str]:
-    """A bare string is one prompt (``"a dog"`` -> ``["a dog"]``, not one prompt per character); a
-    sequence is copied to a list. The text encoder checks the items."""
-    return [prompts] if isinstance(prompts, str) else list(prompts)
 
 
 def check_inpainting_inputs(mask: Tensor, known_latents: Tensor | None, shape: tuple[int, ...]) -> None:

@@ -18,16 +18,23 @@ Shapes: B batch, C channels, h w latent grid.
 Every sampler consumes a :data:`DenoiserFn`: ``(x_t (B, C, h, w), t (B,) float timesteps in [0, T-1],
 **cond) -> x0_hat (B, C, h, w)``. :class:`Denoiser` turns an epsilon-, x0- or v-predicting network into
 one, so that the parameterization lives in one place and samplers never read network attributes.
+
+:class:`DiffusionConfig` (a :class:`diffusion.schedules.ScheduleConfig` plus the objective), condition
+dropout and :func:`training_loss` are what the training script shares with the benchmarks.
 """
 from __future__ import annotations
 
 from collections.abc import Callable
-from typing import Any, Literal
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any, Literal
 
 import torch
-from torch import Tensor
+from torch import Tensor, nn
 
-from diffusion.schedules import NoiseSchedule, expand_to
+from diffusion.schedules import NoiseSchedule, ScheduleConfig, Spacing, expand_to, q_sample
+
+if TYPE_CHECKING:
+    from common.text_encoder import TextEmbedding
 
 Prediction = Literal["epsilon", "x0", "v"]
 Weighting = Literal["none", "min_snr"]
@@ -197,3 +204,61 @@ class Denoiser:
 
     def __repr__(self) -> str:
         return f"Denoiser({type(self.net).__name__}, {self.schedule!r}, prediction={self.prediction!r})"
+
+
+@dataclass(frozen=True)
+class DiffusionConfig(ScheduleConfig):
+    """The diffusion process (the :class:`ScheduleConfig` fields, first) and its training objective.
+
+    The field order is the saved order: ``pipeline.json`` lists the schedule keys, then these.
+
+    Attributes:
+        prediction: what the U-Net predicts: "epsilon", "x0" or "v".
+        weighting: "none" or "min_snr" (Min-SNR-gamma loss weights, Hang et al. 2023).
+        snr_gamma: gamma of min_snr.
+        cond_drop_prob: probability p that training replaces a condition by its null (the "" caption, the
+            null class), which is what makes classifier-free guidance work. Caption and class are dropped
+            independently (``diffusion.train_latent.drop_conditions``), so a class + text U-Net sees every
+            pair the pipelines guide with: (class, "") and (null, prompt) each with probability p (1 - p),
+            against (null, "") with p^2.
+        spacing: how sampling picks its timesteps ("trailing" starts at T-1).
+    """
+
+    prediction: Prediction = "epsilon"
+    weighting: Weighting = "min_snr"
+    snr_gamma: float = 5.0
+    cond_drop_prob: float = 0.1
+    spacing: Spacing = "trailing"
+
+    def __post_init__(self) -> None:
+        if not 0.0 <= self.cond_drop_prob < 1.0:
+            raise ValueError(f"cond_drop_prob must be in [0, 1), got {self.cond_drop_prob}")
+        if self.zero_terminal_snr and self.prediction == "epsilon":
+            raise ValueError("zero_terminal_snr needs prediction 'v' or 'x0': an epsilon network cannot "
+                             "recover x0 from pure noise at the last timestep")
+
+
+def drop_condition(ids: Tensor, prob: float, null_id: int, generator: torch.Generator | None = None) -> Tensor:
+    """Replace each of ``ids`` (B,) by ``null_id`` with probability ``prob`` (condition dropout)."""
+    if prob <= 0:
+        return ids
+    drop = torch.rand(ids.shape, generator=generator, device=ids.device if generator is None else generator.device)
+    return torch.where(drop.to(ids.device) < prob, torch.full_like(ids, null_id), ids)
+
+
+def training_loss(unet: nn.Module, schedule: NoiseSchedule, config: DiffusionConfig, latents: Tensor,
+                  text: TextEmbedding | None = None, class_labels: Tensor | None = None) -> Tensor:
+    """The weighted denoising loss (B,) of clean scaled latents (B, D, h, w), t ~ U{0, ..., T-1}.
+
+    Draws t and the noise from the global RNG (what accelerate checkpoints, so resume is exact).
+    ``class_labels`` are already shifted (label + 1, or NULL_CLASS) as the U-Net takes them.
+    """
+    batch = latents.shape[0]
+    t = torch.randint(0, schedule.num_steps, (batch,), device=latents.device)
+    noise = torch.randn_like(latents)
+    x_t = q_sample(schedule, latents, t, noise)
+    context = dict(context=text.states, context_mask=text.mask) if text is not None else {}
+    output = unet(x_t, t, class_labels=class_labels, **context)
+    target = training_target(config.prediction, latents, noise, schedule, t)
+    weights = loss_weight(config.weighting, schedule, t, config.snr_gamma, config.prediction)
+    return diffusion_loss(output, target, weights)

@@ -288,6 +288,6 @@ def get_sampler(name: str) -> Sampler:
     try:
         return SAMPLERS[name]
     except (KeyError, TypeError):
-        close = difflib.get_close_matches(str(name), list(SAMPLERS), n=1, cutoff=0.5)
-        hint = f" Did you mean {close[0]!r}?" if close else ""
-        raise ValueError(f"unknown sampler {name!r}.{hint} Valid samplers: {', '.join(sorted(SAMPLERS))}") from None
+        close = difflib.get_close_matches(str(name), list(SAMPLERS), n=1, cutoff=0.8)
+        hint = f"did you mean {close[0]!r}? " if close else ""
+        raise ValueError(f"sampler {name!r} is unknown; {hint}valid samplers: {', '.join(sorted(SAMPLERS))}") from None

@@ -147,6 +147,31 @@ def make_schedule(
     return NoiseSchedule(betas)
 
 
+@dataclass(frozen=True)
+class ScheduleConfig:
+    """A noise schedule as config data: all a model trained on noised latents must agree on.
+
+    The diffusion config extends it with the training objective; the noisy-latent classifier keeps only
+    this part, so its saved config carries no objective it never used.
+
+    Attributes:
+        schedule: beta ramp, see :func:`make_schedule`.
+        num_steps: T, the number of training timesteps.
+        beta_start, beta_end: ends of the linear ramps (ignored by "cosine").
+        zero_terminal_snr: rescale the schedule to zero SNR at T-1 (pair with "v" or "x0" prediction).
+    """
+
+    schedule: ScheduleKind = "scaled_linear"
+    num_steps: int = 1000
+    beta_start: float = 0.00085
+    beta_end: float = 0.012
+    zero_terminal_snr: bool = False
+
+    def make_schedule(self) -> NoiseSchedule:
+        """The noise schedule this config describes."""
+        return make_schedule(self.schedule, self.num_steps, self.beta_start, self.beta_end, self.zero_terminal_snr)
+
+
 def cosine_betas(num_steps: int, offset: float = 0.008, max_beta: float = 0.999) -> Tensor:
     """Betas of the cosine schedule (Nichol & Dhariwal 2021, eq. 17).
 

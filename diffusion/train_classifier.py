@@ -17,7 +17,6 @@ uniformly drawn t.
 """
 from __future__ import annotations
 
-import argparse
 import dataclasses
 import json
 import sys
@@ -28,18 +27,21 @@ import torch
 from accelerate.utils import set_seed
 from torch.utils.data import Dataset
 
+from common import training
 from common.checkpoint import atomic_write, find_pipeline_dir
-from common.config import ConfigError, dump_config, load_config
+from common.config import ConfigError, dump_config
 from common.data import DataConfig
 from common.ema import EMA
 from common.text_encoder import TextEncoderConfig
-from common.training import (
-    Budget, MetricsLog, NonFiniteSkips, OptimConfig, RunConfig, apply_update, make_accelerator, make_loader,
-    make_optimizer, optimizer_steps, resolved_config, resume_training_state, run_cli, save_training_state,
-)
+from common.training import OptimConfig, RunConfig
 from diffusion.classifier import (
-    ClassifierConfig, NoisyLatentClassifier, attribute_classes, attribute_targets, check_attribute,
-    classifier_loss, noisy_accuracy,
+    ClassifierConfig,
+    NoisyLatentClassifier,
+    attribute_classes,
+    attribute_targets,
+    check_attribute,
+    classifier_loss,
+    noisy_accuracy,
 )
 from diffusion.latent_cache import LatentCache, load_or_build_cache
 from diffusion.latent_diffusion import TRAIN_DIFFUSION, read_pipeline_meta
@@ -92,14 +94,6 @@ class TargetDataset(Dataset):
         return {"latent": self.latents[index], "target": self.targets[index]}
 
 
-def backbone_config_for(model: UNetConfig, code_dim: int) -> UNetConfig:
-    """The backbone config with the autoencoder's channel count filled in."""
-    if model.in_channels not in (UNetConfig().in_channels, code_dim):
-        raise ConfigError(f"model.in_channels={model.in_channels} contradicts the autoencoder's code_dim={code_dim}; "
-                          f"leave it out, it is taken from the autoencoder")
-    return dataclasses.replace(model, in_channels=code_dim, out_channels=code_dim)
-
-
 def load_latents(cfg: TrainConfig, pipeline: Path, data: DataConfig, text: TextEncoderConfig,
                  latent_scale: float, device: torch.device, progress: bool) -> LatentCache:
     """The latent cache of ``data``, rescaled to the pipeline's ``latent_scale`` (a cache of other
@@ -141,7 +135,7 @@ def prepare_data(cfg: TrainConfig, pipeline: Path, text: TextEncoderConfig | Non
 def train_step(batch: dict, model, schedule, cfg: TrainConfig, opt, accelerator):
     """One cross-entropy update; returns (loss, whether it was finite, (accuracy, grad norm or None))."""
     loss, accuracy = classifier_loss(model, schedule, batch["latent"], batch["target"])
-    finite, norm = apply_update(loss, model, opt, accelerator, cfg.optim.grad_clip)
+    finite, norm = training.apply_update(loss, model, opt, accelerator, cfg.optim.grad_clip)
     return loss, finite, (accuracy, norm)
 
 
@@ -153,11 +147,7 @@ def save_outputs(classifier: NoisyLatentClassifier, out_dir: str, step: int, sco
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("config", help="YAML file under configs/classifier/")
-    parser.add_argument("overrides", nargs="*", help="dotted overrides, e.g. diffusion=runs/shapes32_diffusion")
-    args = parser.parse_args(argv)
-    cfg = load_config(TrainConfig, args.config, args.overrides)
+    cfg = training.load_run_config(TrainConfig, argv, __doc__, "classifier", "diffusion=runs/shapes32_diffusion")
     if not cfg.diffusion:
         raise ConfigError("set diffusion=<diffusion run directory>: the classifier is trained on its latents")
     try:
@@ -166,46 +156,46 @@ def main(argv: list[str] | None = None) -> None:
         raise ConfigError(f"target: {error}") from None
     pipeline = find_pipeline_dir(cfg.diffusion, TRAIN_DIFFUSION)
     diffusion, text, latent_scale = read_pipeline_meta(pipeline)
-    accelerator = make_accelerator(cfg.run)
+    accelerator = training.make_accelerator(cfg.run)
     out_dir, main_process = cfg.run.out_dir, accelerator.is_main_process
 
     train_set, heldout_set, classes = prepare_data(cfg, pipeline, text, latent_scale, accelerator)
     code_dim = train_set.latents.shape[1]
-    cfg = dataclasses.replace(cfg, model=backbone_config_for(cfg.model, code_dim))
-    config = ClassifierConfig(cfg.model, cfg.target, classes, diffusion, latent_scale)
+    cfg = dataclasses.replace(cfg, model=cfg.model.resolve(code_dim, text_width=0))  # the backbone sees no text
+    config = ClassifierConfig(cfg.model, cfg.target, classes, schedule=diffusion, latent_scale=latent_scale)
     if main_process:
-        dump_config(resolved_config(cfg, accelerator), f"{out_dir}/config.yaml")
-    schedule = diffusion.make_schedule()
+        dump_config(training.resolved_config(cfg, accelerator), f"{out_dir}/config.yaml")
+    schedule = config.schedule.make_schedule()  # the diffusion run's schedule, as the classifier saves it
     accelerator.print(f"classifier of {cfg.target!r} ({len(classes)} classes) on {len(train_set)} latents "
                       f"{tuple(train_set.latents.shape[1:])} from {pipeline}; {schedule!r}")
 
     set_seed(cfg.run.seed, device_specific=True)  # initialization and stream depend on run.seed alone
     model = NoisyLatentClassifier(config).train()
-    opt, sched = make_optimizer(model.parameters(), cfg.optim)
+    opt, sched = training.make_optimizer(model.parameters(), cfg.optim)
     model, opt, sched = accelerator.prepare(model, opt, sched)
     ema = EMA(accelerator.unwrap_model(model), cfg.run.ema_decay)
     accelerator.register_for_checkpointing(ema)
-    step = resume_training_state(accelerator, out_dir)
+    step = training.resume_training_state(accelerator, out_dir)
 
-    batches = make_loader(train_set, cfg.run, accelerator, step)
-    metrics, budget = MetricsLog(accelerator, out_dir), Budget(cfg.run, accelerator)
+    batches = training.make_loader(train_set, cfg.run, accelerator, step)
+    metrics, budget = training.MetricsLog(accelerator, out_dir), training.Budget(cfg.run, accelerator)
     bar = budget.progress(step, "classifier")
-    skips = NonFiniteSkips(cfg.run, accelerator)
-    for step, loss, (accuracy, norm) in optimizer_steps(
-            accelerator, model, batches, lambda batch: train_step(batch, model, schedule, cfg, opt, accelerator),
-            step=step, budget=budget, skips=skips, sched=sched, ema=ema, bar=bar):
+    skips = training.NonFiniteSkips(cfg.run, accelerator)
+    for step, loss, (accuracy, norm) in training.optimizer_steps(
+            accelerator, model, batches, lambda batch, _: train_step(batch, model, schedule, cfg, opt, accelerator),
+            step=step, budget=budget, skips=skips, scheds=sched, ema=ema, bar=bar):
         if step % cfg.run.log_every == 0 or step == 1:
             values = {"loss": loss, "accuracy": accuracy, "lr": sched.get_last_lr()[0], **bar.metrics()}
             logged = metrics.log(step, {**values, **({"grad_norm": norm} if norm is not None else {})})
             bar.set_postfix(loss=f"{logged['loss']:.4f}", acc=f"{logged['accuracy']:.3f}")
         if step % cfg.run.save_every == 0:
-            save_training_state(accelerator, out_dir, step, cfg.run.keep_checkpoints)
+            training.save_training_state(accelerator, out_dir, step, cfg.run.keep_checkpoints)
             if main_process:
                 scores = evaluate(ema.shadow, schedule, heldout_set, cfg.eval)
                 metrics.log(step, {f"eval/{name}": value for name, value in scores.items()})
                 save_outputs(ema.shadow, out_dir, step, scores)
     bar.close()
-    save_training_state(accelerator, out_dir, step, cfg.run.keep_checkpoints)
+    training.save_training_state(accelerator, out_dir, step, cfg.run.keep_checkpoints)
     if main_process:
         scores = evaluate(ema.shadow, schedule, heldout_set, cfg.eval)
         save_outputs(ema.shadow, out_dir, step, scores)
@@ -215,4 +205,4 @@ def main(argv: list[str] | None = None) -> None:
 
 
 if __name__ == "__main__":
-    run_cli(main, sys.argv[1:])
+    training.run_cli(main, sys.argv[1:])

@@ -10,7 +10,7 @@ works (each dropped independently, see ``DiffusionConfig.cond_drop_prob``). EMA 
 sample grids and are what ``run_dir/pipeline/`` (a LatentDiffusion directory, written at every save)
 holds. Re-running the same command resumes from ``run.out_dir``'s latest checkpoint.
 
-Conditions: ``model.context_dim`` > 0 (the text encoder's width) conditions on captions;
+Conditions: ``model.context_dim`` left out (or set to the text encoder's width) conditions on captions;
 ``model.num_classes`` > 0 on dataset labels, fed as label + 1 with 0 the null class. With
 ``model.context_dim: 0`` the U-Net is class-only: no text encoder is loaded, the cache holds no text,
 and the saved pipeline has none (load it with ``pipelines.ClassToImage``). A class-conditional U-Net is
@@ -19,90 +19,42 @@ sub-folders), so that the pipelines accept class names.
 """
 from __future__ import annotations
 
-import argparse
 import dataclasses
 import sys
-from dataclasses import dataclass, field
-from typing import Literal
+from typing import Any
 
 import torch
 from accelerate.utils import set_seed
 from torch import Tensor
 
 from autoencoder.model import Autoencoder
-from common.config import ConfigError, dump_config, load_config
+from common import training
+from common.config import ConfigError, dump_config
 from common.data import DataConfig, label_names
 from common.ema import EMA
 from common.images import save_grid
-from common.training import (
-    Budget, MetricsLog, NonFiniteSkips, OptimConfig, RunConfig, apply_update, make_accelerator, make_loader,
-    make_optimizer, optimizer_steps, resolved_config, resume_training_state, run_cli, save_training_state,
-)
+from common.text_encoder import TextEncoder
 from diffusion.latent_cache import NULL_ID, LatentCache, load_or_build_cache, resolve_autoencoder_dir
-from diffusion.latent_diffusion import DiffusionConfig, LatentDiffusion, drop_condition, training_loss
-from common.text_encoder import TextEncoder, TextEncoderConfig
+from diffusion.latent_diffusion import LatentDiffusion
+from diffusion.objectives import drop_condition, training_loss
+from diffusion.train_config import SampleConfig, TrainConfig
 from diffusion.unet import NULL_CLASS, UNet, UNetConfig
-
-SHAPES_PROMPTS = (
-    "a large red circle in the center", "a small blue square at the top left", "a large green triangle at the bottom",
-    "a small yellow circle at the right", "a large purple square at the top right",
-    "a small orange triangle at the left", "a large blue circle at the bottom right", "a small red square at the top",
-)
-
-
-@dataclass(frozen=True)
-class SampleConfig:
-    """The periodic sample grid: one column per prompt, ``per_prompt`` rows, a fixed seed."""
-
-    prompts: tuple[str, ...] = SHAPES_PROMPTS
-    per_prompt: int = 2
-    sampler: Literal["ddpm", "ddim", "dpmpp_2m", "euler"] = "dpmpp_2m"
-    steps: int = 20
-    guidance: float = 4.0
-    seed: int = 0
-
-
-@dataclass(frozen=True)
-class TrainConfig:
-    """Everything a latent diffusion run uses.
-
-    autoencoder: a stage-1 run directory (holding ``autoencoder/``) or an autoencoder component directory.
-    cache_dir: parent directory of the latent caches (one sub-directory per autoencoder/data/text combination).
-    model: the U-Net. ``in_channels``/``out_channels`` come from the autoencoder's ``code_dim`` (leave them
-        out); ``context_dim`` must equal the text encoder's width (384 for the default MiniLM), or be 0 for
-        a U-Net without text, which then needs ``num_classes`` (the number of dataset labels).
-    text: the text encoder; unused (never loaded) when ``model.context_dim`` is 0.
-    """
-
-    autoencoder: str = "runs/shapes32_quick"
-    cache_dir: str = "runs/latent_cache"
-    model: UNetConfig = field(default_factory=UNetConfig)
-    diffusion: DiffusionConfig = field(default_factory=DiffusionConfig)
-    text: TextEncoderConfig = field(default_factory=TextEncoderConfig)
-    optim: OptimConfig = field(default_factory=OptimConfig)
-    data: DataConfig = field(default_factory=DataConfig)
-    run: RunConfig = field(default_factory=lambda: RunConfig(out_dir="runs/diffusion"))
-    sample: SampleConfig = field(default_factory=SampleConfig)
+from pipelines.loading import pipeline_for
+from pipelines.options import check_options, options_from_call
 
 
 def unet_config_for(model: UNetConfig, code_dim: int, text_width: int) -> UNetConfig:
     """The U-Net config with the autoencoder's channel count filled in, checked against the text width
     (0: no text encoder, as for ``model.context_dim: 0``)."""
-    check_conditions(model)
-    default = UNetConfig()
-    for name in ("in_channels", "out_channels"):
-        if getattr(model, name) not in (getattr(default, name), code_dim):
-            raise ConfigError(f"model.{name}={getattr(model, name)} contradicts the autoencoder's code_dim="
-                              f"{code_dim}; leave model.{name} out, it is taken from the autoencoder")
-    if model.context_dim != text_width:
-        raise ConfigError(f"model.context_dim={model.context_dim} must equal the text encoder's width {text_width}; "
-                          f"set model.context_dim={text_width}")
-    return dataclasses.replace(model, in_channels=code_dim, out_channels=code_dim)
+    resolved = model.resolve(code_dim, text_width)
+    check_conditions(resolved)
+    return resolved
 
 
 def check_conditions(model: UNetConfig) -> None:
-    """Refuse a U-Net with neither text nor classes: the pipelines have no unconditional generator."""
-    if not model.context_dim and not model.num_classes:
+    """Refuse a U-Net with neither text nor classes: the pipelines have no unconditional generator.
+    (``context_dim`` None means the text encoder's width, so text.)"""
+    if model.context_dim == 0 and not model.num_classes:
         raise ConfigError("model.context_dim=0 and model.num_classes=0 leave the U-Net without a condition; set "
                           "model.context_dim to the text encoder's width (384 for the default MiniLM) and/or "
                           "model.num_classes to the number of dataset labels")
@@ -110,7 +62,7 @@ def check_conditions(model: UNetConfig) -> None:
 
 def load_text_encoder(cfg: TrainConfig, device: torch.device) -> TextEncoder | None:
     """The frozen text encoder, or None for a class-only U-Net (``model.context_dim: 0``), which loads none."""
-    return TextEncoder(cfg.text).to(device) if cfg.model.context_dim else None
+    return TextEncoder(cfg.text).to(device) if cfg.model.context_dim != 0 else None
 
 
 def class_names_for(model: UNetConfig, data: DataConfig) -> list[str] | None:
@@ -154,37 +106,50 @@ def train_step(batch: dict, unet, cache: LatentCache, pipe: LatentDiffusion, cfg
                                   batch["label"] if cfg.model.num_classes else None, cfg.diffusion.cond_drop_prob)
     text = cache.text(ids) if ids is not None else None
     loss = training_loss(unet, pipe.schedule, cfg.diffusion, batch["latent"], text, labels).mean()
-    finite, norm = apply_update(loss, unet, opt, accelerator, cfg.optim.grad_clip)
+    finite, norm = training.apply_update(loss, unet, opt, accelerator, cfg.optim.grad_clip)
     return loss, finite, norm
 
 
-def grid_condition(pipe: LatentDiffusion, prompts: tuple[str, ...], per_prompt: int) -> dict:
-    """The ``generate`` keywords of the sample grid: the prompts, or for a U-Net without text the classes
-    they name; when they name none (labels without names, e.g. emoji), the first classes instead."""
+def grid_condition(pipe: LatentDiffusion, prompts: tuple[str, ...], per_prompt: int) -> list[str] | Tensor:
+    """What the sample grid's pipeline is called with, row by row: the prompts, or for a U-Net without text
+    the classes they name; when they name none (labels without names, e.g. emoji), the first classes instead."""
     if pipe.text_encoder is not None or set(prompts) <= set(pipe.class_names or ()):
-        return {"prompts": [p for _ in range(per_prompt) for p in prompts]}
+        return [p for _ in range(per_prompt) for p in prompts]
     labels = torch.arange(len(prompts)) % pipe.unet.config.num_classes
-    return {"prompts": None, "class_labels": labels.repeat(per_prompt)}
+    return labels.repeat(per_prompt)
 
 
 @torch.no_grad()
 def write_samples(pipe: LatentDiffusion, sample: SampleConfig, path: str) -> None:
-    """Sample the fixed prompts with a fixed generator: one column per prompt, ``per_prompt`` rows."""
-    generator = torch.Generator().manual_seed(sample.seed)
-    images = pipe.generate(**grid_condition(pipe, sample.prompts, sample.per_prompt), steps=sample.steps,
-                           guidance=sample.guidance, sampler=sample.sampler, generator=generator)
-    save_grid(images, path, columns=len(sample.prompts), scale=2)
+    """Sample the fixed prompts with a fixed seed through the pipelines: one column per prompt, ``per_prompt``
+    rows. In fp32, so a grid does not depend on the machine's precision="auto"."""
+    generate = pipeline_for(pipe).to(pipe.device, precision="fp32")
+    latents = generate(grid_condition(pipe, sample.prompts, sample.per_prompt), seed=sample.seed, progress=False,
+                       output_type="latent", **grid_options(sample)).images
+    save_grid(pipe.decode(latents), path, columns=len(sample.prompts), scale=2)
+
+
+def grid_options(sample: SampleConfig) -> dict[str, Any]:
+    """The grid's sampling settings under the pipelines' names; those left out take the pipelines' defaults.
+
+    Raises:
+        ConfigError: a value the pipelines refuse (checked at start-up, not at the first grid).
+    """
+    given = dict(num_inference_steps=sample.steps, guidance_scale=sample.guidance, sampler=sample.sampler)
+    given = {name: value for name, value in given.items() if value is not None}
+    try:
+        check_options(options_from_call("sample", given))
+    except (TypeError, ValueError) as error:
+        raise ConfigError(f"sample: {error}") from None
+    return given
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("config", help="YAML file under configs/diffusion/")
-    parser.add_argument("overrides", nargs="*", help="dotted overrides, e.g. optim.lr=2e-4")
-    args = parser.parse_args(argv)
-    cfg = load_config(TrainConfig, args.config, args.overrides)
+    cfg = training.load_run_config(TrainConfig, argv, __doc__, "diffusion", "optim.lr=2e-4")
     check_conditions(cfg.model)  # before anything is loaded or written
+    grid_options(cfg.sample)
     class_names = class_names_for(cfg.model, cfg.data)
-    accelerator = make_accelerator(cfg.run)
+    accelerator = training.make_accelerator(cfg.run)
     device, out_dir, main_process = accelerator.device, cfg.run.out_dir, accelerator.is_main_process
 
     autoencoder_dir = resolve_autoencoder_dir(cfg.autoencoder)
@@ -205,22 +170,22 @@ def main(argv: list[str] | None = None) -> None:
     # re-seed so the U-Net's initialization and the training stream depend on run.seed alone.
     set_seed(cfg.run.seed, device_specific=True)
     unet = UNet(cfg.model).train()
-    opt, sched = make_optimizer(unet.parameters(), cfg.optim)
+    opt, sched = training.make_optimizer(unet.parameters(), cfg.optim)
     unet, opt, sched = accelerator.prepare(unet, opt, sched)
     ema = EMA(accelerator.unwrap_model(unet), cfg.run.ema_decay)
     accelerator.register_for_checkpointing(ema)
-    step = resume_training_state(accelerator, out_dir)
+    step = training.resume_training_state(accelerator, out_dir)
     if main_process:  # after the resume: a config that does not fit leaves the old record
-        dump_config(resolved_config(cfg, accelerator), f"{out_dir}/config.yaml")
+        dump_config(training.resolved_config(cfg, accelerator), f"{out_dir}/config.yaml")
     pipe = LatentDiffusion(autoencoder, ema.shadow, text_encoder, cfg.diffusion, cache.latent_scale, class_names)
 
-    batches = make_loader(cache, cfg.run, accelerator, step)
-    metrics, budget = MetricsLog(accelerator, out_dir), Budget(cfg.run, accelerator)
+    batches = training.make_loader(cache, cfg.run, accelerator, step)
+    metrics, budget = training.MetricsLog(accelerator, out_dir), training.Budget(cfg.run, accelerator)
     bar = budget.progress(step, "diffusion")
-    skips = NonFiniteSkips(cfg.run, accelerator)
-    for step, loss, norm in optimizer_steps(
-            accelerator, unet, batches, lambda batch: train_step(batch, unet, cache, pipe, cfg, opt, accelerator),
-            step=step, budget=budget, skips=skips, sched=sched, ema=ema, bar=bar):
+    skips = training.NonFiniteSkips(cfg.run, accelerator)
+    for step, loss, norm in training.optimizer_steps(
+            accelerator, unet, batches, lambda batch, _: train_step(batch, unet, cache, pipe, cfg, opt, accelerator),
+            step=step, budget=budget, skips=skips, scheds=sched, ema=ema, bar=bar):
         if step % cfg.run.log_every == 0 or step == 1:
             values = {"loss": loss, "lr": sched.get_last_lr()[0], **bar.metrics()}
             logged = metrics.log(step, {**values, **({"grad_norm": norm} if norm is not None else {})})
@@ -228,11 +193,11 @@ def main(argv: list[str] | None = None) -> None:
         if main_process and step % cfg.run.sample_every == 0:
             write_samples(pipe, cfg.sample, f"{out_dir}/samples/step_{step:08d}.png")
         if step % cfg.run.save_every == 0:
-            save_training_state(accelerator, out_dir, step, cfg.run.keep_checkpoints)
+            training.save_training_state(accelerator, out_dir, step, cfg.run.keep_checkpoints)
             if main_process:
                 pipe.save_pretrained(f"{out_dir}/pipeline")
     bar.close()
-    save_training_state(accelerator, out_dir, step, cfg.run.keep_checkpoints)
+    training.save_training_state(accelerator, out_dir, step, cfg.run.keep_checkpoints)
     if main_process:
         pipe.save_pretrained(f"{out_dir}/pipeline")
         write_samples(pipe, cfg.sample, f"{out_dir}/samples/final.png")
@@ -241,4 +206,4 @@ def main(argv: list[str] | None = None) -> None:
 
 
 if __name__ == "__main__":
-    run_cli(main, sys.argv[1:])
+    training.run_cli(main, sys.argv[1:])

@@ -1,4 +1,4 @@
-"""The text-conditioned latent diffusion U-Net (Rombach et al. 2022), with save/load.
+"""The text- and/or class-conditional latent diffusion U-Net (Rombach et al. 2022), with save/load.
 
 Shape vocabulary: B batch, C latent channels, h w latent grid, L text tokens, D context width,
 E time-embedding width (4x the first level width).
@@ -36,7 +36,8 @@ class UNetConfig:
     """Architecture of the U-Net.
 
     Attributes:
-        in_channels, out_channels: latent channels in and prediction channels out.
+        in_channels, out_channels: latent channels in and prediction channels out; None (the training
+            configs' default): the autoencoder's ``code_dim``, filled in by :meth:`resolve`.
         block_channels: width of each resolution level; the latent is halved between levels.
         layers_per_block: ResBlocks per down level (each up level has one more).
         attention_levels: per level, whether every ResBlock is followed by a :class:`SpatialTransformer`
@@ -46,7 +47,8 @@ class UNetConfig:
         head_dim: width of one attention head; level ``i`` has ``block_channels[i] // head_dim`` heads.
         num_heads: if > 0, this many heads at every level instead (each ``channels // num_heads`` wide);
             this is what diffusers calls ``attention_head_dim``.
-        context_dim: width D of the text tokens; 0 builds no cross-attention (no text).
+        context_dim: width D of the text tokens; 0 builds no cross-attention (no text); None: the text
+            encoder's width, filled in by :meth:`resolve`.
         num_classes: number of classes for class conditioning; 0 for none. The embedding has
             ``num_classes + 1`` rows: id 0 is the null class and label ``y`` is fed as ``y + 1``.
         dropout: dropout inside ResBlocks and feed-forwards.
@@ -57,8 +59,8 @@ class UNetConfig:
         gradient_checkpointing: recompute block activations in the backward pass while training.
     """
 
-    in_channels: int = 4
-    out_channels: int = 4
+    in_channels: int | None = None
+    out_channels: int | None = None
     block_channels: tuple[int, ...] = (128, 256, 512)
     layers_per_block: int = 2
     attention_levels: tuple[bool, ...] = (False, True, True)
@@ -66,7 +68,7 @@ class UNetConfig:
     transformer_depth: int = 1
     head_dim: int = 64
     num_heads: int = 0
-    context_dim: int = 384
+    context_dim: int | None = None
     num_classes: int = 0
     dropout: float = 0.0
     norm_eps: float = 1e-5
@@ -95,6 +97,26 @@ class UNetConfig:
                 problems.append(f"level width {channels} is not divisible by {what}={divisor}")
         if problems:
             raise ConfigError("invalid UNetConfig: " + "; ".join(problems))
+
+    def resolve(self, code_dim: int, text_width: int, where: str = "model.") -> UNetConfig:
+        """This config with the derived fields filled in: in/out channels from the autoencoder's
+        ``code_dim``, ``context_dim`` from the text encoder's width (0: no text encoder). A value given
+        explicitly must agree, since a mismatch would only fail later, inside the first forward pass."""
+        for name in ("in_channels", "out_channels"):
+            if getattr(self, name) not in (None, code_dim):
+                raise ConfigError(f"{where}{name}={getattr(self, name)} contradicts the autoencoder's code_dim="
+                                  f"{code_dim}; leave {where}{name} out, it is taken from the autoencoder")
+        if self.context_dim not in (None, text_width):
+            raise ConfigError(f"{where}context_dim={self.context_dim} must equal the text encoder's width "
+                              f"{text_width}; set {where}context_dim={text_width}")
+        return dataclasses.replace(self, in_channels=code_dim, out_channels=code_dim, context_dim=text_width)
+
+    def check_resolved(self) -> None:
+        """Refuse to build a network while a derived field is still None."""
+        unset = [name for name in ("in_channels", "out_channels", "context_dim") if getattr(self, name) is None]
+        if unset:
+            raise ConfigError(f"UNetConfig.{', '.join(unset)} is None (taken from the autoencoder and text "
+                              "encoder): call UNetConfig.resolve(code_dim, text_width) first, or set it")
 
     @property
     def time_embed_dim(self) -> int:
@@ -158,6 +180,7 @@ class UNetEncoder(nn.Module):
 
     def __init__(self, config: UNetConfig) -> None:
         super().__init__()
+        config.check_resolved()
         self.config = config
         widths = config.block_channels
         self.time_embed = TimestepEmbedder(widths[0], config.time_embed_dim, config.timestep_freq_shift)
@@ -211,6 +234,7 @@ class UNetDecoder(nn.Module):
 
     def __init__(self, config: UNetConfig) -> None:
         super().__init__()
+        config.check_resolved()
         self.config = config
         widths = config.block_channels
         # up[i] works at the resolution of down[i]; it runs deepest first.
@@ -250,7 +274,8 @@ def run_block(owner: UNetEncoder | UNetDecoder, block: ResBlock, attn: SpatialTr
 
 
 class UNet(nn.Module):
-    """The noise-prediction U-Net: encoder half, decoder half, skip connections between them."""
+    """The denoising U-Net (predicts eps, x0 or v per ``DiffusionConfig.prediction``): encoder half, decoder
+    half, skip connections between them."""
 
     def __init__(self, config: UNetConfig) -> None:
         super().__init__()

@@ -16,6 +16,18 @@ Classes (all with ``from_pretrained``, ``save_pretrained``, ``.to(device)`` and 
 - :func:`load_pipeline`: the right class for a directory, from its ``pipeline.json`` kind.
 
 The command line is ``python -m pipelines.generate RUN_OR_PIPELINE_DIR "a prompt" -n 4 -o grid.png``.
+
+Modules:
+
+- ``pipelines.options``: :class:`~pipelines.options.GenerationOptions`, the keyword arguments every call
+  shares (names, defaults, help, CLI flags), and the one place that checks them (``check_options``),
+  prompts (``as_prompts``, ``as_negatives``), class labels (``label_ids``) and image sizes (``check_size``).
+- ``pipelines.base``: the pipeline base class (loading by kind, ``.to``, precision), outputs, progress.
+- ``pipelines.latent``: what the diffusion pipelines share: sizes, conditions, classifier guidance, sampling.
+- ``pipelines.text_to_image``, ``pipelines.image_to_image``, ``pipelines.tokens_to_image``: the pipelines.
+- ``pipelines.inputs``: user images and masks -> tensors (ImageToImage, Inpaint).
+- ``pipelines.loading``: ``load_pipeline`` (the class for a directory), ``pipeline_for`` (for a bundle).
+- ``pipelines.generate``: the command line; ``pipelines.demo``: train both stages briefly and render a grid.
 """
 from pipelines.base import Pipeline, PipelineKindError, PipelineOutput
 from pipelines.image_to_image import ImageToImage, Inpaint

@@ -1,7 +1,7 @@
 """What every pipeline shares: the result type, loading by kind, and the progress/callback hook.
 
 A pipeline is a thin user-facing object over one generator bundle that already knows how to save and
-load itself (:class:`diffusion.latent_diffusion.LatentDiffusion` or :class:`prior.generate.TokenPrior`).
+load itself (:class:`diffusion.latent_diffusion.LatentDiffusion` or :class:`prior.token_prior.TokenPrior`).
 This module adds what users of diffusers expect on top: ``from_pretrained`` that accepts a training
 run directory as well as its ``pipeline/``, a clear error when the directory holds another kind of
 pipeline, ``.to(device)`` that returns the pipeline, and results with an ``.images`` attribute.
@@ -24,6 +24,7 @@ from common.checkpoint import PIPELINE_FILE, CheckpointError, find_pipeline_dir
 from common.images import tensor_to_pil
 from common.precision import PrecisionChoice, check_name, resolve_precision
 from diffusion.samplers import Callback
+from pipelines.options import GenerationOptions, PipelineFacts, check_options, options_from_call
 
 PipelineT = TypeVar("PipelineT", bound="Pipeline")
 
@@ -73,7 +74,7 @@ class Pipeline:
     Attributes:
         kind: the ``pipeline.json`` kind this class runs.
         model: the generator bundle (:class:`diffusion.latent_diffusion.LatentDiffusion` or
-            :class:`prior.generate.TokenPrior`), which saves, loads and moves itself.
+            :class:`prior.token_prior.TokenPrior`), which saves, loads and moves itself.
     """
 
     kind: ClassVar[str] = ""
@@ -148,6 +149,16 @@ class Pipeline:
     def default_guidance_scale(self) -> float:
         """What ``guidance_scale=None`` means for this pipeline."""
         raise NotImplementedError
+
+    @property
+    def facts(self) -> PipelineFacts:
+        """What :func:`pipelines.options.check_options` needs to know about this pipeline."""
+        raise NotImplementedError
+
+    def options(self, given: dict[str, Any]) -> GenerationOptions:
+        """A call's keyword arguments, checked once (see :class:`pipelines.options.GenerationOptions`), with
+        ``guidance_scale`` and ``strength`` resolved to this pipeline's defaults."""
+        return check_options(options_from_call(type(self).__name__, given), self.facts)
 
     def __repr__(self) -> str:
         return f"{type(self).__name__}(device={self.device}, precision={self.requested_precision})"

@@ -104,7 +104,8 @@ def preview_datasets(out: Path, count: int = 64) -> dict[str, str]:
         dataset = build_dataset(DataConfig(name=name, resolution=resolution))
         step = max(1, len(dataset) // count)
         items = [dataset[i * step] for i in range(min(count, len(dataset)))]
-        grid = save_grid(torch.stack([item["image"] for item in items]), out / f"dataset_{name}.png", columns=8, scale=3)
+        images = torch.stack([item["image"] for item in items])
+        grid = save_grid(images, out / f"dataset_{name}.png", columns=8, scale=3)
         (out / f"dataset_{name}_captions.json").write_text(json.dumps([item["caption"] for item in items], indent=1))
         paths[f"dataset_{name}"] = str(grid)
     return paths

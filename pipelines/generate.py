@@ -11,15 +11,19 @@ one JSON line with every setting that produced it (the seed included: one is dra
 left out, so any grid can be made again). A class-conditional pipeline takes class ids (or the class
 names saved with it) as prompts. ``--classifier`` adds classifier guidance (text- and class-to-image)
 towards ``--classifier-label``: given once it applies to every prompt, or repeat it once per prompt.
-Bad arguments print one ``error:`` line and exit with status 2.
+The generation flags (``--steps``, ``--guidance``, ``--sampler``, ...) come from the ``cli`` metadata of
+:class:`pipelines.options.GenerationOptions` and are checked there, once; a flag left out is not
+passed, so the pipeline's default applies. Bad arguments print one ``error:`` line and exit with status 2.
 """
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import random
 import sys
 import time
+import warnings
 from pathlib import Path
 from typing import Any, NoReturn
 
@@ -32,9 +36,12 @@ from diffusion.samplers import SAMPLERS
 from pipelines.base import Pipeline
 from pipelines.image_to_image import ImageToImage, Inpaint
 from pipelines.loading import load_pipeline
-from pipelines.options import check_sampler
+from pipelines.options import GenerationOptions, check_options, options_from_call
 from pipelines.text_to_image import ClassToImage
 from pipelines.tokens_to_image import TokensToImage
+
+OPTION_FLAGS = {f.name: f.metadata["cli"] for f in dataclasses.fields(GenerationOptions) if f.metadata["cli"]}
+FLAG_TYPES = {"int": int, "float": float}  # by the first type of a field's annotation; anything else is a string
 
 
 class ArgumentParser(argparse.ArgumentParser):
@@ -49,6 +56,27 @@ def fail(message: str) -> NoReturn:
     raise SystemExit(2)
 
 
+def fail_option(error: Exception) -> NoReturn:
+    """An option's error as the pipelines word it, with the flag: ``--sampler 'plms' is unknown; ...``, or
+    ``--steps: num_inference_steps must be >= 1, got 0`` where the flag is not ``--<option name>``."""
+    message = str(error)
+    for name, flag in OPTION_FLAGS.items():
+        if message.startswith(f"{name} "):
+            fail(f"--{message}" if flag == f"--{name}" else f"{flag}: {message}")
+    fail(message)
+
+
+def add_option_flags(parser: argparse.ArgumentParser) -> None:
+    """One flag per option with ``cli`` metadata; left out, it is not passed (the pipeline's default applies)."""
+    for f in dataclasses.fields(GenerationOptions):
+        if f.metadata["cli"] is None:
+            continue
+        kind = FLAG_TYPES.get(str(f.type).split("|")[0].strip(), str)
+        extra = f" ({', '.join(sorted(SAMPLERS))})" if f.name == "sampler" else ""
+        parser.add_argument(f.metadata["cli"], dest=f.name, type=kind, default=argparse.SUPPRESS,
+                            help=f"{f.metadata['help']}{extra}")
+
+
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser = ArgumentParser(prog="python -m pipelines.generate", description=__doc__,
                             formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -57,22 +85,12 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("-n", "--num-images", type=int, default=4, help="images per prompt (grid columns)")
     parser.add_argument("-o", "--output", default="generated.png", help="output PNG path")
     parser.add_argument("--seed", type=int, default=None, help="random seed (default: drawn and reported)")
-    parser.add_argument("--steps", type=int, default=20, help="sampler steps (diffusion)")
-    parser.add_argument("--sampler", default="dpmpp_2m", help="diffusion sampler: " + ", ".join(sorted(SAMPLERS)))
-    parser.add_argument("--guidance", type=float, default=None, help="guidance scale (default: the pipeline's)")
-    parser.add_argument("--rescale", type=float, default=0.0, help="guidance rescale in [0, 1] (diffusion)")
-    parser.add_argument("--negative", default=None, help="negative prompt")
-    parser.add_argument("--height", type=int, default=None, help="image height in pixels (diffusion)")
-    parser.add_argument("--width", type=int, default=None, help="image width in pixels (diffusion)")
+    add_option_flags(parser)
     parser.add_argument("--init-image", default=None, help="start from this image (image-to-image)")
-    parser.add_argument("--strength", type=float, default=None, help="img2img/inpaint strength in [0, 1]")
     parser.add_argument("--mask", default=None, help="inpaint: white pixels of this mask are regenerated")
-    parser.add_argument("--classifier", default=None,
-                        help="classifier guidance: a noisy-latent classifier directory or its training run directory")
     parser.add_argument("--classifier-label", action="append", default=None, dest="classifier_labels",
                         help="class name (or id) of the classifier's attribute to steer towards, e.g. red; once for "
                              "all prompts, or once per prompt")
-    parser.add_argument("--classifier-scale", type=float, default=None, help="classifier guidance scale (default 1)")
     parser.add_argument("--scale", type=int, default=1, help="upscale the grid by this factor (nearest)")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--no-progress", action="store_true", help="hide the progress bar")
@@ -82,25 +100,35 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 
 
 def check_arguments(args: argparse.Namespace) -> None:
-    """Catch what argparse cannot, before any model is loaded."""
-    try:
-        check_sampler(args.sampler)
-    except ValueError as error:
-        fail(f"--{error}")
-    if args.num_images < 1 or args.steps < 1 or args.scale < 1:
-        fail("--num-images, --steps and --scale must be >= 1")
-    if (args.strength is not None or args.mask) and not args.init_image:
+    """Catch what argparse cannot, before any model is loaded: the CLI's own flags, then the options."""
+    given = vars(args)
+    if args.num_images < 1 or args.scale < 1:
+        fail("--num-images and --scale must be >= 1")
+    if ("strength" in given or args.mask) and not args.init_image:
         fail("--strength and --mask need --init-image")
-    if (args.classifier_labels or args.classifier_scale is not None) and not args.classifier:
+    if (args.classifier_labels or "classifier_scale" in given) and "classifier" not in given:
         fail("--classifier-label and --classifier-scale need --classifier")
-    if args.classifier and not args.classifier_labels:
+    if "classifier" in given and not args.classifier_labels:
         fail("--classifier needs --classifier-label (the class to steer towards, e.g. red)")
-    if args.classifier and args.init_image:
+    if "classifier" in given and args.init_image:
         fail("--classifier works with text- and class-to-image pipelines, not with --init-image")
     for name in ("path", "init_image", "mask", "classifier"):
-        value = getattr(args, name)
+        value = given.get(name)
         if value and not Path(value).exists():
             fail(f"{'--' + name.replace('_', '-') if name != 'path' else 'path'} {value} does not exist")
+    try:
+        check_options(options_from_call("pipelines.generate", call_options(args)))
+    except (ValueError, TypeError) as error:
+        fail_option(error)
+
+
+def call_options(args: argparse.Namespace) -> dict[str, Any]:
+    """The pipeline call's keyword arguments: the option flags given, and the CLI's own settings."""
+    options = {name: getattr(args, name) for name in OPTION_FLAGS if hasattr(args, name)}
+    if args.classifier_labels:
+        options["classifier_labels"] = [as_label(v) for v in args.classifier_labels]
+    return dict(options, num_images_per_prompt=args.num_images, seed=args.seed, progress=not args.no_progress,
+                output_type="pt")
 
 
 def load(args: argparse.Namespace) -> Pipeline:
@@ -114,34 +142,20 @@ def load(args: argparse.Namespace) -> Pipeline:
     return pipe.to(args.device)
 
 
-def call_arguments(pipe: Pipeline, args: argparse.Namespace) -> tuple[list[Any], dict[str, Any]]:
-    """The pipeline call's positional and keyword arguments."""
-    guidance = pipe.default_guidance_scale if args.guidance is None else args.guidance  # reported, not None
-    options: dict[str, Any] = dict(num_images_per_prompt=args.num_images, guidance_scale=guidance,
-                                   height=args.height, width=args.width, seed=args.seed,
-                                   progress=not args.no_progress, output_type="pt")
+def call_arguments(pipe: Pipeline, args: argparse.Namespace) -> list[Any]:
+    """The pipeline call's positional arguments: prompts (or class labels), and the input image and mask."""
     if isinstance(pipe, ClassToImage):
         labels = [as_label(p) for p in args.prompts]
         if pipe.class_names is None and not all(isinstance(label, int) for label in labels):
             fail(f"{args.path} holds a class-conditional pipeline without class names: prompts must be class ids "
                  f"in [0, {pipe.num_classes}), got {args.prompts}")
-        positional: list[Any] = [labels]
-    else:
-        positional = [args.prompts]
-        options["negative_prompt"] = args.negative
-    if not isinstance(pipe, TokensToImage):  # the AR prior would only warn that these do not apply
-        options.update(num_inference_steps=args.steps, sampler=args.sampler, guidance_rescale=args.rescale)
-    if args.classifier:
-        scale = 1.0 if args.classifier_scale is None else args.classifier_scale
-        options.update(classifier=args.classifier, classifier_labels=[as_label(v) for v in args.classifier_labels],
-                       classifier_scale=scale)
+        return [labels]
+    positional: list[Any] = [args.prompts]
     if args.init_image:
         positional.append(Image.open(args.init_image))
         if args.mask:
             positional.append(Image.open(args.mask))
-        if args.strength is not None:
-            options["strength"] = args.strength
-    return positional, options
+    return positional
 
 
 def as_label(text: str) -> int | str:
@@ -157,16 +171,19 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     if args.seed is None:
         args.seed = random.randrange(2**31)
     start = time.perf_counter()
+    options = call_options(args)
     try:
         pipe = load(args)
-        positional, options = call_arguments(pipe, args)
-        images = pipe(*positional, **options).images
-    except (ValueError, CheckpointError, OSError) as error:
-        fail(str(error))
+        images = pipe(*call_arguments(pipe, args), **options).images
+        with warnings.catch_warnings():  # the call warned already
+            warnings.simplefilter("ignore")
+            settings = pipe.options(options).report(pipe.facts)
+    except (ValueError, TypeError, CheckpointError, OSError) as error:
+        fail_option(error)
     path = save_grid(images * 2 - 1, args.output, columns=args.num_images, scale=args.scale)
     report = {"output": str(path), "path": str(args.path), "pipeline": type(pipe).__name__, "prompts": args.prompts,
-              **{k: v for k, v in options.items() if k not in ("progress", "output_type")},
-              "init_image": args.init_image, "mask": args.mask, "seconds": round(time.perf_counter() - start, 2)}
+              **settings, "init_image": args.init_image, "mask": args.mask,
+              "seconds": round(time.perf_counter() - start, 2)}
     print(path)
     print(json.dumps(report))
     return report

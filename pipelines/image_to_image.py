@@ -13,24 +13,24 @@ x0 estimate), so outside the mask the result is the autoencoder's reconstruction
 """
 from __future__ import annotations
 
+from typing import Any
+
 import torch
-from diffusion.samplers import Callback
+
 from pipelines.base import PipelineOutput
 from pipelines.inputs import ImageInput, image_batch, image_size, keep_mask, mask_batch
 from pipelines.latent import LatentPipeline
-from pipelines.options import RunOptions, as_negatives, as_prompts, repeat_tensor
+from pipelines.options import as_negatives, as_prompts, repeat_tensor
 
 
 class ImageToImage(LatentPipeline):
     """Input image -> latents -> noised to ``strength`` -> guided sampler -> decoder."""
 
+    roles = frozenset({"diffusion", "text", "image"})
+    default_strength = 0.8
+
     @torch.no_grad()
-    def __call__(self, prompt: str | list[str], image: ImageInput, *, strength: float = 0.8,
-                 negative_prompt: str | list[str] | None = None, num_inference_steps: int = 20,
-                 guidance_scale: float | None = None, guidance_rescale: float = 0.0, sampler: str = "dpmpp_2m",
-                 height: int | None = None, width: int | None = None, num_images_per_prompt: int = 1,
-                 generator: torch.Generator | None = None, seed: int | None = None, callback: Callback | None = None,
-                 progress: bool = True, output_type: str = "pil") -> PipelineOutput:
+    def __call__(self, prompt: str | list[str], image: ImageInput, **options: Any) -> PipelineOutput:
         """Re-generate images towards prompts.
 
         Args:
@@ -38,19 +38,16 @@ class ImageToImage(LatentPipeline):
             image: one image for all prompts or one per prompt: PIL, list of PIL, or a tensor
                 (3, H, W) / (N, 3, H, W) in [0, 1]. Its size must be a multiple of
                 :attr:`size_multiple` unless ``height``/``width`` resize it.
-            strength: in [0, 1]; runs ``int(num_inference_steps * strength)`` steps from the input
-                noised to that point. 0 returns the input's reconstruction (no step, no callback).
-            height, width: resize the input to this size first (default: keep its size).
-            The other arguments are those of :meth:`pipelines.TextToImage.__call__`.
+            options: as in :meth:`pipelines.TextToImage.__call__` (no classifier guidance), plus
+                ``strength`` in [0, 1] (default 0.8): runs ``int(num_inference_steps * strength)`` steps
+                from the input noised to that point; 0 returns the input's reconstruction (no step, no
+                callback). ``height``/``width`` resize the input first (default: keep its size).
         """
         prompts = as_prompts(prompt)
-        run = RunOptions(num_inference_steps=num_inference_steps, guidance_scale=guidance_scale,
-                         guidance_rescale=guidance_rescale, sampler=sampler, height=height, width=width,
-                         num_images_per_prompt=num_images_per_prompt, generator=generator, seed=seed,
-                         callback=callback, progress=progress, output_type=output_type)
-        strength = self.check_strength(strength, run)
-        negatives = as_negatives(negative_prompt, len(prompts))
-        latents = self.encode_inputs(image_batch(image, len(prompts), height, width), len(prompts), run)
+        run = self.options(options)
+        strength = self.check_strength(run)
+        negatives = as_negatives(run.negative_prompt, len(prompts))
+        latents = self.encode_inputs(image_batch(image, len(prompts), run.height, run.width), len(prompts), run)
         cond, uncond = self.text_conditions(prompts, negatives, run)
         out = self.sample(tuple(latents.shape), run, cond, uncond, strength=strength, init_latents=latents)
         return self.finish(out, run)
@@ -59,13 +56,12 @@ class ImageToImage(LatentPipeline):
 class Inpaint(LatentPipeline):
     """Image + mask -> regenerate the masked region, keep the rest (in latent space, exactly)."""
 
+    roles = frozenset({"diffusion", "text", "image"})
+    default_strength = 1.0
+
     @torch.no_grad()
-    def __call__(self, prompt: str | list[str], image: ImageInput, mask_image: ImageInput, *,
-                 strength: float = 1.0, negative_prompt: str | list[str] | None = None,
-                 num_inference_steps: int = 20, guidance_scale: float | None = None, guidance_rescale: float = 0.0,
-                 sampler: str = "dpmpp_2m", height: int | None = None, width: int | None = None,
-                 num_images_per_prompt: int = 1, generator: torch.Generator | None = None, seed: int | None = None,
-                 callback: Callback | None = None, progress: bool = True, output_type: str = "pil") -> PipelineOutput:
+    def __call__(self, prompt: str | list[str], image: ImageInput, mask_image: ImageInput,
+                 **options: Any) -> PipelineOutput:
         """Fill the masked region of images according to prompts.
 
         Args:
@@ -74,22 +70,18 @@ class Inpaint(LatentPipeline):
             mask_image: one mask for all prompts or one per prompt, the size of ``image``: a PIL image
                 (converted to "L") or a tensor (H, W) / (1, H, W) / (N, 1, H, W) in [0, 1]. White / 1
                 pixels are regenerated. A latent cell is regenerated when any of its pixels is marked.
-            strength: in [0, 1]; below 1 the masked region starts from the noised input instead of
-                noise (0 returns the input's reconstruction).
-            The other arguments are those of :meth:`pipelines.TextToImage.__call__`.
+            options: as in :meth:`ImageToImage.__call__`; ``strength`` defaults to 1.0, and below 1 the
+                masked region starts from the noised input instead of noise.
         """
         prompts = as_prompts(prompt)
-        run = RunOptions(num_inference_steps=num_inference_steps, guidance_scale=guidance_scale,
-                         guidance_rescale=guidance_rescale, sampler=sampler, height=height, width=width,
-                         num_images_per_prompt=num_images_per_prompt, generator=generator, seed=seed,
-                         callback=callback, progress=progress, output_type=output_type)
-        strength = self.check_strength(strength, run)
-        negatives = as_negatives(negative_prompt, len(prompts))
-        pixels = image_batch(image, len(prompts), height, width)
-        masks = mask_batch(mask_image, len(prompts), image_size(image), height, width)
+        run = self.options(options)
+        strength = self.check_strength(run)
+        negatives = as_negatives(run.negative_prompt, len(prompts))
+        pixels = image_batch(image, len(prompts), run.height, run.width)
+        masks = mask_batch(mask_image, len(prompts), image_size(image), run.height, run.width)
         latents = self.encode_inputs(pixels, len(prompts), run)
         keep = repeat_tensor(keep_mask(masks, self.model.autoencoder.downsample_factor), len(prompts),
-                             num_images_per_prompt).to(latents.device)
+                             run.num_images_per_prompt).to(latents.device)
         cond, uncond = self.text_conditions(prompts, negatives, run)
         out = self.sample(tuple(latents.shape), run, cond, uncond, strength=strength, init_latents=latents,
                           mask=keep, known_latents=latents)

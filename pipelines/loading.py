@@ -7,12 +7,15 @@
 :class:`ClassToImage` when the bundle has no text encoder (a class-conditional U-Net);
 "tokens_to_image" gives :class:`TokensToImage`. ImageToImage and Inpaint run the same
 "text_to_image" directories: load them by name, or convert with ``ImageToImage.from_pipe(pipe)``.
+:func:`pipeline_for` picks the class for a bundle in memory (training's sample grids).
 """
 from __future__ import annotations
 
 from pathlib import Path
 
+from diffusion.latent_diffusion import LatentDiffusion
 from pipelines.base import CLASS_FOR_KIND, Pipeline, PipelineKindError, resolve
+from pipelines.latent import LatentPipeline
 from pipelines.text_to_image import ClassToImage, TextToImage
 from pipelines.tokens_to_image import TokensToImage
 
@@ -30,3 +33,9 @@ def load_pipeline(path: str | Path) -> Pipeline:
     """Load a pipeline directory, or the ``pipeline/`` of a training run directory, as its default class."""
     directory, kind, meta = resolve(path)
     return pipeline_class(kind, meta).from_pretrained(directory)
+
+
+def pipeline_for(model: LatentDiffusion) -> LatentPipeline:
+    """The default pipeline of an in-memory bundle (what training's sample grids run): TextToImage, or
+    ClassToImage for a U-Net without text."""
+    return TextToImage(model) if model.text_encoder is not None else ClassToImage(model)

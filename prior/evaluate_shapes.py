@@ -20,7 +20,8 @@ import torch
 
 from common.checkpoint import find_pipeline_dir
 from common.evaluation import evaluate_shapes, finite_number, number_list, whole_number
-from prior.generate import TRAIN_PRIOR, TokenPrior
+from pipelines.tokens_to_image import TokensToImage
+from prior.token_prior import TRAIN_PRIOR
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -45,16 +46,25 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     return parser.parse_args(argv)
 
 
-def evaluate(pipe: TokenPrior, args: argparse.Namespace, guidance: float) -> dict:
+def load(run_dir: str, device: str) -> TokensToImage:
+    """The token prior pipeline of ``run_dir`` on ``device``, sampling in fp32 (so scores stay comparable with
+    those of earlier runs, whatever the machine's precision="auto" picks)."""
+    return TokensToImage.from_pretrained(find_pipeline_dir(run_dir, TRAIN_PRIOR)).to(device, "fp32")
+
+
+def evaluate(pipe: TokensToImage, args: argparse.Namespace, guidance: float) -> dict:
     """Score one guidance scale; the result repeats every setting that produced it."""
     given = {"guidance_tokens": args.guidance_tokens, "temperature": args.temperature, "top_k": args.top_k,
              "top_p": args.top_p}
-    sampling = {**vars(pipe.sampling), **{k: v for k, v in given.items() if v is not None}, "guidance": guidance}
+    given = {k: v for k, v in given.items() if v is not None}
+    sampling = {**vars(pipe.model.sampling), **given, "guidance": guidance}
+    options = dict(given, guidance_scale=guidance, progress=False, output_type="latent")
+    if args.negative:
+        options["negative_prompt"] = args.negative
 
     def generate(prompts: list[str], seed: int) -> torch.Tensor:
-        negative = [args.negative] * len(prompts) if args.negative else None
-        generator = torch.Generator().manual_seed(seed)  # a CPU generator: the same tokens on any device
-        return pipe.generate(prompts, negative_prompts=negative, generator=generator, **sampling)
+        # seed: a CPU generator, the same tokens on any device
+        return pipe.model.decode(pipe(prompts, seed=seed, **options).images)
 
     start = time.perf_counter()
     scores = evaluate_shapes(generate, num_prompts=args.prompts, samples_per_prompt=args.samples, seed=args.seed,
@@ -67,8 +77,8 @@ def main(argv: list[str] | None = None) -> dict | list[dict]:
     args = parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
-    pipe = TokenPrior.from_pretrained(find_pipeline_dir(args.run_dir, TRAIN_PRIOR), device=args.device)
-    default = args.guidance if args.guidance is not None else pipe.sampling.guidance
+    pipe = load(args.run_dir, args.device)
+    default = args.guidance if args.guidance is not None else pipe.default_guidance_scale
     scales = args.sweep or [default]
     results = [evaluate(pipe, args, scale) for scale in scales]
     report = results if args.sweep else results[0]

@@ -9,7 +9,6 @@ from ``run.out_dir``'s latest checkpoint. The EMA weights are saved as a pipelin
 """
 from __future__ import annotations
 
-import argparse
 import dataclasses
 import math
 import sys
@@ -18,19 +17,17 @@ from dataclasses import dataclass, field
 import torch
 
 from autoencoder.model import Autoencoder
-from common.config import ConfigError, dump_config, load_config
+from common import training
+from common.config import ConfigError, dump_config
 from common.data import DataConfig
 from common.ema import EMA
 from common.images import save_grid
-from common.training import (
-    Budget, MetricsLog, NonFiniteSkips, OptimConfig, RunConfig, apply_update, make_accelerator, make_loader,
-    make_optimizer, optimizer_steps, resolved_config, resume_training_state, run_cli, save_training_state,
-)
-from prior.generate import TokenPrior
+from common.training import OptimConfig, RunConfig
 from prior.losses import LossConfig, condition_dropout, corrupt_tokens, next_token_loss
 from prior.sampling import SamplingConfig, sample_tokens
 from prior.text import TextEncoderConfig, fit_length
 from prior.token_cache import TokenData, TokenDataset, TokensConfig, load_or_build_tokens
+from prior.token_prior import TokenPrior
 from prior.transformer import GPT, Condition, PriorConfig, parameter_groups
 
 
@@ -106,17 +103,13 @@ def train_step(batch, model, data: TokenData, opt, accelerator, cfg: TrainConfig
     inputs = corrupt_tokens(tokens[:, :-1], cfg.loss.pkeep, cfg.model.codebook_size)
     drop = condition_dropout(tokens.shape[0], cfg.loss.cond_drop if kind != "none" else 0.0, tokens.device)
     terms = next_token_loss(model(inputs, batch_condition(batch, data, kind), drop), tokens)
-    finite, _ = apply_update(terms.loss, model, opt, accelerator, cfg.optim.grad_clip)
+    finite, _ = training.apply_update(terms.loss, model, opt, accelerator, cfg.optim.grad_clip)
     return terms.loss, finite, terms
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("config", help="YAML file under configs/prior/")
-    parser.add_argument("overrides", nargs="*", help="dotted overrides, e.g. optim.lr=3e-4")
-    args = parser.parse_args(argv)
-    cfg = load_config(TrainConfig, args.config, args.overrides)
-    accelerator = make_accelerator(cfg.run)
+    cfg = training.load_run_config(TrainConfig, argv, __doc__, "prior", "optim.lr=3e-4")
+    accelerator = training.make_accelerator(cfg.run)
     out_dir, kind = cfg.run.out_dir, cfg.model.condition
     text = cfg.text if kind == "text" else None
     with accelerator.main_process_first():  # the main process builds the cache, the others read it
@@ -128,24 +121,24 @@ def main(argv: list[str] | None = None) -> None:
         data = data._replace(text_states=states.to(accelerator.device), text_mask=mask.to(accelerator.device))
 
     model = GPT(cfg.model).train()
-    opt, sched = make_optimizer(parameter_groups(model, cfg.optim.weight_decay), cfg.optim)
+    opt, sched = training.make_optimizer(parameter_groups(model, cfg.optim.weight_decay), cfg.optim)
     model, opt, sched = accelerator.prepare(model, opt, sched)
     ema = EMA(accelerator.unwrap_model(model), cfg.run.ema_decay)
     accelerator.register_for_checkpointing(ema)
-    step = resume_training_state(accelerator, out_dir)
+    step = training.resume_training_state(accelerator, out_dir)
     if accelerator.is_main_process:  # after the resume: a config that does not fit leaves the old record
-        dump_config(resolved_config(cfg, accelerator), f"{out_dir}/config.yaml")
+        dump_config(training.resolved_config(cfg, accelerator), f"{out_dir}/config.yaml")
 
-    batches = make_loader(TokenDataset(data), cfg.run, accelerator, step)
+    batches = training.make_loader(TokenDataset(data), cfg.run, accelerator, step)
     preview, captions = preview_condition(data, kind, 8, accelerator.device)
-    metrics, budget = MetricsLog(accelerator, out_dir), Budget(cfg.run, accelerator)
+    metrics, budget = training.MetricsLog(accelerator, out_dir), training.Budget(cfg.run, accelerator)
     bar = budget.progress(step, "prior")
     accelerator.print(f"{len(data.tokens)} token sequences of {data.tokens.shape[1]}; model "
                       f"{sum(p.numel() for p in model.parameters()) / 1e6:.2f}M parameters; preview: {captions}")
-    skips = NonFiniteSkips(cfg.run, accelerator)
-    for step, _, terms in optimizer_steps(
-            accelerator, model, batches, lambda batch: train_step(batch, model, data, opt, accelerator, cfg),
-            step=step, budget=budget, skips=skips, sched=sched, ema=ema, bar=bar):
+    skips = training.NonFiniteSkips(cfg.run, accelerator)
+    for step, _, terms in training.optimizer_steps(
+            accelerator, model, batches, lambda batch, _: train_step(batch, model, data, opt, accelerator, cfg),
+            step=step, budget=budget, skips=skips, scheds=sched, ema=ema, bar=bar):
         if step % cfg.run.log_every == 0 or step == 1:
             logged = metrics.log(step, {**terms._asdict(), "lr": sched.get_last_lr()[0], **bar.metrics()})
             bar.set_postfix(loss=f"{logged['loss']:.3f}", acc=f"{logged['accuracy']:.3f}")
@@ -153,9 +146,9 @@ def main(argv: list[str] | None = None) -> None:
             write_samples(ema.shadow, autoencoder, preview, len(captions), cfg.sample,
                           f"{out_dir}/samples/step_{step:08d}.png")
         if step % cfg.run.save_every == 0:
-            save_training_state(accelerator, out_dir, step, cfg.run.keep_checkpoints)
+            training.save_training_state(accelerator, out_dir, step, cfg.run.keep_checkpoints)
     bar.close()
-    save_training_state(accelerator, out_dir, step, cfg.run.keep_checkpoints)
+    training.save_training_state(accelerator, out_dir, step, cfg.run.keep_checkpoints)
     if accelerator.is_main_process:
         class_names = data.class_names() if kind == "class" else None
         TokenPrior(autoencoder, ema.shadow, text, class_names, cfg.sample).save_pretrained(f"{out_dir}/pipeline")
@@ -165,4 +158,4 @@ def main(argv: list[str] | None = None) -> None:
 
 
 if __name__ == "__main__":
-    run_cli(main, sys.argv[1:])
+    training.run_cli(main, sys.argv[1:])

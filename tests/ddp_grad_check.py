@@ -20,6 +20,7 @@ from torch import Tensor, nn
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the repository root, when run by hand
 
 from autoencoder.model import AutoencoderConfig, build_autoencoder  # noqa: E402
+from autoencoder.quantizer import QuantizerConfig  # noqa: E402
 from diffusion.unet import UNet, UNetConfig  # noqa: E402
 from prior.losses import next_token_loss  # noqa: E402
 from prior.transformer import GPT, Condition, PriorConfig  # noqa: E402
@@ -35,7 +36,8 @@ def build(name: str) -> nn.Module:
     if name == "autoencoder":  # the plain quantizer: no k-means or restarts, which look at the batch
         model = build_autoencoder(AutoencoderConfig(
             resolution=16, base_channels=16, channel_mult=(1, 2), num_res_blocks=1, attn_resolutions=(8,),
-            z_channels=8, codebook_size=16, code_dim=4, kmeans_init=False, dead_code_threshold=0))
+            z_channels=8, code_dim=4, quantizer=QuantizerConfig(codebook_size=16, kmeans_init=False,
+                                                                dead_code_threshold=0)))
     elif name == "unet":
         model = UNet(UNetConfig(in_channels=4, out_channels=4, block_channels=(16, 32), attention_levels=(False, True),
                                 layers_per_block=1, head_dim=8, context_dim=12))

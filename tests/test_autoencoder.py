@@ -2,18 +2,20 @@
 from __future__ import annotations
 
 import dataclasses
+import json
+import warnings
 
 import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from autoencoder import VQGAN, Autoencoder, AutoencoderConfig, KLAutoencoder, build_autoencoder
+from autoencoder import VQGAN, Autoencoder, AutoencoderConfig, KLAutoencoder, QuantizerConfig, build_autoencoder
 from common.checkpoint import CheckpointError
 from common.config import ConfigError, from_dict
 
 TINY = AutoencoderConfig(resolution=16, base_channels=32, channel_mult=(1, 2), num_res_blocks=1,
-                         attn_resolutions=(8,), z_channels=8, codebook_size=32, code_dim=4,
-                         dead_code_threshold=0)
+                         attn_resolutions=(8,), z_channels=8, code_dim=4,
+                         quantizer=QuantizerConfig(codebook_size=32, dead_code_threshold=0))
 
 
 def images(batch: int = 2, size: int = 16, seed: int = 0) -> torch.Tensor:
@@ -26,8 +28,13 @@ def vqgan() -> VQGAN:
     return VQGAN(TINY)
 
 
+def with_quantizer(**changes) -> AutoencoderConfig:
+    return dataclasses.replace(TINY, quantizer=dataclasses.replace(TINY.quantizer, **changes))
+
+
 def test_config_derived_values_validation_and_loading():
-    assert [AutoencoderConfig(channel_mult=m).downsample_factor for m in ((1, 2, 2), (1, 1, 2, 4), (1,) * 5)] == [4, 8, 16]
+    factors = [AutoencoderConfig(channel_mult=m).downsample_factor for m in ((1, 2, 2), (1, 1, 2, 4), (1,) * 5)]
+    assert factors == [4, 8, 16]
     assert TINY.latent_size == 8
     assert from_dict(AutoencoderConfig, {"channel_mult": [1, 2], "kind": "kl"}).channel_mult == (1, 2)
     with pytest.raises(ConfigError, match="not divisible"):
@@ -36,6 +43,24 @@ def test_config_derived_values_validation_and_loading():
         from_dict(AutoencoderConfig, {"kind": "vae"})
     with pytest.raises(ConfigError, match="needs kind='kl'"):
         KLAutoencoder(TINY)
+
+
+def test_the_quantizer_options_are_nested_and_old_flat_files_still_load(vqgan, tmp_path):
+    assert TINY.codebook_size == TINY.quantizer.codebook_size == 32 and TINY.quantizer.code_dim is None
+    assert vqgan.quantizer.config == dataclasses.replace(TINY.quantizer, code_dim=4)
+    with pytest.raises(ConfigError, match="quantizer.code_dim=8 contradicts code_dim=4"):
+        dataclasses.replace(TINY, quantizer=QuantizerConfig(code_dim=8))
+    directory = vqgan.save_pretrained(tmp_path / "ae")
+    meta = json.loads((directory / "config.json").read_text())
+    assert meta["config"]["quantizer"]["codebook_size"] == 32 and "codebook_size" not in meta["config"]
+    flat = {key: value for key, value in meta["config"].items() if key != "quantizer"}
+    flat.update({key: value for key, value in meta["config"]["quantizer"].items() if key != "code_dim"})
+    (directory / "config.json").write_text(json.dumps({**meta, "config": flat}))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # a saved file upgrades quietly
+        assert Autoencoder.from_pretrained(directory).config == TINY
+    with pytest.raises(ConfigError, match="keep quantizer.beta and remove beta"):
+        from_dict(AutoencoderConfig, {"beta": 0.5, "quantizer": {"beta": 0.25}})
 
 
 def test_forward_shapes_and_output_fields(vqgan):
@@ -63,7 +88,7 @@ def test_decode_indices_inverts_encode_to_indices(vqgan):
 
 def test_commitment_gradient_reaches_only_the_encoder():
     torch.manual_seed(0)
-    model = VQGAN(dataclasses.replace(TINY, ema_decay=0.9)).train()  # EMA: no codebook term
+    model = VQGAN(with_quantizer(ema_decay=0.9)).train()  # EMA: no codebook term
     model(images()).quant.loss.backward()
     assert model.encoder.conv_in.weight.grad.abs().sum() > 0
     assert all(p.grad is None for p in model.decoder.parameters())
@@ -72,7 +97,7 @@ def test_commitment_gradient_reaches_only_the_encoder():
 
 def test_codebook_gradient_reaches_only_the_codebook():
     torch.manual_seed(0)
-    model = VQGAN(dataclasses.replace(TINY, beta=0.0)).train()  # beta 0: no commitment term
+    model = VQGAN(with_quantizer(beta=0.0)).train()  # beta 0: no commitment term
     model(images()).quant.loss.backward()
     assert model.quantizer.codebook.grad.abs().sum() > 0
     assert all(p.grad is None or not p.grad.any() for p in model.encoder.parameters())

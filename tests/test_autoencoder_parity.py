@@ -82,7 +82,8 @@ def test_taming_vqgan_converts_to_identical_outputs(taming_model):
     assert isinstance(ours, VQGAN)
     config = ours.config
     assert (config.channel_mult, config.attn_resolutions, config.num_res_blocks) == ((1, 2, 2), (16,), 1)
-    assert not (config.l2_normalize or config.kmeans_init or config.dead_code_threshold or config.ema_decay)
+    quantizer = config.quantizer
+    assert not (quantizer.l2_normalize or quantizer.kmeans_init or quantizer.dead_code_threshold or quantizer.ema_decay)
     assert_matches_taming(ours, taming_model)
 
 

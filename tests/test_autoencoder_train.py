@@ -7,24 +7,13 @@ import subprocess
 import sys
 from pathlib import Path
 
-import pytest
 import yaml
 
 from autoencoder.model import Autoencoder
 from common.training import read_metrics
+from tiny import TINY_AUTOENCODER as TINY
 
 ROOT = Path(__file__).resolve().parents[1]
-TINY = {
-    "model": {"resolution": 16, "base_channels": 16, "channel_mult": [1, 2], "num_res_blocks": 1,
-              "attn_resolutions": [], "z_channels": 16, "codebook_size": 32, "code_dim": 4,
-              "dead_code_threshold": 2, "usage_window": 4},
-    "disc": {"base_channels": 8, "num_layers": 2},
-    "loss": {"perceptual": "none", "disc_start": 2, "gan_start": 3, "gan_ramp": 0, "disc_weight": 0.5},
-    "optim": {"lr": 1e-3, "warmup_steps": 2, "decay_steps": 8},
-    "data": {"name": "shapes", "resolution": 16, "size": 64},
-    "run": {"batch_size": 4, "precision": "no", "log_every": 1, "sample_every": 4, "save_every": 3,
-            "progress": False, "ema_decay": 0.9},
-}
 
 
 def train(tmp_path: Path, *overrides: str, processes: int = 1) -> subprocess.CompletedProcess:

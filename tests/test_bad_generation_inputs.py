@@ -12,64 +12,83 @@ import pytest
 import torch
 
 from autoencoder.model import Autoencoder
+from bad_inputs import refused
 from common.text_encoder import TextEncoderConfig
 from diffusion import evaluate_shapes
 from diffusion.latent_diffusion import LatentDiffusion
 from diffusion.samplers import sample_ddim
 from diffusion.schedules import make_schedule
 from diffusion.unet import UNet
-from prior.generate import TokenPrior
+from pipelines import ClassToImage, TextToImage, TokensToImage
+from prior.token_prior import TokenPrior
 from prior.transformer import GPT, PriorConfig
-from test_latent_cache import single_thread, tiny_unet_config  # noqa: F401 (autouse fixture)
-from bad_inputs import parts, refused  # noqa: F401 (parts is a fixture)
+from tiny import tiny_unet_config
 
 pytest.importorskip("transformers")
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 # ------------------------------------------------------------------------- sampling (diffusion)
-SAMPLING_CASES = {  # name -> (generate() arguments, error, words)
-    "misspelled_sampler": (dict(sampler="dpmpp2m"), ValueError, ("unknown sampler 'dpmpp2m'", "'dpmpp_2m'")),
-    "zero_steps": (dict(steps=0), ValueError, ("steps must be in [1, 100]", "got 0")),
-    "negative_steps": (dict(steps=-3), ValueError, ("steps must be in [1, 100]", "got -3")),
-    "fractional_steps": (dict(steps=2.5), TypeError, ("steps must be a whole number", "2.5")),
-    "more_steps_than_timesteps": (dict(steps=5000), ValueError, ("steps must be in [1, 100]",)),
-    "nan_guidance": (dict(guidance=float("nan")), ValueError, ("guidance scale must be a finite number", "nan")),
-    "inf_guidance": (dict(guidance=float("inf")), ValueError, ("guidance scale must be a finite number", "inf")),
-    "negative_ddim_eta": (dict(sampler="ddim", eta=-1.0), ValueError, ("eta must be >= 0",)),
+SAMPLING_CASES = {  # name -> (pipeline call arguments, error, words)
+    "misspelled_sampler": (dict(sampler="dpmpp2m"), ValueError, ("sampler 'dpmpp2m' is unknown", "'dpmpp_2m'")),
+    "zero_steps": (dict(num_inference_steps=0), ValueError, ("num_inference_steps must be >= 1", "got 0")),
+    "negative_steps": (dict(num_inference_steps=-3), ValueError, ("num_inference_steps must be >= 1", "got -3")),
+    "fractional_steps": (dict(num_inference_steps=2.5), TypeError, ("num_inference_steps must be an integer", "2.5")),
+    "more_steps_than_timesteps": (dict(num_inference_steps=5000), ValueError, ("num_inference_steps must be <= 100",
+                                                                               "got 5000")),
+    "nan_guidance": (dict(guidance_scale=float("nan")), ValueError, ("guidance_scale must be a finite number", "nan")),
+    "inf_guidance": (dict(guidance_scale=float("inf")), ValueError, ("guidance_scale must be a finite number", "inf")),
     "misspelled_sampler_option": (dict(sampler="ddim", etaa=0.5), TypeError, ("'etaa'",)),
-    "guidance_rescale_above_one": (dict(rescale=2.0), ValueError, ("rescale must be in [0, 1]",)),
-    "no_prompts": (dict(prompts=[]), ValueError, ("at least one prompt",)),
-    "prompt_that_is_not_text": (dict(prompts=["a dog", None]), TypeError, ("prompt 1 is NoneType",)),
-    "size_not_a_multiple_of_the_latent_grid": (dict(size=13), ValueError, ("height=13 is not a multiple of 4",
-                                                                           "e.g. 12 or 16")),
-    "negative_size": (dict(size=-16), ValueError, ("height=-16", "positive multiples of 4")),
-    "more_negative_prompts_than_prompts": (dict(prompts=["a", "b"], negative_prompts=["x", "y", "z"]), ValueError,
-                                           ("negative_prompts has 3 entries for 2 prompts", "give one")),
-    "negative_prompts_for_a_text_free_pipeline": (dict(negative_prompts="x", text_free=True), ValueError,
-                                                  ("negative_prompts need a text encoder",)),
+    "guidance_rescale_above_one": (dict(guidance_rescale=2.0), ValueError, ("guidance_rescale must be a finite "
+                                                                            "number in [0, 1]",)),
+    "no_prompts": (dict(prompt=[]), ValueError, ("at least one prompt",)),
+    "prompt_that_is_not_text": (dict(prompt=["a dog", None]), TypeError, ("prompt 1 is NoneType",)),
+    "size_not_a_multiple_of_the_latent_grid": (dict(height=13), ValueError, ("height=13 is not a multiple of 4",
+                                                                             "e.g. 12 or 16")),
+    "negative_size": (dict(height=-16), ValueError, ("height=-16", "positive multiples of 4")),
+    "more_negative_prompts_than_prompts": (dict(prompt=["a", "b"], negative_prompt=["x", "y", "z"]), ValueError,
+                                           ("negative_prompt has 3 entries for 2 prompts", "give one")),
+    "negative_prompts_for_a_text_free_pipeline": (dict(negative_prompt="x", text_free=True), ValueError,
+                                                  ("negative_prompt: ClassToImage",)),
 }
 
 
 @pytest.mark.parametrize("case", SAMPLING_CASES)
 def test_sampling(case, parts):
     arguments, error, words = SAMPLING_CASES[case]
-    arguments = {"prompts": ["a small red circle at the top left"], "steps": 2, **arguments}
-    pipe = parts["pipe"]
+    arguments = {"prompt": ["a small red circle at the top left"], "num_inference_steps": 2, "progress": False,
+                 "seed": 0, **arguments}
+    pipe = TextToImage(parts["pipe"])
     if arguments.pop("text_free", False):  # the same pipeline without its text encoder, fed class labels
         unet = UNet(dataclasses.replace(tiny_unet_config(context_dim=0), num_classes=2))
-        pipe = LatentDiffusion(pipe.autoencoder, unet, None, pipe.config, pipe.latent_scale)
-        arguments.update(prompts=None, class_labels=torch.tensor([0, 1]))
-    generator = torch.Generator().manual_seed(0)
-    refused(lambda: pipe.generate(arguments.pop("prompts"), generator=generator, **arguments), *words, error=error)
+        model = parts["pipe"]
+        pipe = ClassToImage(LatentDiffusion(model.autoencoder, unet, None, model.config, model.latent_scale))
+        arguments["prompt"] = [0, 1]
+    refused(lambda: pipe(arguments.pop("prompt"), **arguments), *words, error=error)
+
+
+BUNDLE_CASES = {  # name -> (sample_latents arguments, error, words): the sampler's own preconditions
+    "negative_ddim_eta": (dict(sampler="ddim", eta=-1.0), ValueError, ("eta must be >= 0",)),
+    "misspelled_sampler_option": (dict(sampler="ddim", etaa=0.5), TypeError, ("'etaa'",)),
+}
+
+
+@pytest.mark.parametrize("case", BUNDLE_CASES)
+def test_sampler_options_at_the_bundle(case, parts):
+    arguments, error, words = BUNDLE_CASES[case]
+    pipe = parts["pipe"]
+    cond = pipe.encode_prompts(["a small red circle at the top left"])
+    refused(lambda: pipe.sample_latents(cond, None, (1, 4, 8, 8), steps=2, guidance=1.0,
+                                        generator=torch.Generator().manual_seed(0), **arguments), *words, error=error)
 
 
 def test_a_bare_string_is_one_prompt(parts):
-    """As in the pipelines: "a dog" is one prompt (not one per character), and so is a bare negative prompt."""
-    pipe, seed = parts["pipe"], lambda: torch.Generator().manual_seed(0)
-    images = pipe.generate("a dog", negative_prompts="a cat", steps=2, generator=seed())
+    """"a dog" is one prompt (not one per character), and so is a bare negative prompt."""
+    pipe = TextToImage(parts["pipe"])
+    options = dict(num_inference_steps=2, seed=0, progress=False, output_type="pt")
+    images = pipe("a dog", negative_prompt="a cat", **options).images
     assert images.shape == (1, 3, 16, 16)
-    torch.testing.assert_close(images, pipe.generate(["a dog"], negative_prompts=["a cat"], steps=2, generator=seed()))
-    torch.testing.assert_close(pipe.encode_prompts("a dog").states, pipe.encode_prompts(["a dog"]).states)
+    torch.testing.assert_close(images, pipe(["a dog"], negative_prompt=["a cat"], **options).images)
 
 
 MASK_CASES = {  # name -> (mask, known latents, error, words); the latents are (1, 4, 8, 8)
@@ -146,7 +165,8 @@ PROMPTS = {
 @pytest.mark.parametrize("case", PROMPTS)
 def test_prompt_is_handled(case, parts, caplog):
     with caplog.at_level(logging.WARNING, logger="common.text_encoder"):
-        images = parts["pipe"].generate([PROMPTS[case]], steps=2, generator=torch.Generator().manual_seed(0))
+        images = TextToImage(parts["pipe"])([PROMPTS[case]], num_inference_steps=2, seed=0, progress=False,
+                                            output_type="pt").images
     assert images.shape == (1, 3, 16, 16) and torch.isfinite(images).all()
     truncated = [r.getMessage() for r in caplog.records if "truncated" in r.getMessage()]
     assert bool(truncated) == (case == "longer_than_the_token_limit")
@@ -156,45 +176,47 @@ def test_prompt_is_handled(case, parts, caplog):
 
 # ------------------------------------------------------------------------- the token prior
 @pytest.fixture(scope="module")
-def priors(parts) -> dict[str, TokenPrior]:
+def priors(parts) -> dict[str, TokensToImage]:
     autoencoder = Autoencoder.from_pretrained(parts["ae"])
     torch.manual_seed(0)
     common = dict(codebook_size=32, grid_size=8, width=32, depth=1, heads=4)
     by_class = GPT(PriorConfig(condition="class", num_classes=2, **common))
     by_text = GPT(PriorConfig(condition="text", text_dim=32, text_tokens=6, **common))
-    return {"class": TokenPrior(autoencoder, by_class, class_names=["a red circle", "a blue square"]),
-            "text": TokenPrior(autoencoder, by_text, TextEncoderConfig(name_or_path=str(parts["text"])))}
+    text = TextEncoderConfig(name_or_path=str(parts["text"]))
+    return {"class": TokensToImage(TokenPrior(autoencoder, by_class, class_names=["a red circle", "a blue square"])),
+            "text": TokensToImage(TokenPrior(autoencoder, by_text, text))}
 
 
-ONE = torch.tensor([0])
-PRIOR_CASES = {  # name -> (prior, generate() arguments, words)
-    "class_label_out_of_range": ("class", dict(labels=torch.tensor([0, 7])), ("class labels must lie in [0, 2)",)),
-    "prompt_naming_no_class": ("class", dict(prompts=["a green star"]), ("name no class", "'a green star'")),
-    "nan_guidance": ("class", dict(labels=ONE, guidance=float("nan")), ("guidance must be a finite number", "nan")),
-    "zero_temperature": ("class", dict(labels=ONE, temperature=0.0), ("temperature", "top_k=1")),
-    "top_p_above_one": ("class", dict(labels=ONE, top_p=1.5), ("top_p must be in (0, 1]",)),
-    "negative_top_k": ("class", dict(labels=ONE, top_k=-5), ("top_k must be >= 0",)),
-    "text_prior_without_prompts": ("text", dict(num_samples=2), ("a text prior needs prompts",)),
+ONE = [0]
+PRIOR_CASES = {  # name -> (prior, TokensToImage arguments, words)
+    "class_label_out_of_range": ("class", dict(class_labels=[0, 7]), ("class_labels must be in [0, 2)", "got 7")),
+    "prompt_naming_no_class": ("class", dict(prompt=["a green star"]), ("'a green star' is not a class",
+                                                                        "valid names: a red circle, a blue square")),
+    "nan_guidance": ("class", dict(class_labels=ONE, guidance_scale=float("nan")), ("guidance_scale must be a finite "
+                                                                                    "number", "nan")),
+    "zero_temperature": ("class", dict(class_labels=ONE, temperature=0.0), ("temperature", "top_k=1")),
+    "top_p_above_one": ("class", dict(class_labels=ONE, top_p=1.5), ("top_p must be in (0, 1]",)),
+    "negative_top_k": ("class", dict(class_labels=ONE, top_k=-5), ("top_k must be >= 0",)),
+    "text_prior_without_prompts": ("text", dict(), ("give prompt or class_labels",)),
 }
 
 
 @pytest.mark.parametrize("case", PRIOR_CASES)
 def test_prior_generation(case, priors):
     kind, arguments, words = PRIOR_CASES[case]
-    refused(lambda: priors[kind].generate(**arguments, generator=torch.Generator().manual_seed(0)), *words,
-            error=ValueError)
+    refused(lambda: priors[kind](**arguments, seed=0, progress=False), *words, error=ValueError)
 
 
 def test_prior_takes_a_bare_string_as_one_prompt(priors):
-    seed = lambda: torch.Generator().manual_seed(0)  # noqa: E731
-    images = priors["class"].generate("a red circle", generator=seed())
+    options = dict(seed=0, progress=False, output_type="pt")
+    images = priors["class"]("a red circle", **options).images
     assert images.shape == (1, 3, 16, 16)
-    torch.testing.assert_close(images, priors["class"].generate(["a red circle"], generator=seed()))
+    torch.testing.assert_close(images, priors["class"](["a red circle"], **options).images)
 
 
 def test_prior_prompt_longer_than_its_text_slots(priors, caplog):
     with caplog.at_level(logging.WARNING, logger="prior.text"):
-        images = priors["text"].generate(["a small red circle at the top left of the picture 🐶"], guidance=2.0,
-                                         generator=torch.Generator().manual_seed(0))
+        images = priors["text"](["a small red circle at the top left of the picture 🐶"], guidance_scale=2.0, seed=0,
+                                progress=False, output_type="pt").images
     assert images.shape == (1, 3, 16, 16) and torch.isfinite(images).all()
     assert any("raise model.text_tokens" in r.getMessage() for r in caplog.records)

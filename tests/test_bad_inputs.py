@@ -26,16 +26,16 @@ from PIL import Image
 
 from autoencoder import convert, evaluate
 from autoencoder.model import Autoencoder
+from bad_inputs import ROOT, cli, refused, snapshot
 from common.checkpoint import CheckpointError, save_component
 from common.data.folder import FolderDataset
 from common.training import latest_checkpoint
 from diffusion.unet import UNet
-from prior.generate import TokenPrior
-from test_autoencoder_train import TINY as TINY_AUTOENCODER
-from test_latent_cache import single_thread, tiny_unet_config  # noqa: F401 (autouse fixture)
-from bad_inputs import ROOT, cli, parts, refused, snapshot, train  # noqa: F401 (parts is a fixture)
+from prior.token_prior import TokenPrior
+from tiny import TINY_AUTOENCODER, tiny_unet_config
 
 pytest.importorskip("transformers")
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 # ------------------------------------------------------------------------- image folders (common/data/folder.py)
@@ -126,6 +126,8 @@ CONFIG_CASES = {  # name -> (script, YAML text, overrides, words of the message)
                           ("run.precision: 'bf61' is not one of", "'bf16'")),
     "value_out_of_range": ("diffusion.train_latent", "", ("diffusion.cond_drop_prob=1.5",),
                            ("diffusion: cond_drop_prob must be in [0, 1), got 1.5",)),
+    "unknown_grid_sampler": ("diffusion.train_latent", "", ("sample.sampler=plms",),
+                             ("sample: sampler 'plms' is unknown", "valid samplers")),
     "inconsistent_values": ("autoencoder.train", "loss:\n  disc_start: 5\n  gan_start: 2\n", (),
                             ("loss: need 0 <= disc_start <= gan_start",)),
     "yaml_syntax_error": ("prior.train", "run: {steps: [1, 2\n", (), ("is not valid YAML", "line 2")),
@@ -198,7 +200,7 @@ CHECKPOINT_CASES = {  # name -> (make the bad directory from (a copy of the auto
         lambda d, _: save_component(d.parent / "unet", "unet", tiny_unet_config(), UNet(tiny_unet_config())),
         Autoencoder.from_pretrained, ("holds a 'unet' component, but a 'autoencoder' was expected",)),
     "weights_of_another_shape": (
-        lambda d, _: _edit_config(d, lambda c: c.update(codebook_size=64)), Autoencoder.from_pretrained,
+        lambda d, _: _edit_config(d, lambda c: c["quantizer"].update(codebook_size=64)), Autoencoder.from_pretrained,
         ("quantizer.codebook: (32, 4) in", "(64, 4) in the model", "different config")),
     "missing_weights_via_evaluate": (lambda d, _: (d / "model.safetensors").unlink() or d, _evaluate,
                                      ("no model.safetensors; the save did not finish",)),

@@ -14,8 +14,14 @@ import torch
 from torch import nn
 
 from common.checkpoint import (
-    CONFIG_FILE, WEIGHTS_FILE, CheckpointError, load_component, load_legacy_checkpoint,
-    load_state_strict, read_component_config, save_component,
+    CONFIG_FILE,
+    WEIGHTS_FILE,
+    CheckpointError,
+    load_component,
+    load_legacy_checkpoint,
+    load_state_strict,
+    read_component_config,
+    save_component,
 )
 
 ROOT = Path(__file__).resolve().parents[1]

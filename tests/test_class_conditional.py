@@ -11,7 +11,6 @@ from pathlib import Path
 import pytest
 import torch
 import yaml
-from accelerate.state import AcceleratorState
 
 from common.config import ConfigError
 from common.data.shapes import NUM_LABELS, ShapeSpec
@@ -21,9 +20,10 @@ from diffusion.latent_cache import NULL_ID, load_cache
 from diffusion.train_latent import drop_conditions
 from diffusion.unet import NULL_CLASS
 from pipelines import ClassToImage, PipelineKindError, TextToImage
-from test_latent_cache import make_tiny_autoencoder, make_tiny_text_encoder, single_thread  # noqa: F401 (fixture)
+from tiny import make_tiny_autoencoder, make_tiny_text_encoder, train_in_process
 
 pytest.importorskip("transformers")
+pytestmark = pytest.mark.usefixtures("one_thread")
 NAMES = [ShapeSpec.from_label(label).caption for label in range(NUM_LABELS)]
 FAST = {"num_inference_steps": 2, "progress": False}
 
@@ -48,10 +48,7 @@ def tiny_config(root: Path, **model) -> Path:
 
 
 def train(config: Path, *overrides: str) -> None:
-    try:
-        train_latent.main([str(config), *overrides])
-    finally:
-        AcceleratorState._reset_state(reset_partial_state=True)  # leave no accelerate singleton behind
+    train_in_process(train_latent.main, config, *overrides)
 
 
 @pytest.fixture
@@ -98,16 +95,14 @@ def test_class_to_image_runs_the_class_only_model(class_run, no_text_encoder):
     with pytest.raises(PipelineKindError, match="TextToImage needs a text-conditioned U-Net.*load it with "
                                                  "ClassToImage"):
         TextToImage.from_pretrained(class_run)
-    # the bundle takes class names as prompts, as the token prior does, and refuses other prompts
-    model = pipe.model
-    as_prompts = model.generate(NAMES[:2], steps=2, generator=torch.Generator().manual_seed(1))
-    as_labels = model.generate(None, class_labels=torch.tensor([0, 1]), steps=2,
-                               generator=torch.Generator().manual_seed(1))
-    assert torch.equal(as_prompts, as_labels)
-    with pytest.raises(ValueError, match="the prompt 'a dog' is none of its 324 class names"):
-        model.generate(["a dog"], steps=2)
-    with pytest.raises(ValueError, match="negative_prompts need a text encoder"):
-        model.generate(NAMES[:1], negative_prompts="a red square", steps=2)
+    # names and ids give the same images; other names and negative prompts are refused, naming the argument
+    by_label = pipe(torch.tensor([0, 1]), num_inference_steps=2, seed=1, progress=False, output_type="pt").images
+    assert torch.equal(pipe(NAMES[:2], num_inference_steps=2, seed=1, progress=False, output_type="pt").images,
+                       by_label)
+    with pytest.raises(ValueError, match="class_labels: 'a dog' is not a class of this pipeline; valid names: "):
+        pipe(["a dog"], **FAST)
+    with pytest.raises(ValueError, match="negative_prompt: ClassToImage has no text condition"):
+        pipe(NAMES[:1], negative_prompt="a red square", **FAST)
     assert no_text_encoder == []
 
 

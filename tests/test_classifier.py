@@ -8,37 +8,32 @@ from pathlib import Path
 import pytest
 import torch
 import yaml
-from accelerate.state import AcceleratorState
 
 from common.checkpoint import CheckpointError, save_component
+from common.config import from_dict
 from common.data.shapes import COLOURS, SHAPES, ShapeSpec
 from diffusion import evaluate_shapes, train_classifier
 from diffusion.classifier import (
-    ClassifierConfig, NoisyLatentClassifier, attribute_classes, attribute_targets, caption_targets, classifier_loss,
+    ClassifierConfig,
+    NoisyLatentClassifier,
+    attribute_classes,
+    attribute_targets,
+    caption_targets,
+    classifier_loss,
     noisy_accuracy,
 )
-from diffusion.latent_diffusion import DiffusionConfig, LatentDiffusion
-from diffusion.unet import UNet, UNetConfig
-from test_latent_cache import make_tiny_pipeline, single_thread, tiny_unet_config  # noqa: F401 (fixture)
+from diffusion.latent_diffusion import LatentDiffusion
+from diffusion.objectives import DiffusionConfig
+from diffusion.schedules import ScheduleConfig
+from diffusion.unet import UNet
+from pipelines import TextToImage
+from tiny import CLASSIFIER_BACKBONE as BACKBONE
+from tiny import make_tiny_pipeline, tiny_classifier, tiny_unet_config, train_in_process
 
 pytest.importorskip("transformers")
-PROMPTS = ["a small red circle at the top left", "a large blue square in the center", "a small green triangle at the bottom"]
-BACKBONE = UNetConfig(in_channels=4, out_channels=4, block_channels=(16, 32), layers_per_block=1,
-                      attention_levels=(False, True), mid_attention=True, head_dim=8, context_dim=0)
-
-
-def tiny_classifier(seed: int = 0, **overrides) -> NoisyLatentClassifier:
-    """A random classifier with every weight perturbed and a sharpened head, so that its log-probabilities
-    depend clearly on x and t (a fresh one is almost uniform whatever the input)."""
-    options = dict(backbone=BACKBONE, attribute="colour", class_names=tuple(COLOURS),
-                   diffusion=DiffusionConfig(num_steps=100), latent_scale=2.5)
-    torch.manual_seed(seed)
-    model = NoisyLatentClassifier(ClassifierConfig(**{**options, **overrides})).eval()
-    with torch.no_grad():
-        for parameter in model.parameters():
-            parameter.add_(0.1 * torch.randn_like(parameter))
-        model.head.weight.mul_(30.0)
-    return model
+pytestmark = pytest.mark.usefixtures("one_thread")
+PROMPTS = ["a small red circle at the top left", "a large blue square in the center",
+           "a small green triangle at the bottom"]
 
 
 @pytest.fixture(scope="module")
@@ -149,15 +144,16 @@ def test_scale_zero_is_unguided_and_guidance_raises_log_prob(pipe, cond_kind):
 
 def test_generate_with_classifier_and_checks(pipe):
     classifier = tiny_classifier()
-    images = pipe.generate(PROMPTS[:2], steps=3, guidance=1.0, generator=torch.Generator().manual_seed(0),
-                           classifier=classifier, classifier_labels=classifier.targets_of(PROMPTS[:2]))
+    options = dict(num_inference_steps=3, guidance_scale=1.0, seed=0, progress=False, output_type="pt")
+    images = TextToImage(pipe)(PROMPTS[:2], classifier=classifier, classifier_labels=classifier.targets_of(PROMPTS[:2]),
+                               **options).images
     assert images.shape == (2, 3, 16, 16)
     with pytest.raises(ValueError, match="classifier_labels of shape"):
         sample(pipe, "none", classifier=classifier)
-    with pytest.raises(ValueError, match=r"must lie in \[0, 6\)"):
-        sample(pipe, "none", classifier=classifier, classifier_labels=torch.tensor([0, 1, 6]))
+    with pytest.raises(ValueError, match=r"classifier_labels must be in \[0, 6\), got 6"):
+        TextToImage(pipe)(PROMPTS[:2], classifier=classifier, classifier_labels=[0, 6], **options)
     with pytest.raises(ValueError, match="different noise schedule"):
-        sample(pipe, "none", classifier=tiny_classifier(diffusion=DiffusionConfig(num_steps=1000)),
+        sample(pipe, "none", classifier=tiny_classifier(schedule=ScheduleConfig(num_steps=1000)),
                classifier_labels=torch.tensor([0, 1, 2]))
     with pytest.raises(ValueError, match="scaled by 3"):
         sample(pipe, "none", classifier=tiny_classifier(latent_scale=3.0), classifier_labels=torch.tensor([0, 1, 2]))
@@ -187,10 +183,15 @@ def trained(tmp_path_factory, pipe) -> Path:
 
 
 def train(root: Path, *overrides: str) -> None:
-    try:
-        train_classifier.main([str(root / "tiny.yaml"), *overrides])
-    finally:
-        AcceleratorState._reset_state(reset_partial_state=True)  # leave no accelerate singleton behind
+    train_in_process(train_classifier.main, root / "tiny.yaml", *overrides)
+
+
+def test_the_config_keeps_only_the_schedule_and_reads_old_diffusion_sections():
+    narrowed = ClassifierConfig(schedule=DiffusionConfig(num_steps=100, prediction="v", zero_terminal_snr=True))
+    assert type(narrowed.schedule) is ScheduleConfig
+    assert narrowed.schedule == ScheduleConfig(num_steps=100, zero_terminal_snr=True)
+    old = from_dict(ClassifierConfig, {"diffusion": {"num_steps": 100, "prediction": "v", "spacing": "leading"}})
+    assert old.schedule == ScheduleConfig(num_steps=100)
 
 
 def test_train_classifier_writes_a_loadable_component(trained):
@@ -198,7 +199,7 @@ def test_train_classifier_writes_a_loadable_component(trained):
     classifier = NoisyLatentClassifier.from_pretrained(run / "classifier")
     assert classifier.config.attribute == "colour" and classifier.config.class_names == tuple(COLOURS)
     assert classifier.config.backbone.in_channels == 4 and classifier.config.latent_scale == 2.5
-    assert classifier.config.diffusion.num_steps == 100  # the diffusion run's schedule
+    assert classifier.config.schedule.num_steps == 100  # the diffusion run's schedule
     scores = json.loads((run / "eval.json").read_text())
     assert scores["step"] == 6 and {"t=0", "t=99", "uniform"} <= set(scores)
     metrics = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]

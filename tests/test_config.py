@@ -6,7 +6,9 @@ from typing import Literal
 import pytest
 import yaml
 
-from common.config import ConfigError, dump_config, from_dict, load_config, to_dict
+from autoencoder.model_config import AutoencoderConfig, check_data_resolution
+from common.config import ConfigError, ConfigUpgradeWarning, dump_config, from_dict, load_config, to_dict
+from common.data import DataConfig
 
 
 @dataclass(frozen=True)
@@ -113,3 +115,28 @@ def test_override_text_keeps_its_string_meaning():
     cfg = load_config(Run, None, ["precision=no", "name=off", "path=null"])
     assert cfg.precision == "no" and cfg.name == "off" and cfg.path is None
     assert load_config(Run, None, ["name=123", "path=yes"]) == Run(name="123", path="yes")
+
+
+@dataclass(frozen=True)
+class StageOne:
+    model: AutoencoderConfig = field(default_factory=AutoencoderConfig)
+
+
+def test_old_flat_quantizer_keys_load_with_a_warning_that_says_how_to_update(tmp_path):
+    path = write(tmp_path, {"model": {"codebook_size": 512, "dead_code_threshold": 7}})
+    with pytest.warns(ConfigUpgradeWarning, match=r"model.codebook_size, model.dead_code_threshold now go under "
+                                                  r"model.quantizer \(e.g. model.quantizer.codebook_size\); update"):
+        old = load_config(StageOne, path)
+    assert old == load_config(StageOne, None, ["model.quantizer.codebook_size=512",
+                                                "model.quantizer.dead_code_threshold=7"])
+    with pytest.warns(ConfigUpgradeWarning, match="update the overrides"):
+        assert load_config(StageOne, None, ["model.codebook_size=512", "model.dead_code_threshold=7"]) == old
+    with pytest.raises(ConfigError, match="keep model.quantizer.codebook_size and remove model.codebook_size"):
+        load_config(StageOne, write(tmp_path, {"model": {"quantizer": {"codebook_size": 512}}}),
+                    ["model.codebook_size=8192"])
+
+
+def test_stage_one_data_must_have_the_model_resolution():
+    check_data_resolution(AutoencoderConfig(resolution=32), DataConfig(resolution=32))
+    with pytest.raises(ConfigError, match="model.resolution=32 but data.resolution=64"):
+        check_data_resolution(AutoencoderConfig(resolution=32), DataConfig(resolution=64))

@@ -14,8 +14,6 @@ from pathlib import Path
 import pytest
 import torch
 import yaml
-from accelerate.state import AcceleratorState
-
 from PIL import Image
 
 from common.config import ConfigError
@@ -26,9 +24,10 @@ from diffusion import evaluate_shapes, train_latent
 from diffusion.latent_diffusion import LatentDiffusion, drop_condition
 from diffusion.train_latent import class_names_for, unet_config_for
 from diffusion.unet import UNetConfig
-from test_latent_cache import make_tiny_autoencoder, make_tiny_text_encoder, single_thread  # noqa: F401 (fixture)
+from tiny import make_tiny_autoencoder, make_tiny_text_encoder, train_in_process
 
 pytest.importorskip("transformers")
+pytestmark = pytest.mark.usefixtures("one_thread")
 ROOT = Path(__file__).resolve().parents[1]
 
 
@@ -56,11 +55,7 @@ def setup(tmp_path_factory) -> Path:
 
 
 def train(root: Path, *overrides: str) -> None:
-    """Run the training entry point in this process (a fresh interpreter per run would cost seconds)."""
-    try:
-        train_latent.main([str(root / "tiny.yaml"), *overrides])
-    finally:
-        AcceleratorState._reset_state(reset_partial_state=True)  # leave no accelerate singleton behind
+    train_in_process(train_latent.main, root / "tiny.yaml", *overrides)
 
 
 def test_resume_reproduces_the_uninterrupted_run(setup, capsys):
@@ -131,7 +126,7 @@ def test_unet_channels_come_from_the_autoencoder_and_context_is_checked():
     with pytest.raises(ConfigError, match="contradicts the autoencoder's code_dim=8"):
         unet_config_for(UNetConfig(in_channels=3), code_dim=8, text_width=384)
     with pytest.raises(ConfigError, match="model.context_dim=384 must equal the text encoder's width 32"):
-        unet_config_for(UNetConfig(), code_dim=8, text_width=32)
+        unet_config_for(UNetConfig(context_dim=384), code_dim=8, text_width=32)
 
 
 def test_class_conditional_run_saves_the_label_names(setup):

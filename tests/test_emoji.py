@@ -100,7 +100,8 @@ def test_augment_captions(train: EmojiDataset) -> None:
     assert augmented.captions[:glyphs] == train.captions
     dog = train.captions.index("dog")
     variants = [augmented.captions[dog + k * glyphs] for k in range(1, 4)]
-    colours = [c.removeprefix("dog on ").removeprefix("an ").removeprefix("a ").removesuffix(" background") for c in variants]
+    colours = [c.removeprefix("dog on ").removeprefix("an ").removeprefix("a ").removesuffix(" background")
+               for c in variants]
     assert len(set(colours)) == 3 and set(colours) <= set(BACKGROUNDS)
     item = augmented[dog + glyphs]
     expected = torch.tensor(BACKGROUNDS[colours[0]], dtype=torch.float32) / 127.5 - 1

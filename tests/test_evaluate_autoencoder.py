@@ -16,14 +16,15 @@ import torch
 from torch import nn
 
 import autoencoder.evaluate as evaluate_module
-from autoencoder import Autoencoder, AutoencoderConfig, build_autoencoder
+from autoencoder import Autoencoder, AutoencoderConfig, QuantizerConfig, build_autoencoder
 from autoencoder.perceptual import PerceptualWeightsError
 from common.data import DataConfig, build_dataset
 from common.metrics import ssim
 
 TINY = AutoencoderConfig(resolution=16, base_channels=16, channel_mult=(1, 2), num_res_blocks=1, attn_resolutions=(),
-                         z_channels=8, codebook_size=256, code_dim=4, dead_code_threshold=0)
+                         z_channels=8, code_dim=4, quantizer=QuantizerConfig(codebook_size=256, dead_code_threshold=0))
 HELDOUT = DataConfig(name="shapes", resolution=16, split="heldout", size=6)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 class MeanAbsDistance(nn.Module):
@@ -36,15 +37,6 @@ class MeanAbsDistance(nn.Module):
 @pytest.fixture(autouse=True)
 def fake_lpips(monkeypatch):
     monkeypatch.setattr(evaluate_module, "build_perceptual", lambda kind, weights="": MeanAbsDistance())
-
-
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Tiny models run fastest on one thread (and do not stall on a busy machine's thread barriers)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 def heldout_images() -> torch.Tensor:

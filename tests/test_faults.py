@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import importlib
 import itertools
+import math
 import os
 import signal
 import socket
@@ -32,14 +33,11 @@ from pathlib import Path
 import pytest
 import torch
 import yaml
-from accelerate.state import AcceleratorState
 from safetensors.torch import load_file
 
 import ddp_grad_check
 from common.training import NonFiniteLossError, read_metrics
-from test_autoencoder_train import TINY as TINY_AUTOENCODER
-from test_latent_cache import make_tiny_autoencoder, make_tiny_text_encoder
-from test_prior_train import tiny_config as tiny_prior_config
+from tiny import TINY_AUTOENCODER, make_tiny_autoencoder, make_tiny_text_encoder, tiny_prior_config, train_in_process
 
 ROOT = Path(__file__).resolve().parents[1]
 ENV = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
@@ -49,10 +47,7 @@ NAN_RUN = ("run.steps=20", "run.save_every=3", "run.max_skipped_steps=2", "run.s
 
 def train(module: str, config: Path, *overrides: str) -> None:
     """One run of a training script's ``main`` in this process."""
-    try:
-        importlib.import_module(module).main([str(config), *overrides])
-    finally:
-        AcceleratorState._reset_state(reset_partial_state=True)  # leave no accelerate singleton behind
+    train_in_process(importlib.import_module(module).main, config, *overrides)
 
 
 @pytest.fixture(scope="module")
@@ -160,6 +155,32 @@ def test_non_finite_losses_are_skipped_then_stop_the_run(module, configs, tmp_pa
     train(module, configs[module], f"run.out_dir={run_dir}", *NAN_RUN[1:], "run.steps=5")
     assert f"resumed from {checkpoints / 'step_00000003'} at step 3" in capsys.readouterr().out
     assert (checkpoints / "latest").read_text() == "step_00000005"
+
+
+def test_a_non_finite_discriminator_loss_skips_only_the_discriminator_update(configs, tmp_path, monkeypatch):
+    from autoencoder import losses
+
+    real, calls = losses.discriminator_loss, itertools.count(1)
+
+    def poisoned(*args, **kwargs):  # the discriminator's first two updates (at steps 2 and 3) get a NaN loss
+        loss, logs = real(*args, **kwargs)
+        return (loss * float("nan"), logs) if next(calls) <= 2 else (loss, logs)
+
+    monkeypatch.setattr(losses, "discriminator_loss", poisoned)
+    run_dir = tmp_path / "run"
+    with pytest.warns(RuntimeWarning, match="step 3: non-finite discriminator loss") as caught:
+        train("autoencoder.train", configs["autoencoder.train"], f"run.out_dir={run_dir}", *NAN_RUN[1:],
+              "run.steps=5")
+    assert sum("non-finite discriminator loss" in str(w.message) for w in caught) == 2
+    metrics = read_metrics(run_dir)
+    assert [m["step"] for m in metrics] == [1, 2, 3, 4, 5], "the autoencoder's updates all count"
+    # logged after the update at step N as step N + 1; the discriminator trains from step 2 (disc_start)
+    assert [m.get("disc_skipped", 0.0) for m in metrics] == [0.0, 0.0, 1.0, 1.0, 0.0]
+    assert "disc_loss" not in metrics[3] and math.isfinite(metrics[4]["disc_loss"])
+    weights = sorted((run_dir / "checkpoints" / "step_00000005").glob("model*.safetensors"))
+    assert len(weights) == 2, "the autoencoder and the discriminator"
+    for path in weights:
+        assert all(torch.isfinite(t).all() for t in load_file(path).values() if t.is_floating_point())
 
 
 # ------------------------------------------------------------------------------------------------ (d)

@@ -11,10 +11,10 @@ import pytest
 from PIL import Image
 
 from pipelines import generate
-from test_latent_cache import single_thread  # noqa: F401 (autouse fixture)
-from test_pipelines import build_pipelines
+from tiny import build_pipelines
 
 pytest.importorskip("transformers")
+pytestmark = pytest.mark.usefixtures("one_thread")
 REPO = Path(__file__).resolve().parents[1]
 TILE = 16 + 2  # the tiny pipelines make 16 px images; save_grid pads each tile by 2 px
 
@@ -65,7 +65,8 @@ def test_other_pipelines_img2img_and_inpainting(dirs, tmp_path, capsys):
 @pytest.mark.parametrize("args, message", [
     (["--sampler", "plms"], "--sampler 'plms' is unknown; valid samplers: ddim, ddpm, dpmpp_2m, euler"),
     (["--height", "15"], "height=15 is not a multiple of 4"),
-    (["--steps", "0"], "--num-images, --steps and --scale must be >= 1"),
+    (["--steps", "0"], "--steps: num_inference_steps must be >= 1, got 0"),
+    (["-n", "0"], "--num-images and --scale must be >= 1"),
     (["--steps", "two"], "argument --steps: invalid int value: 'two'"),
     (["--mask", "mask.png"], "--strength and --mask need --init-image"),
     (["--guidance", "nan"], "guidance_scale must be a finite number"),
@@ -126,8 +127,8 @@ def test_classifier_guidance_from_the_command_line(dirs, tmp_path, capsys):
 
 
 def test_the_real_command_exits_2_without_a_traceback(dirs):
-    result = subprocess.run([sys.executable, "-m", "pipelines.generate", str(dirs["text"]), "a dog", "--sampler", "plms"],
-                            cwd=REPO, capture_output=True, text=True, timeout=120)
+    command = [sys.executable, "-m", "pipelines.generate", str(dirs["text"]), "a dog", "--sampler", "plms"]
+    result = subprocess.run(command, cwd=REPO, capture_output=True, text=True, timeout=120)
     assert result.returncode == 2 and "Traceback" not in result.stderr
     assert result.stderr.strip().splitlines() == ["error: --sampler 'plms' is unknown; valid samplers: ddim, ddpm, "
                                                    "dpmpp_2m, euler"]

@@ -28,18 +28,21 @@ from accelerate.state import AcceleratorState, GradientState
 from autoencoder.discriminator import DiscriminatorConfig, PatchDiscriminator
 from autoencoder.losses import LossConfig
 from autoencoder.model import AutoencoderConfig, build_autoencoder
-from autoencoder.quantizer import mark_micro_step
+from autoencoder.quantizer import QuantizerConfig, mark_micro_step
 from autoencoder.train import TrainConfig, discriminator_step, generator_step
+from common.data import DataConfig
 from common.training import Budget, NonFiniteSkips, OptimConfig, RunConfig, apply_update, optimizer_steps
 
 BATCH, STEPS = 8, 3
 MODEL = AutoencoderConfig(resolution=16, base_channels=16, channel_mult=(1, 2), num_res_blocks=1, attn_resolutions=(),
-                          z_channels=8, codebook_size=16, code_dim=4, l2_normalize=True, kmeans_init=True,
-                          kmeans_iters=2, dead_code_threshold=1, usage_window=2)
+                          z_channels=8, code_dim=4,
+                          quantizer=QuantizerConfig(codebook_size=16, l2_normalize=True, kmeans_init=True,
+                                                    kmeans_iters=2, dead_code_threshold=1, usage_window=2))
 # The discriminator trains from step 0; the adversarial term stays off: its adaptive weight
 # ||grad L_rec|| / ||grad L_G|| is a ratio of one micro-batch's gradients, so accumulation cannot
 # reproduce the large batch's weight (see the xfail case of the test below).
-TRAIN = TrainConfig(model=MODEL, disc=DiscriminatorConfig(base_channels=8, num_layers=2),
+TRAIN = TrainConfig(model=MODEL, data=DataConfig(name="shapes", resolution=16),
+                    disc=DiscriminatorConfig(base_channels=8, num_layers=2),
                     loss=LossConfig(perceptual="none", disc_start=0, gan_start=1000),
                     optim=OptimConfig(grad_clip=1.0))
 STUB = SimpleNamespace(update=lambda *args: None, step=lambda *args: None)  # EMA, schedule, progress bar
@@ -94,7 +97,7 @@ def optimizer_steps_run(accelerator: Accelerator, batches: Iterator[dict]) -> di
     model, opt = accelerator.prepare(model, opt)
     run = RunConfig(steps=STEPS, progress=False)
 
-    def update(batch: dict):
+    def update(batch: dict, step: int):
         mark_micro_step(model, last=accelerator.sync_gradients)
         out = model(batch["image"])
         loss = (out.recon - batch["image"]).abs().mean() + out.quantizer_loss
@@ -103,7 +106,7 @@ def optimizer_steps_run(accelerator: Accelerator, batches: Iterator[dict]) -> di
 
     stats = [(out.quant.perplexity, out.quant.usage) for _, _, out in optimizer_steps(
         accelerator, model, batches, update, step=0, budget=Budget(run, accelerator),
-        skips=NonFiniteSkips(run, accelerator), sched=STUB, ema=STUB, bar=STUB)]
+        skips=NonFiniteSkips(run, accelerator), scheds=STUB, ema=STUB, bar=STUB)]
     return {"grads": grads, "stats": stats, "quantizer": accelerator.unwrap_model(model).quantizer.state_dict()}
 
 

@@ -13,7 +13,7 @@ import pytest
 import torch
 from torch import nn
 
-from autoencoder import Autoencoder, AutoencoderConfig, build_autoencoder
+from autoencoder import Autoencoder, AutoencoderConfig, QuantizerConfig, build_autoencoder
 from autoencoder.model import COMPONENT_KIND as AE_KIND
 from common import layers
 from common.checkpoint import CONFIG_FILE, load_component, save_component
@@ -21,22 +21,14 @@ from prior.transformer import COMPONENT_KIND as PRIOR_KIND
 from prior.transformer import GPT, Condition, PriorConfig
 
 AE = AutoencoderConfig(resolution=16, base_channels=16, channel_mult=(1, 2), num_res_blocks=1,
-                       attn_resolutions=(8,), z_channels=8, codebook_size=16, code_dim=4,
-                       dead_code_threshold=0, kmeans_init=False, dropout=0.1)
+                       attn_resolutions=(8,), z_channels=8, code_dim=4, dropout=0.1,
+                       quantizer=QuantizerConfig(codebook_size=16, dead_code_threshold=0, kmeans_init=False))
 PRIOR = PriorConfig(codebook_size=16, grid_size=3, condition="class", num_classes=3, width=32, depth=2, heads=2,
                     dropout=0.1)
 # checkpointed blocks: encoder 16 px ResBlock, 8 px ResBlock + attention, mid ResBlock + attention + ResBlock;
 # decoder mid 3, 8 px 2 x (ResBlock + attention), 16 px 2 ResBlocks
 AE_CALLS = (1 + 2 + 3) + (3 + 4 + 2)
-
-
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Tiny models run fastest on one thread (and do not stall on a busy machine's thread barriers)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture

@@ -9,15 +9,20 @@ import torch
 
 from common.checkpoint import CheckpointError, find_pipeline_dir
 from diffusion.latent_diffusion import (
-    TRAIN_DIFFUSION, DiffusionConfig, LatentDiffusion, find_classifier_dir, training_loss,
+    TRAIN_DIFFUSION,
+    DiffusionConfig,
+    LatentDiffusion,
+    find_classifier_dir,
+    training_loss,
 )
 from diffusion.objectives import Denoiser
 from diffusion.samplers import sample_dpmpp_2m
 from diffusion.unet import UNet
 from pipelines import TextToImage
-from test_latent_cache import make_tiny_pipeline, single_thread, tiny_unet_config  # noqa: F401 (fixture)
+from tiny import make_tiny_pipeline, tiny_unet_config
 
 pytest.importorskip("transformers")
+pytestmark = pytest.mark.usefixtures("one_thread")
 PROMPTS = ["a small red circle at the top left", "a large blue square in the center"]
 
 
@@ -27,8 +32,9 @@ def pipe(tmp_path_factory) -> LatentDiffusion:
 
 
 def generate(pipe: LatentDiffusion, seed: int, **kwargs) -> torch.Tensor:
-    options = {"steps": 4, "guidance": 3.0, **kwargs}
-    return pipe.generate(PROMPTS, generator=torch.Generator().manual_seed(seed), **options)
+    """Images in [-1, 1] of the bundle through its pipeline (the latents, decoded by the bundle)."""
+    options = {"num_inference_steps": 4, "guidance_scale": 3.0, "progress": False, **kwargs}
+    return pipe.decode(TextToImage(pipe)(PROMPTS, seed=seed, output_type="latent", **options).images)
 
 
 def test_pipeline_directory_round_trip_gives_identical_samples(pipe, tmp_path):
@@ -60,9 +66,10 @@ def test_guidance_one_is_the_conditional_model_and_guidance_matters(pipe):
     manual = sample_dpmpp_2m(denoiser, noise, pipe.schedule, pipe.timesteps(5, "dpmpp_2m"),
                              cond={"context": cond.states, "context_mask": cond.mask})
     torch.testing.assert_close(guided, manual, atol=1e-5, rtol=0)
-    stronger = pipe.sample_latents(cond, uncond, shape, steps=5, guidance=4.0, generator=torch.Generator().manual_seed(3))
+    stronger = pipe.sample_latents(cond, uncond, shape, steps=5, guidance=4.0,
+                                   generator=torch.Generator().manual_seed(3))
     assert (stronger - guided).abs().max() > 1e-3
-    negative = generate(pipe, 0, negative_prompts=["a large green triangle at the bottom"])
+    negative = generate(pipe, 0, negative_prompt=["a large green triangle at the bottom"])
     assert (negative - generate(pipe, 0)).abs().max() > 1e-4
 
 
@@ -90,27 +97,26 @@ def test_inpainting_keeps_the_known_region(pipe):
     assert (out[..., 4:] - known[..., 4:]).abs().mean() > 0.05
 
 
-def test_latent_shape_takes_height_and_width_and_checks_them(pipe):
+def test_latent_shape_takes_height_and_width_and_the_pipeline_checks_them(pipe):
     assert pipe.size_multiple == 4  # f=2 autoencoder, one U-Net downsampling
     assert pipe.latent_shape(2) == (2, 4, 8, 8)
     assert pipe.latent_shape(3, 16, 32) == (3, 4, 8, 16) and pipe.latent_shape(1, width=8) == (1, 4, 8, 4)
-    assert generate(pipe, 0, steps=2, height=16, width=24).shape == (2, 3, 16, 24)
-    assert generate(pipe, 0, steps=2, size=8).shape == (2, 3, 8, 8)
+    assert generate(pipe, 0, num_inference_steps=2, height=16, width=24).shape == (2, 3, 16, 24)
+    assert generate(pipe, 0, num_inference_steps=2, height=8, width=8).shape == (2, 3, 8, 8)
+    check = TextToImage(pipe).check_size
     with pytest.raises(ValueError, match=r"height=13 is not a multiple of 4 \(the autoencoder downsamples by 2 and the "
                                          r"U-Net by 2 more\); image sizes must be multiples of 4, e.g. 12 or 16"):
-        pipe.latent_shape(1, 13)
+        check(13, None)
     with pytest.raises(ValueError, match="width=2 is not a multiple of 4 .*, e.g. 4$"):
-        pipe.latent_shape(1, 16, 2)
+        check(16, 2)
     for bad in (0, -16):
         with pytest.raises(ValueError, match=f"height={bad}: image sizes must be positive multiples of 4 .*; leave "
                                              f"height out for the training resolution 16"):
-            pipe.latent_shape(1, bad)
+            check(bad, None)
     with pytest.raises(TypeError, match="width must be an integer number of pixels, got 16.0"):
-        pipe.latent_shape(1, 16, 16.0)
+        check(16, 16.0)
     with pytest.raises(ValueError, match="height=10 is not a multiple of 4"):
-        generate(pipe, 0, size=10)
-    with pytest.raises(ValueError, match="size=16 and height/width were both given"):
-        generate(pipe, 0, size=16, height=16)
+        generate(pipe, 0, height=10)
 
 
 def test_class_names_are_saved_loaded_and_checked(pipe, tmp_path):

@@ -15,10 +15,26 @@ from torch import nn
 
 from autoencoder import perceptual as perceptual_module
 from autoencoder.discriminator import DiscriminatorConfig, PatchDiscriminator
-from autoencoder.losses import (LossConfig, adaptive_gan_weight, autoencoder_loss, disc_factor, discriminator_loss,
-                                gan_factor, hinge_d_loss, hinge_g_loss, non_saturating_d_loss, non_saturating_g_loss)
-from autoencoder.perceptual import (VGG16_FILENAME, WEIGHTS_ENV, PerceptualWeightsError, build_perceptual,
-                                    resolve_vgg16_weights, vgg16_features_to_lpips)
+from autoencoder.losses import (
+    LossConfig,
+    adaptive_gan_weight,
+    autoencoder_loss,
+    disc_factor,
+    discriminator_loss,
+    gan_factor,
+    hinge_d_loss,
+    hinge_g_loss,
+    non_saturating_d_loss,
+    non_saturating_g_loss,
+)
+from autoencoder.perceptual import (
+    VGG16_FILENAME,
+    WEIGHTS_ENV,
+    PerceptualWeightsError,
+    build_perceptual,
+    resolve_vgg16_weights,
+    vgg16_features_to_lpips,
+)
 from common.config import from_dict
 
 
@@ -95,7 +111,8 @@ def test_adaptive_weight_equals_hand_computed_ratio() -> None:
 
 def test_adaptive_weight_under_bf16_autocast_and_ddp(tmp_path: Path) -> None:
     torch.manual_seed(0)
-    model, x = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.SiLU(), nn.Conv2d(8, 3, 3, padding=1)), torch.randn(2, 3, 8, 8)
+    model = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.SiLU(), nn.Conv2d(8, 3, 3, padding=1))
+    x = torch.randn(2, 3, 8, 8)
     last = model[2].weight
     with torch.autocast("cpu", dtype=torch.bfloat16):
         out = model(x)

@@ -1,10 +1,5 @@
-"""The user-facing pipelines on tiny random components: loading, seeding, argument checks, outputs.
-
-Also home of :func:`build_pipelines`, the tiny saved pipelines the CLI and README tests share: a
-text-conditioned diffusion run, a class-conditional diffusion run (no text encoder, class names
-"circle", "square", "triangle") and a text token prior run, all 16 px over one f=2 VQ autoencoder
-and a one-layer 32-wide BERT, and a tiny random colour classifier run for classifier guidance.
-"""
+"""The user-facing pipelines on tiny random components (``tiny.build_pipelines``): loading, seeding,
+argument checks, outputs."""
 from __future__ import annotations
 
 import dataclasses
@@ -17,65 +12,22 @@ import pytest
 import torch
 from PIL import Image
 
-from autoencoder.model import Autoencoder
 from common.checkpoint import CheckpointError
-from common.text_encoder import TextEncoder, TextEncoderConfig
-from diffusion.latent_diffusion import DiffusionConfig, LatentDiffusion
-from diffusion.unet import UNet
-from pipelines import (ClassToImage, ImageToImage, Inpaint, PipelineKindError, TextToImage, TokensToImage,
-                       load_pipeline)
+from pipelines import ClassToImage, ImageToImage, Inpaint, PipelineKindError, TextToImage, TokensToImage, load_pipeline
 from pipelines.latent import LatentPipeline
-from prior.generate import TokenPrior
-from prior.sampling import SamplingConfig
-from prior.transformer import GPT, PriorConfig
-from test_classifier import tiny_classifier
-from test_latent_cache import make_tiny_autoencoder, make_tiny_text_encoder, single_thread, tiny_unet_config  # noqa: F401
+from pipelines.options import GenerationOptions
+from tiny import CLASS_NAMES, build_pipelines, tiny_classifier
 
 pytest.importorskip("transformers")
+pytestmark = pytest.mark.usefixtures("one_thread")
 PROMPTS = ["a small red circle at the top left", "a large blue square in the center"]
 FAST = {"num_inference_steps": 3, "progress": False}  # diffusion only: the token prior warns that it ignores steps
-CLASS_NAMES = ("circle", "square", "triangle")
 COLOURS = "red, green, blue, yellow, purple, orange"  # the tiny classifier's class names, in order
 
 
 def fast(generator) -> dict:
     """Quick, quiet settings for either generator."""
     return FAST if not isinstance(generator, TokensToImage) else {"progress": False}
-
-
-def perturbed(unet: UNet, seed: int) -> UNet:
-    """A fresh U-Net's zero-initialised output layer predicts 0 whatever its inputs; shake it."""
-    torch.manual_seed(seed)
-    with torch.no_grad():
-        for parameter in unet.parameters():
-            parameter.add_(0.05 * torch.randn_like(parameter))
-    return unet.eval()
-
-
-def build_pipelines(root: Path) -> dict[str, Path]:
-    """Save tiny random pipelines under ``root``; returns their training-run-like directories."""
-    autoencoder = Autoencoder.from_pretrained(make_tiny_autoencoder(root / "ae"))
-    text_config = TextEncoderConfig(name_or_path=str(make_tiny_text_encoder(root / "text")))
-    config = DiffusionConfig(num_steps=100)
-    text_unet = perturbed(UNet(tiny_unet_config()), 0)
-    LatentDiffusion(autoencoder, text_unet, TextEncoder(text_config), config, 2.5).save_pretrained(
-        root / "text_run" / "pipeline")
-    # 64 channels: GroupNorm then has 2 channels per group; with one, it cancels the class embedding's shift
-    class_config = dataclasses.replace(tiny_unet_config(context_dim=0), num_classes=3, block_channels=(64, 64))
-    class_unet = perturbed(UNet(class_config), 1)
-    LatentDiffusion(autoencoder, class_unet, None, config, 2.5, class_names=CLASS_NAMES).save_pretrained(
-        root / "class_run" / "pipeline")
-    torch.manual_seed(2)
-    prior = GPT(PriorConfig(codebook_size=32, grid_size=8, condition="text", text_dim=32, text_tokens=12, width=32,
-                            depth=2, heads=4)).eval()
-    with torch.no_grad():  # GPT-2's N(0, 0.02) init gives near-uniform logits that ignore the condition
-        for parameter in prior.parameters():
-            parameter.add_(0.3 * torch.randn_like(parameter))
-    TokenPrior(autoencoder, prior, text_config, sampling=SamplingConfig(guidance=2.0)).save_pretrained(
-        root / "prior_run" / "pipeline")
-    tiny_classifier().save_pretrained(root / "classifier_run" / "classifier")  # same latents and schedule
-    return {"text": root / "text_run", "class": root / "class_run", "prior": root / "prior_run",
-            "classifier": root / "classifier_run"}
 
 
 @pytest.fixture(scope="module")
@@ -139,7 +91,8 @@ def test_same_seed_same_images_different_seed_different_images(pipe, prior):
     for generator in (pipe, prior):
         first = generator(PROMPTS, seed=1, output_type="pt", **fast(generator)).images
         assert torch.equal(generator(PROMPTS, seed=1, output_type="pt", **fast(generator)).images, first)
-        same = generator(PROMPTS, generator=torch.Generator().manual_seed(1), output_type="pt", **fast(generator)).images
+        seeded = torch.Generator().manual_seed(1)
+        same = generator(PROMPTS, generator=seeded, output_type="pt", **fast(generator)).images
         assert torch.equal(same, first)
         assert not torch.equal(generator(PROMPTS, seed=2, output_type="pt", **fast(generator)).images, first)
 
@@ -183,6 +136,16 @@ def test_sizes_must_fit_the_generator(pipe, prior):
     with pytest.raises(ValueError, match="height=32: this prior's token grid fixes the image size at 16x16"):
         prior("a dog", height=32)
     assert prior("a dog", height=16, width=16, seed=0, output_type="pt", progress=False).images.shape == (1, 3, 16, 16)
+
+
+def test_eta_reaches_ddim_and_is_checked_with_the_other_options(pipe):
+    def ddim(**options) -> torch.Tensor:
+        return pipe(PROMPTS, sampler="ddim", seed=0, output_type="pt", **FAST, **options).images
+    assert torch.equal(ddim(eta=0.0), ddim()) and not torch.equal(ddim(eta=1.0), ddim())
+    with pytest.raises(ValueError, match="eta must be a finite number >= 0, got -1.0"):
+        ddim(eta=-1.0)
+    with pytest.raises(ValueError, match="eta=0.5 is an option of sampler 'ddim', and the sampler is 'dpmpp_2m'"):
+        pipe(PROMPTS, eta=0.5, **FAST)
 
 
 def test_token_prior_refuses_a_callback_and_warns_about_diffusion_only_settings(prior):
@@ -371,9 +334,17 @@ def test_inpaint_keeps_the_unmasked_latents_exactly(pipe):
         inpaint(PROMPTS, images, torch.zeros(8, 16))
 
 
-def test_the_token_prior_shares_the_text_pipelines_defaults():
-    """Swapping generators changes no shared default."""
-    text, tokens = (inspect.signature(cls.__call__).parameters for cls in (TextToImage, TokensToImage))
-    assert set(text) < set(tokens)
-    assert all(tokens[name].default == parameter.default for name, parameter in text.items() if name != "prompt")
-    assert tokens["prompt"].default is None  # optional there: a class prior may take class_labels instead
+def test_every_pipeline_shares_one_options_type(pipe, prior):
+    """The options are named, defaulted and documented once: every call takes them as keywords."""
+    for cls in (TextToImage, ClassToImage, ImageToImage, Inpaint, TokensToImage):
+        options = inspect.signature(cls.__call__).parameters["options"]
+        assert options.kind is inspect.Parameter.VAR_KEYWORD
+    assert all(f"    {f.name}: " in GenerationOptions.__doc__ for f in dataclasses.fields(GenerationOptions))
+    for generator in (pipe, prior):
+        with pytest.raises(TypeError, match="unexpected keyword argument 'num_inference_step'; did you mean "
+                                            "'num_inference_steps'"):
+            generator(PROMPTS, num_inference_step=3)
+    with pytest.raises(ValueError, match="strength: TextToImage takes no input image"):
+        pipe(PROMPTS, strength=0.5, **FAST)
+    with pytest.raises(ValueError, match="temperature: TextToImage samples no tokens"):
+        pipe(PROMPTS, temperature=0.5, **FAST)

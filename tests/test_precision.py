@@ -145,7 +145,7 @@ def test_a_run_trains_in_the_chosen_precision_and_records_it(fake_cpu, tmp_path,
 
 def test_pipelines_sample_in_the_chosen_precision(fake_cpu, tmp_path):
     from pipelines import TextToImage
-    from tests.test_latent_cache import make_tiny_pipeline
+    from tiny import make_tiny_pipeline
 
     directory = make_tiny_pipeline(tmp_path).save_pretrained(tmp_path / "pipe")
     seen = []

@@ -10,15 +10,7 @@ from prior.losses import LossConfig, corrupt_tokens
 from prior.transformer import GPT, Condition, PriorConfig, parameter_groups
 
 K, GRID, CLASSES, TEXT_DIM, SLOTS = 32, 4, 5, 12, 5
-
-
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Tiny models run fastest on one thread (and do not stall on a busy machine's thread barriers)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def tiny(condition: str, **changes) -> GPT:

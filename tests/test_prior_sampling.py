@@ -7,24 +7,18 @@ import pytest
 import torch
 
 from autoencoder.model import VQGAN, AutoencoderConfig
+from autoencoder.quantizer import QuantizerConfig
 from common.checkpoint import CheckpointError, find_pipeline_dir
 from common.data.shapes import NUM_LABELS, ShapeSpec
+from pipelines import TokensToImage
 from prior import evaluate_shapes
-from prior.generate import TRAIN_PRIOR, TokenPrior
 from prior.sampling import SamplingConfig, draw, filter_logits, sample_tokens
 from prior.text import TextEncoderConfig
+from prior.token_prior import TRAIN_PRIOR, TokenPrior
 from prior.transformer import GPT, Condition, PriorConfig
 
 K, GRID = 32, 4
-
-
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Tiny models run fastest on one thread (and do not stall on a busy machine's thread barriers)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def tiny_prior(condition: str = "class", grid: int = GRID, **changes) -> GPT:
@@ -37,6 +31,11 @@ def tiny_prior(condition: str = "class", grid: int = GRID, **changes) -> GPT:
 
 def seeded(seed: int = 0) -> torch.Generator:
     return torch.Generator().manual_seed(seed)
+
+
+def generate(bundle: TokenPrior, *args, seed: int = 0, **options) -> torch.Tensor:
+    """Images in [0, 1] of the bundle through its pipeline."""
+    return TokensToImage(bundle)(*args, seed=seed, progress=False, output_type="pt", **options).images
 
 
 # ------------------------------------------------------------------------------------------ filters
@@ -170,7 +169,8 @@ def test_the_generator_alone_decides_the_tokens():
 def tiny_pipeline(condition: str = "class") -> TokenPrior:
     torch.manual_seed(0)
     autoencoder = VQGAN(AutoencoderConfig(resolution=16, base_channels=16, channel_mult=(1, 2), num_res_blocks=1,
-                                          attn_resolutions=(), z_channels=16, codebook_size=K, code_dim=4)).eval()
+                                          attn_resolutions=(), z_channels=16, code_dim=4,
+                                          quantizer=QuantizerConfig(codebook_size=K))).eval()
     if condition == "class":
         prior = tiny_prior("class", grid=8, num_classes=NUM_LABELS)
         names = [ShapeSpec.from_label(label).caption for label in range(NUM_LABELS)]
@@ -188,11 +188,11 @@ def test_pipeline_directory_round_trip(tmp_path):
     assert {p.name for p in (tmp_path / "pipe").iterdir()} == {"pipeline.json", "autoencoder", "prior"}
     loaded = TokenPrior.from_pretrained(tmp_path / "pipe")
     prompts = ["a small red circle at the top left", "a large blue square in the center"]
-    images = loaded.generate(prompts, generator=seeded(3))
+    images = generate(loaded, prompts, seed=3)
     assert images.shape == (2, 3, 16, 16) and images.abs().max() <= 1
-    torch.testing.assert_close(images, pipeline.generate(prompts, generator=seeded(3)))
+    torch.testing.assert_close(images, generate(pipeline, prompts, seed=3))
     labels = torch.tensor([ShapeSpec.from_label(0).label, 5])
-    assert loaded.generate(labels=labels, guidance=1.0, generator=seeded()).shape == (2, 3, 16, 16)
+    assert generate(loaded, class_labels=labels, guidance_scale=1.0).shape == (2, 3, 16, 16)
     meta["kind"] = "text_to_image"
     (tmp_path / "pipe" / "pipeline.json").write_text(json.dumps(meta))
     with pytest.raises(CheckpointError, match="tokens_to_image"):
@@ -224,12 +224,12 @@ def test_text_pipeline_with_negative_prompts(tmp_path):
     pipeline.save_pretrained(tmp_path / "pipe")
     loaded = TokenPrior.from_pretrained(tmp_path / "pipe")
     prompts = ["a small red circle at the top left", "a large green triangle at the bottom"]
-    a = loaded.generate(prompts, negative_prompts=["", "a red square"], generator=seeded(1))
-    b = pipeline.generate(prompts, negative_prompts=["", "a red square"], generator=seeded(1))
+    a = generate(loaded, prompts, negative_prompt=["", "a red square"], seed=1)
+    b = generate(pipeline, prompts, negative_prompt=["", "a red square"], seed=1)
     torch.testing.assert_close(a, b)
     # "" as the negative prompt is the learned null condition, the default unconditional branch
-    torch.testing.assert_close(loaded.generate(prompts, negative_prompts=["", ""], generator=seeded(2)),
-                               loaded.generate(prompts, generator=seeded(2)))
+    torch.testing.assert_close(generate(loaded, prompts, negative_prompt=["", ""], seed=2),
+                               generate(loaded, prompts, seed=2))
 
 
 def test_evaluate_cli_prints_a_guidance_sweep(tmp_path, capsys):

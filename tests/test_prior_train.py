@@ -12,42 +12,25 @@ import torch
 import yaml
 
 from autoencoder.model import VQGAN, AutoencoderConfig
+from autoencoder.quantizer import QuantizerConfig
 from common.data import DataConfig, shapes
 from common.training import read_metrics
-from prior.generate import TokenPrior
+from pipelines import TokensToImage
 from prior.token_cache import TokensConfig, load_or_build_tokens
+from prior.token_prior import TokenPrior
+from tiny import tiny_prior_config as tiny_config
 
 ROOT = Path(__file__).resolve().parents[1]
-
-
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Tiny models run fastest on one thread (and do not stall on a busy machine's thread barriers)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")
 def autoencoder_dir(tmp_path_factory) -> Path:
     torch.manual_seed(0)
     model = VQGAN(AutoencoderConfig(resolution=16, base_channels=16, channel_mult=(1, 2), num_res_blocks=1,
-                                    attn_resolutions=(), z_channels=16, codebook_size=32, code_dim=4))
+                                    attn_resolutions=(), z_channels=16, code_dim=4,
+                                    quantizer=QuantizerConfig(codebook_size=32)))
     return model.eval().save_pretrained(tmp_path_factory.mktemp("stage1") / "autoencoder")
-
-
-def tiny_config(autoencoder_dir: Path, cache_dir: Path, condition: str = "class") -> dict:
-    return {
-        "model": {"condition": condition, "text_tokens": 12, "width": 32, "depth": 2, "heads": 4},
-        "tokens": {"autoencoder": str(autoencoder_dir), "cache_dir": str(cache_dir), "batch_size": 32},
-        "loss": {"pkeep": 0.8, "cond_drop": 0.25},
-        "sample": {"guidance": 2.0, "guidance_tokens": 10, "top_k": 8},
-        "optim": {"lr": 1e-3, "warmup_steps": 2, "decay_steps": 8},
-        "data": {"name": "shapes", "resolution": 16, "size": 48},
-        "run": {"batch_size": 8, "precision": "no", "log_every": 1, "sample_every": 4, "save_every": 3,
-                "progress": False, "ema_decay": 0.9, "cpu_threads": 1},
-    }
 
 
 def train(tmp_path: Path, config: dict, *overrides: str) -> subprocess.CompletedProcess:
@@ -117,8 +100,8 @@ def test_text_run_writes_a_complete_pipeline(autoencoder_dir, tmp_path):
     assert (run_dir / "samples" / "step_00000004.png").is_file() and (run_dir / "samples" / "final.png").is_file()
     meta = json.loads((run_dir / "pipeline" / "pipeline.json").read_text())
     assert meta["text_encoder"] == {"name_or_path": "", "max_length": 0} and meta["prior"]["sampling"]["top_k"] == 8
-    pipeline = TokenPrior.from_pretrained(run_dir / "pipeline")
-    images = pipeline.generate(["a small red circle at the top left"], generator=torch.Generator().manual_seed(0))
+    pipeline = TokensToImage.from_pretrained(run_dir)
+    images = pipeline(["a small red circle at the top left"], seed=0, progress=False, output_type="pt").images
     assert images.shape == (1, 3, 16, 16)
 
 

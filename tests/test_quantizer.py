@@ -12,9 +12,9 @@ import torch.multiprocessing as mp
 import torch.nn.functional as F
 from einops import rearrange
 
-from autoencoder.quantizer import QuantizerConfig, VectorQuantizer, kmeans, mark_micro_step
+from autoencoder.quantizer import CLASSIC_QUANTIZER, QuantizerConfig, VectorQuantizer, kmeans, mark_micro_step
 
-PLAIN = QuantizerConfig(codebook_size=16, code_dim=4, beta=0.3)
+PLAIN = dataclasses.replace(CLASSIC_QUANTIZER, codebook_size=16, code_dim=4, beta=0.3)
 
 
 def clustered(n: int = 512, clusters: int = 8, dim: int = 4, seed: int = 0, spread: float = 0.05) -> torch.Tensor:
@@ -43,7 +43,7 @@ def test_plain_mode_reproduces_taming_exactly():
     torch.manual_seed(0)
     theirs = TamingQuantizer(64, 4, beta=0.25)
     torch.nn.init.normal_(theirs.embedding.weight)
-    ours = VectorQuantizer(QuantizerConfig(codebook_size=64, code_dim=4)).eval()
+    ours = VectorQuantizer(dataclasses.replace(CLASSIC_QUANTIZER, codebook_size=64, code_dim=4)).eval()
     ours.codebook.data.copy_(theirs.embedding.weight)
     z = torch.randn(3, 4, 5, 7)
     z_q, _, (_, _, indices) = theirs(z)
@@ -208,8 +208,8 @@ def test_kmeans_of_16384_codes_waits_for_4_vectors_per_code_and_gives_distinct_c
     size, per_batch = 16384, 4096  # a batch holds a quarter of the codebook's size in vectors
     # kmeans_iters=0: the seeds alone (a Lloyd step only averages them; distinct seeds stay distinct),
     # which keeps this test at 2 x 65,536 x 16,384 distances; restarts keep the buffer for the check below
-    config = QuantizerConfig(codebook_size=size, code_dim=4, kmeans_init=True, kmeans_iters=0,
-                             dead_code_threshold=10)
+    config = dataclasses.replace(CLASSIC_QUANTIZER, codebook_size=size, code_dim=4, kmeans_init=True, kmeans_iters=0,
+                                 dead_code_threshold=10)
     torch.manual_seed(0)
     quantizer = VectorQuantizer(config).train()
     initial = quantizer.codebook.detach().clone()
@@ -279,8 +279,8 @@ def test_micro_steps_change_the_quantizer_like_one_forward_of_the_whole_batch():
 def _ddp_worker(rank: int, directory: str) -> None:
     dist.init_process_group("gloo", init_method=f"file://{directory}/store", rank=rank, world_size=2)
     torch.manual_seed(rank)  # different random picks on each process: only rank 0's may survive
-    config = QuantizerConfig(codebook_size=32, code_dim=4, kmeans_init=True, kmeans_iters=3,
-                             dead_code_threshold=1, ema_decay=0.9)
+    config = dataclasses.replace(CLASSIC_QUANTIZER, codebook_size=32, code_dim=4, kmeans_init=True, kmeans_iters=3,
+                                 dead_code_threshold=1, ema_decay=0.9)
     quantizer = VectorQuantizer(config).train()
     with torch.no_grad():
         for step in range(3):
@@ -305,7 +305,8 @@ def gather_clusters(rank: int) -> torch.Tensor:
 
 
 def stats_quantizer() -> VectorQuantizer:
-    quantizer = VectorQuantizer(QuantizerConfig(codebook_size=32, code_dim=4, l2_normalize=True, usage_window=2))
+    quantizer = VectorQuantizer(dataclasses.replace(CLASSIC_QUANTIZER, codebook_size=32, code_dim=4, l2_normalize=True,
+                                                    usage_window=2))
     torch.nn.init.normal_(quantizer.codebook, generator=torch.Generator().manual_seed(5))
     return quantizer.train()
 
@@ -358,3 +359,14 @@ def test_two_processes_report_the_windowed_statistics_of_one_process_with_the_wh
         last_two = stats_quantizer().eval()(torch.cat(stats_batches()[2:]))
     torch.testing.assert_close(expected[3][0], last_two.perplexity)
     torch.testing.assert_close(expected[3][1], last_two.usage)
+
+
+def test_the_defaults_keep_the_codebook_healthy_and_code_dim_comes_from_the_autoencoder():
+    config = QuantizerConfig()
+    assert (config.l2_normalize, config.kmeans_init, config.dead_code_threshold) == (True, True, 100)
+    assert (CLASSIC_QUANTIZER.l2_normalize, CLASSIC_QUANTIZER.kmeans_init, CLASSIC_QUANTIZER.dead_code_threshold) == (
+        False, False, 0)
+    with pytest.raises(ValueError, match="code_dim is None"):
+        VectorQuantizer(config)
+    with pytest.raises(ValueError, match="ema_decay must be in"):
+        QuantizerConfig(ema_decay=1.0)

@@ -6,10 +6,10 @@ from pathlib import Path
 
 import pytest
 
-from test_latent_cache import single_thread  # noqa: F401 (autouse fixture)
-from test_pipelines import build_pipelines
+from tiny import build_pipelines
 
 pytest.importorskip("transformers")
+pytestmark = pytest.mark.usefixtures("one_thread")
 README = Path(__file__).resolve().parents[1] / "README.md"
 RUNS = {"runs/emoji32_diffusion": "text", "runs/emoji32_quick_prior": "prior"}
 

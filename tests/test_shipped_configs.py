@@ -12,9 +12,9 @@ CONFIGS = Path(__file__).resolve().parents[1] / "configs"
 
 def config_class(stage: str):
     if stage == "autoencoder":
-        from autoencoder.train import TrainConfig
+        from autoencoder.train_config import TrainConfig
     elif stage == "diffusion":
-        from diffusion.train_latent import TrainConfig
+        from diffusion.train_config import TrainConfig
     elif stage == "classifier":
         from diffusion.train_classifier import TrainConfig
     else:

@@ -17,9 +17,10 @@ def test_stream_sampler_resumes_exactly_and_shards_disjointly():
     full = take(StreamSampler(10, seed=3), 27)
     assert sorted(full[:10]) == list(range(10)) and full[:10] != full[10:20]  # epochs reshuffle
     assert take(StreamSampler(10, seed=3, start=13), 14) == full[13:]
-    rank0, rank1 = take(StreamSampler(10, seed=3, rank=0, world=2), 5), take(StreamSampler(10, seed=3, rank=1, world=2), 5)
+    rank0, rank1 = (take(StreamSampler(10, seed=3, rank=rank, world=2), 5) for rank in (0, 1))
     assert sorted(rank0 + rank1) == list(range(10))
-    assert take(StreamSampler(10, seed=3, rank=1, world=2, start=7), 3) == take(StreamSampler(10, seed=3, rank=1, world=2), 10)[7:]
+    resumed = take(StreamSampler(10, seed=3, rank=1, world=2, start=7), 3)
+    assert resumed == take(StreamSampler(10, seed=3, rank=1, world=2), 10)[7:]
 
 
 def test_ema_tracks_with_warmup_and_round_trips():
@@ -42,3 +43,39 @@ def test_cosine_warmup_shape():
     assert cosine_warmup(0, 10, 100) == 0.1 and cosine_warmup(9, 10, 100) == 1.0
     assert abs(cosine_warmup(100, 10, 100) - 0.1) < 1e-9
     assert cosine_warmup(5000, 10, 0) == 1.0  # no decay configured
+
+
+def test_optimizer_steps_orders_schedulers_ema_and_bar_and_retries_a_skipped_update():
+    """Each counted step: every scheduler (a gated one only where ``active(step)`` holds), then the EMA,
+    then the bar; a non-finite update moves none of them and its step is tried again."""
+    from types import SimpleNamespace
+
+    from accelerate import Accelerator
+    from accelerate.state import AcceleratorState, GradientState
+
+    from common.training import Budget, NonFiniteSkips, RunConfig, optimizer_steps
+
+    calls, seen, losses = [], [], iter([1.0, float("nan"), 1.0, 1.0])
+
+    def update(batch: dict, step: int):
+        seen.append(step)
+        loss = torch.tensor(next(losses))
+        return loss, bool(torch.isfinite(loss)), step
+
+    def recorder(name: str):
+        return lambda *args: calls.append(name)
+
+    scheds = [SimpleNamespace(step=recorder("always")), (SimpleNamespace(step=recorder("gated")), lambda s: s >= 1)]
+    try:
+        accelerator = Accelerator(cpu=True)
+        run = RunConfig(steps=3, progress=False, max_skipped_steps=1)
+        out = list(optimizer_steps(accelerator, nn.Linear(1, 1), itertools.repeat({}), update, step=0,
+                                   budget=Budget(run, accelerator), skips=NonFiniteSkips(run, accelerator),
+                                   scheds=scheds, ema=SimpleNamespace(update=recorder("ema")),
+                                   bar=SimpleNamespace(update=recorder("bar"))))
+    finally:  # accelerate keeps its settings in process-wide singletons
+        AcceleratorState._reset_state(reset_partial_state=True)
+        GradientState._reset_state()
+    assert [(step, extras) for step, _, extras in out] == [(1, 0), (2, 1), (3, 2)]
+    assert seen == [0, 1, 1, 2], "the skipped update at step 1 is tried again at step 1"
+    assert calls == ["always", "ema", "bar"] + ["always", "gated", "ema", "bar"] * 2

@@ -1,13 +1,14 @@
 from __future__ import annotations
 
+import dataclasses
 import json
 
 import pytest
 import torch
 
+from common import layers
 from common.checkpoint import CheckpointError, save_component
 from common.config import ConfigError
-from common import layers
 from diffusion.unet import NULL_CLASS, UNet, UNetConfig, UNetEncoder
 
 TINY = UNetConfig(in_channels=4, out_channels=4, block_channels=(32, 64), layers_per_block=1,
@@ -79,8 +80,8 @@ def test_context_is_required_when_the_model_has_cross_attention() -> None:
 
 
 def test_class_conditioning_and_the_null_class() -> None:
-    config = UNetConfig(block_channels=(32, 32), attention_levels=(False, True), head_dim=16, context_dim=0,
-                        num_classes=3, layers_per_block=1)
+    config = UNetConfig(in_channels=4, out_channels=4, block_channels=(32, 32), attention_levels=(False, True),
+                        head_dim=16, context_dim=0, num_classes=3, layers_per_block=1)
     model = randomize(UNet(config)).eval()
     assert model.encoder.class_embed.num_embeddings == 4  # labels 0..2 are fed as 1..3, 0 is null
     x, t, _ = inputs(config)
@@ -98,8 +99,8 @@ def test_gradient_checkpointing_gives_the_same_gradients(monkeypatch) -> None:
     calls = []
     real_checkpoint = layers.checkpoint
     monkeypatch.setattr(layers, "checkpoint", lambda *a, **k: calls.append(k) or real_checkpoint(*a, **k))
-    base = UNetConfig(block_channels=(32, 32), attention_levels=(True, True), head_dim=16, context_dim=8,
-                      layers_per_block=1, dropout=0.1)
+    base = UNetConfig(in_channels=4, out_channels=4, block_channels=(32, 32), attention_levels=(True, True),
+                      head_dim=16, context_dim=8, layers_per_block=1, dropout=0.1)
     plain = randomize(UNet(base)).train()
     checkpointed = UNet(UNetConfig(**{**base.__dict__, "gradient_checkpointing": True})).train()
     checkpointed.load_state_dict(plain.state_dict())
@@ -168,3 +169,16 @@ def test_encoder_half_is_reusable() -> None:
         assert encoded.h.shape == (2, 64, 4, 4)
         assert len(encoded.skips) == 1 + TINY.layers_per_block * 2 + 1
         torch.testing.assert_close(model.decoder(encoded), model(x, t, context))
+
+
+def test_derived_fields_come_from_the_autoencoder_and_text_encoder() -> None:
+    config = UNetConfig(block_channels=(32, 64), attention_levels=(False, True), head_dim=16)
+    with pytest.raises(ConfigError, match="in_channels, out_channels, context_dim is None"):
+        UNet(config)
+    resolved = config.resolve(code_dim=8, text_width=32)
+    assert (resolved.in_channels, resolved.out_channels, resolved.context_dim) == (8, 8, 32)
+    assert dataclasses.replace(config, context_dim=0).resolve(8, 0).context_dim == 0  # 0: no text
+    with pytest.raises(ConfigError, match="model.in_channels=3 contradicts the autoencoder's code_dim=8"):
+        dataclasses.replace(config, in_channels=3).resolve(8, 32)
+    with pytest.raises(ConfigError, match="model.context_dim=0 must equal the text encoder's width 32"):
+        dataclasses.replace(config, context_dim=0).resolve(8, 32)

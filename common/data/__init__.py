@@ -2,41 +2,22 @@
 
 Every dataset is a map-style ``torch.utils.data.Dataset`` whose items are
 ``{"image": (3, H, W) float in [-1, 1], "caption": str, "label": int}``.
+
+Modules (the dataset modules are imported when a dataset is built, not with this package):
+
+- ``common.data.dataset_config``: ``DataConfig`` and ``DataError`` (re-exported here).
+- ``common.data.shapes``: the procedural shapes dataset, its captions and scorer.
+- ``common.data.emoji``: Noto Color Emoji glyphs.
+- ``common.data.folder``: a folder of images, optionally with class sub-folders.
 """
 from __future__ import annotations
-
-from dataclasses import dataclass
-from typing import Literal
 
 from torch.utils.data import Dataset
 
 from common.config import ConfigError
+from common.data.dataset_config import DataConfig, DataError
 
-
-class DataError(ValueError):
-    """A dataset that cannot be built from what the user pointed to (e.g. a folder without usable images)."""
-
-
-@dataclass(frozen=True)
-class DataConfig:
-    """Which images to train or evaluate on.
-
-    name: ``shapes`` (procedural), ``emoji`` (Noto Color Emoji glyphs) or ``folder`` (``path``).
-    resolution: square side in pixels.
-    split: ``train`` or ``heldout`` (the fixed evaluation split), or ``all``.
-    size: number of items of the procedural ``shapes`` dataset (its stream is infinite).
-    seed: seed of the procedural data and of the augmentations.
-    path: image folder for ``folder``.
-    augment: captioned augmentations (emoji: background colours), train split only.
-    """
-
-    name: Literal["shapes", "emoji", "folder"] = "shapes"
-    resolution: int = 32
-    split: Literal["train", "heldout", "all"] = "train"
-    size: int = 10_000
-    seed: int = 0
-    path: str = ""
-    augment: bool = False
+__all__ = ["DataConfig", "DataError", "build_dataset", "label_names"]
 
 
 def build_dataset(config: DataConfig) -> Dataset:

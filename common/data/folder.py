@@ -18,7 +18,7 @@ from PIL import Image, ImageOps
 from torch import Tensor
 from torch.utils.data import Dataset
 
-from common.data import DataError
+from common.data.dataset_config import DataError
 from common.images import pil_to_tensor
 
 logger = logging.getLogger(__name__)

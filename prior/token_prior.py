@@ -8,13 +8,13 @@ A pipeline directory::
     dir/autoencoder/     config.json + model.safetensors (a VQ autoencoder)
     dir/prior/           config.json + model.safetensors (the GPT)
 
-    pipe = TokenPrior.from_pretrained("runs/shapes32_prior/pipeline")
-    images = pipe.generate(["a small red circle at the top left"], guidance=3.0,
-                           generator=torch.Generator().manual_seed(0))      # (1, 3, H, W) in [-1, 1]
+Users sample through :class:`pipelines.TokensToImage`, which checks the call's options::
+
+    pipe = TokensToImage.from_pretrained("runs/shapes32_prior")
+    images = pipe(["a small red circle at the top left"], guidance_scale=3.0, seed=0).images
 """
 from __future__ import annotations
 
-import dataclasses
 import json
 from pathlib import Path
 from typing import Any
@@ -25,7 +25,12 @@ from torch import Tensor
 
 from autoencoder.model import VQGAN, Autoencoder
 from common.checkpoint import (
-    PIPELINE_FILE, CheckpointError, atomic_write, load_component, load_state_strict, save_component,
+    PIPELINE_FILE,
+    CheckpointError,
+    atomic_write,
+    load_component,
+    load_state_strict,
+    save_component,
 )
 from common.config import from_dict, to_dict
 from prior.sampling import SamplingConfig, sample_tokens
@@ -80,9 +85,9 @@ class TokenPrior:
             self._text_encoder = load_text_encoder(self.text_config, self.device)
         return self._text_encoder
 
-    # -------------------------------------------------------------------------------- conditions
+    # -------------------------------------------------------------------------------- sampling
     def condition(self, prompts: list[str] | None = None, labels: Tensor | None = None) -> Condition:
-        """The condition for prompts (text priors, or class priors with class names) or class labels."""
+        """The condition of already checked prompts (a text prior) or class labels (a class prior)."""
         kind = self.prior.config.condition
         if kind == "text":
             if prompts is None:
@@ -91,73 +96,21 @@ class TokenPrior:
             return Condition(states=states.to(self.device), mask=mask.to(self.device))
         if kind == "class":
             if labels is None:
-                labels = self._labels_of(prompts)
-            labels = torch.as_tensor(labels, device=self.device).long()
-            classes = self.prior.config.num_classes
-            if labels.numel() and (int(labels.min()) < 0 or int(labels.max()) >= classes):
-                raise ValueError(f"class labels must lie in [0, {classes}) for this prior, got {labels.tolist()}")
-            return Condition(labels=labels)
+                raise ValueError("a class prior needs class labels")
+            return Condition(labels=torch.as_tensor(labels, device=self.device).long())
         return Condition()
 
-    def _labels_of(self, prompts: list[str] | None) -> Tensor:
-        if prompts is None or self.class_names is None:
-            raise ValueError("a class prior needs labels (or prompts, when the pipeline has class names)")
-        index = {name: label for label, name in enumerate(self.class_names) if name is not None}
-        unknown = [p for p in prompts if p not in index]
-        if unknown:
-            raise ValueError(f"{len(unknown)} prompts name no class of this prior, e.g. {unknown[0]!r}")
-        return torch.tensor([index[p] for p in prompts])
-
-    def _prefixes(self, prompts: list[str] | None, labels: Tensor | None,
-                  negative_prompts: list[str] | None, batch: int) -> tuple[Prefix, Prefix | None]:
-        cond = self.prior.prefix(self.condition(prompts, labels), batch=batch)
-        if self.prior.config.condition == "none":
-            return cond, None  # nothing to guide towards
-        if negative_prompts is None:
-            return cond, self.prior.null_prefix(batch)
-        if self.prior.config.condition != "text":
-            raise ValueError("negative prompts need a text prior (a class prior's only negative is the null class)")
-        if len(negative_prompts) != batch:
-            raise ValueError(f"{len(negative_prompts)} negative prompts for {batch} prompts")
-        empty = torch.tensor([not p for p in negative_prompts], device=self.device)  # "" -> the learned null
-        return cond, self.prior.prefix(self.condition(negative_prompts), drop=empty)
-
-    # -------------------------------------------------------------------------------- generation
     @torch.no_grad()
-    def generate(self, prompts: str | list[str] | None = None, *, labels: Tensor | None = None,
-                 negative_prompts: str | list[str] | None = None, num_samples: int | None = None,
-                 guidance: float | None = None, guidance_tokens: int | None = None,
-                 temperature: float | None = None, top_k: int | None = None, top_p: float | None = None,
-                 generator: torch.Generator | None = None) -> Tensor:
-        """Sample images; unset sampling options take the pipeline's defaults (``self.sampling``).
-
-        Args:
-            prompts: B prompts (text priors; class priors with class names); a bare string is one prompt.
-            labels: (B,) class ids (class priors).
-            negative_prompts: B prompts for the unconditional rows of guidance ("" = the null condition).
-            num_samples: B for an unconditional prior.
-            guidance, guidance_tokens, temperature, top_k, top_p: see :class:`SamplingConfig`.
-            generator: the only source of randomness.
-
-        Returns:
-            (B, 3, H, W) images in [-1, 1].
-        """
-        prompts = [prompts] if isinstance(prompts, str) else prompts  # "a dog" is one prompt, as in the pipelines
-        negative_prompts = [negative_prompts] if isinstance(negative_prompts, str) else negative_prompts
-        batch = len(prompts) if prompts is not None else len(labels) if labels is not None else num_samples
-        if not batch:
-            raise ValueError("give prompts, labels or num_samples")
-        given = dict(guidance=guidance, guidance_tokens=guidance_tokens, temperature=temperature, top_k=top_k,
-                     top_p=top_p)
-        settings = dataclasses.replace(self.sampling, **{k: v for k, v in given.items() if v is not None})
-        cond, uncond = self._prefixes(prompts, labels, negative_prompts, batch)
-        tokens = sample_tokens(self.prior, cond, uncond, generator=generator, **dataclasses.asdict(settings))
-        return self.decode(tokens)
+    def sample(self, cond: Prefix, uncond: Prefix | None, settings: dict[str, Any],
+               generator: torch.Generator | None = None) -> Tensor:
+        """Code indices (B, N) for the prefix rows, guided against ``uncond`` (see :func:`sample_tokens`;
+        ``settings`` are the fields of a :class:`SamplingConfig`)."""
+        return sample_tokens(self.prior, cond, uncond, generator=generator, **settings)
 
     @torch.no_grad()
     def decode(self, tokens: Tensor) -> Tensor:
-        """Code indices (B, N) -> images (B, 3, H, W) in [-1, 1] (no autograd graph is kept)."""
-        grid = rearrange(tokens, "b (h w) -> b h w", h=self.prior.config.grid_size)
+        """Code indices (B, N) or (B, h, w) -> images (B, 3, H, W) in [-1, 1] (no autograd graph is kept)."""
+        grid = tokens if tokens.ndim == 3 else rearrange(tokens, "b (h w) -> b h w", h=self.prior.config.grid_size)
         return self.autoencoder.decode_indices(grid).float().clamp(-1, 1)
 
     # -------------------------------------------------------------------------------- save / load
