@@ -13,6 +13,7 @@ import dataclasses
 import math
 import sys
 from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 
@@ -23,8 +24,9 @@ from common.data import DataConfig
 from common.ema import EMA
 from common.images import save_grid
 from common.training import OptimConfig, RunConfig
+from pipelines import TokensToImage
 from prior.losses import LossConfig, condition_dropout, corrupt_tokens, next_token_loss
-from prior.sampling import SamplingConfig, sample_tokens
+from prior.sampling import SamplingConfig
 from prior.text import TextEncoderConfig, fit_length
 from prior.token_cache import TokenData, TokenDataset, TokensConfig, load_or_build_tokens
 from prior.token_prior import TokenPrior
@@ -70,30 +72,28 @@ def batch_condition(batch: dict, data: TokenData, kind: str) -> Condition:
     return Condition()
 
 
-def preview_condition(data: TokenData, kind: str, count: int, device: torch.device) -> tuple[Condition, list[str]]:
-    """Fixed conditions for the sample grids: the first ``count`` distinct captions (or labels)."""
+def preview_call(data: TokenData, kind: str, count: int) -> tuple[dict[str, Any], list[str]]:
+    """What the sample grids ask the pipeline for: the first ``count`` distinct captions (or their labels),
+    as :class:`pipelines.TokensToImage` keywords, and the captions themselves for the log."""
     first: dict[int, int] = {}  # caption id -> first item showing it
     for item, caption in enumerate(data.caption_ids.tolist()):
         first.setdefault(caption, item)
         if len(first) == count:
             break
-    items = torch.tensor(list(first.values()))
-    batch = {"label": data.labels[items].to(device), "caption": items.new_tensor(list(first))}
-    return batch_condition(batch, data, kind), [data.captions[c] for c in first]
+    captions = [data.captions[c] for c in first]
+    if kind == "class":
+        return {"class_labels": data.labels[torch.tensor(list(first.values()))]}, captions
+    return {"prompt": captions if kind == "text" else [""] * len(captions)}, captions
 
 
 @torch.no_grad()
-def write_samples(model: GPT, autoencoder: Autoencoder, cond: Condition, rows: int, sampling: SamplingConfig,
-                  path: str, samples: int = 4) -> None:
-    """A grid with one row per preview condition and ``samples`` columns, from a fixed generator."""
-    count = rows * samples
-    repeated = {k: v.repeat_interleave(samples, dim=0) for k, v in cond._asdict().items() if v is not None}
-    prefix = model.prefix(Condition(**repeated), batch=count)
-    uncond = model.null_prefix(count) if model.config.condition != "none" else None
-    generator = torch.Generator(model.position_embedding.device).manual_seed(0)
-    tokens = sample_tokens(model, prefix, uncond, generator=generator, **dataclasses.asdict(sampling))
-    grid = tokens.reshape(-1, model.config.grid_size, model.config.grid_size)
-    save_grid(autoencoder.decode_indices(grid).float().clamp(-1, 1), path, columns=samples, scale=2)
+def write_samples(bundle: TokenPrior, call: dict[str, Any], path: str, samples: int = 4) -> None:
+    """A grid with one row per preview condition and ``samples`` columns, sampled through the pipelines
+    (the same path as every user call) with a fixed seed, in fp32 so that the grid does not depend on
+    the machine's precision="auto"."""
+    pipe = TokensToImage(bundle).to(bundle.device, precision="fp32")
+    tokens = pipe(**call, num_images_per_prompt=samples, seed=0, progress=False, output_type="latent").images
+    save_grid(bundle.decode(tokens), path, columns=samples, scale=2)
 
 
 def train_step(batch, model, data: TokenData, opt, accelerator, cfg: TrainConfig):
@@ -130,7 +130,9 @@ def main(argv: list[str] | None = None) -> None:
         dump_config(training.resolved_config(cfg, accelerator), f"{out_dir}/config.yaml")
 
     batches = training.make_loader(TokenDataset(data), cfg.run, accelerator, step)
-    preview, captions = preview_condition(data, kind, 8, accelerator.device)
+    preview, captions = preview_call(data, kind, 8)
+    class_names = data.class_names() if kind == "class" else None
+    bundle = TokenPrior(autoencoder, ema.shadow, text, class_names, cfg.sample)  # the EMA weights, as saved
     metrics, budget = training.MetricsLog(accelerator, out_dir), training.Budget(cfg.run, accelerator)
     bar = budget.progress(step, "prior")
     accelerator.print(f"{len(data.tokens)} token sequences of {data.tokens.shape[1]}; model "
@@ -143,16 +145,14 @@ def main(argv: list[str] | None = None) -> None:
             logged = metrics.log(step, {**terms._asdict(), "lr": sched.get_last_lr()[0], **bar.metrics()})
             bar.set_postfix(loss=f"{logged['loss']:.3f}", acc=f"{logged['accuracy']:.3f}")
         if accelerator.is_main_process and step % cfg.run.sample_every == 0:
-            write_samples(ema.shadow, autoencoder, preview, len(captions), cfg.sample,
-                          f"{out_dir}/samples/step_{step:08d}.png")
+            write_samples(bundle, preview, f"{out_dir}/samples/step_{step:08d}.png")
         if step % cfg.run.save_every == 0:
             training.save_training_state(accelerator, out_dir, step, cfg.run.keep_checkpoints)
     bar.close()
     training.save_training_state(accelerator, out_dir, step, cfg.run.keep_checkpoints)
     if accelerator.is_main_process:
-        class_names = data.class_names() if kind == "class" else None
-        TokenPrior(autoencoder, ema.shadow, text, class_names, cfg.sample).save_pretrained(f"{out_dir}/pipeline")
-        write_samples(ema.shadow, autoencoder, preview, len(captions), cfg.sample, f"{out_dir}/samples/final.png")
+        bundle.save_pretrained(f"{out_dir}/pipeline")
+        write_samples(bundle, preview, f"{out_dir}/samples/final.png")
         accelerator.print(f"done: {bar.summary()}; pipeline saved to {out_dir}/pipeline")
     accelerator.end_training()
 
