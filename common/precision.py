@@ -22,7 +22,6 @@ from __future__ import annotations
 import functools
 import json
 import os
-import platform
 import time
 import warnings
 from dataclasses import dataclass
@@ -32,6 +31,7 @@ from typing import Literal
 import torch
 
 from common.config import ConfigError
+from common.environment import cpu_model
 
 Precision = Literal["auto", "fp32", "bf16", "fp16", "no"]
 CHOICES = ("fp32", "bf16", "fp16")
@@ -81,22 +81,19 @@ def canonical(precision: str) -> str:
 
 def cpu_description() -> tuple[str, tuple[str, ...]]:
     """(CPU model name, the native-bf16 feature flags it advertises), from /proc/cpuinfo on Linux."""
-    model, flags = platform.processor() or platform.machine(), set()
     try:
         text = Path("/proc/cpuinfo").read_text()
     except OSError:
-        return model, ()
+        text = ""
+    flags: set[str] = set()
     for line in text.splitlines():
         key, _, value = line.partition(":")
-        key = key.strip().lower()
-        if key == "model name" and value.strip():
-            model = value.strip()
-        elif key in ("flags", "features"):  # x86 / Arm spelling
+        if key.strip().lower() in ("flags", "features"):  # x86 / Arm spelling
             flags.update(value.split())
     native = [f for f in _X86_BF16_FLAGS if f in flags]
     if "bf16" in flags:  # Arm: FEAT_BF16
         native.append("bf16")
-    return model, tuple(native)
+    return cpu_model(), tuple(native)
 
 
 def _cache_file() -> Path:
@@ -199,8 +196,9 @@ def _resolve(requested: str, device_type: str, device_index: int | None) -> Prec
     if requested == "fp16" and device.type == "cpu":
         raise PrecisionError("precision fp16 needs a CUDA device (CPU autocast has no fp16 loss scaling); "
                              "use auto, bf16 or fp32")
-    if requested == "bf16" and device.type == "cpu" and not cpu_description()[1]:
-        warnings.warn(f"precision bf16 was requested, but this CPU ({cpu_description()[0]}) has no native bf16 "
+    model, native = cpu_description()
+    if requested == "bf16" and device.type == "cpu" and not native:
+        warnings.warn(f"precision bf16 was requested, but this CPU ({model}) has no native bf16 "
                       f"(AVX512_BF16/AMX): it is emulated and runs several times slower than fp32. Use precision "
                       f"auto (or fp32) on this machine.", RuntimeWarning, stacklevel=4)
     return PrecisionChoice(requested, "requested explicitly", requested)
