@@ -25,10 +25,10 @@ from autoencoder.perceptual import PerceptualWeightsError, build_perceptual
 from autoencoder.quantizer import mark_micro_step
 from autoencoder.train_config import TrainConfig
 from common import training
-from common.config import dump_config
 from common.data import build_dataset
 from common.ema import EMA
 from common.images import save_grid
+from common.resume import resume_run
 
 
 def frozen_call(module: torch.nn.Module, x: torch.Tensor) -> torch.Tensor:
@@ -96,9 +96,7 @@ def main(argv: list[str] | None = None) -> None:
     model, disc, opt_g, opt_d, sched_g, sched_d = accelerator.prepare(model, disc, opt_g, opt_d, sched_g, sched_d)
     ema = EMA(accelerator.unwrap_model(model), cfg.run.ema_decay)
     accelerator.register_for_checkpointing(ema)
-    step = training.resume_training_state(accelerator, out_dir)
-    if accelerator.is_main_process:  # after the resume: a config that does not fit leaves the old record
-        dump_config(training.resolved_config(cfg, accelerator), f"{out_dir}/config.yaml")
+    step = resume_run(accelerator, cfg, (opt_g, opt_d), (sched_g, sched_d))
 
     dataset = build_dataset(cfg.data)
     batches = training.make_loader(dataset, cfg.run, accelerator, step)

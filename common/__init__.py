@@ -9,6 +9,7 @@
 - ``common.metrics``: image-quality metrics (PSNR, SSIM) on (B, 3, H, W) tensors in [-1, 1].
 - ``common.evaluation``: prompt faithfulness and diversity of a generator on the shapes data.
 - ``common.training``: what every training script shares: run config, accelerator, data stream, loop.
+- ``common.resume``: resuming a run: restore its newest checkpoint, record the config it continues with.
 - ``common.precision``: which floating-point precision to train and sample in (``precision: auto``).
 - ``common.progress``: the training progress bar, towards whichever limit ends the run.
 - ``common.ema``: exponential moving average of model weights.

@@ -226,31 +226,6 @@ def latest_checkpoint(run_dir: str | Path) -> Path | None:
     return complete[-1]
 
 
-def resume_training_state(accelerator: Accelerator, run_dir: str | Path) -> int:
-    """Restore the newest checkpoint of ``run_dir`` if there is one; return its step (0 otherwise).
-
-    Raises:
-        CheckpointError: the checkpoint does not load (damaged files, or a config that changed the
-            models' shapes); the message names it and the ways out.
-    """
-    path = latest_checkpoint(run_dir)
-    if path is None:
-        return 0
-    try:
-        accelerator.load_state(str(path))
-        step = int(json.loads((path / "step.json").read_text())["step"])
-    except Exception as error:  # noqa: BLE001 - whatever failed, the user needs the same advice
-        reason = " ".join(str(error).split())
-        reason = reason if len(reason) <= 600 else reason[:600] + " ..."
-        raise CheckpointError(
-            f"cannot resume from {path}: {type(error).__name__}: {reason}. If the model config changed since "
-            f"this checkpoint was written (its config is {Path(run_dir) / 'config.yaml'}), put it back or choose "
-            f"a new run.out_dir; if the checkpoint is damaged, delete {path} to resume from the one before it."
-        ) from error
-    accelerator.print(f"resumed from {path} at step {step}")
-    return step
-
-
 class Budget:
     """Stop after ``steps`` optimizer steps or ``max_minutes`` of wall time, whichever comes first.
 

@@ -29,9 +29,10 @@ from torch.utils.data import Dataset
 
 from common import training
 from common.checkpoint import atomic_write, find_pipeline_dir
-from common.config import ConfigError, dump_config
+from common.config import ConfigError
 from common.data import DataConfig
 from common.ema import EMA
+from common.resume import resume_run
 from common.text_encoder import TextEncoderConfig
 from common.training import OptimConfig, RunConfig
 from diffusion.classifier import (
@@ -163,8 +164,6 @@ def main(argv: list[str] | None = None) -> None:
     code_dim = train_set.latents.shape[1]
     cfg = dataclasses.replace(cfg, model=cfg.model.resolve(code_dim, text_width=0))  # the backbone sees no text
     config = ClassifierConfig(cfg.model, cfg.target, classes, schedule=diffusion, latent_scale=latent_scale)
-    if main_process:
-        dump_config(training.resolved_config(cfg, accelerator), f"{out_dir}/config.yaml")
     schedule = config.schedule.make_schedule()  # the diffusion run's schedule, as the classifier saves it
     accelerator.print(f"classifier of {cfg.target!r} ({len(classes)} classes) on {len(train_set)} latents "
                       f"{tuple(train_set.latents.shape[1:])} from {pipeline}; {schedule!r}")
@@ -175,7 +174,7 @@ def main(argv: list[str] | None = None) -> None:
     model, opt, sched = accelerator.prepare(model, opt, sched)
     ema = EMA(accelerator.unwrap_model(model), cfg.run.ema_decay)
     accelerator.register_for_checkpointing(ema)
-    step = training.resume_training_state(accelerator, out_dir)
+    step = resume_run(accelerator, cfg, (opt,), (sched,))
 
     batches = training.make_loader(train_set, cfg.run, accelerator, step)
     metrics, budget = training.MetricsLog(accelerator, out_dir), training.Budget(cfg.run, accelerator)

@@ -29,10 +29,11 @@ from torch import Tensor
 
 from autoencoder.model import Autoencoder
 from common import training
-from common.config import ConfigError, dump_config
+from common.config import ConfigError
 from common.data import DataConfig, label_names
 from common.ema import EMA
 from common.images import save_grid
+from common.resume import resume_run
 from common.text_encoder import TextEncoder
 from diffusion.latent_cache import NULL_ID, LatentCache, load_or_build_cache, resolve_autoencoder_dir
 from diffusion.latent_diffusion import LatentDiffusion
@@ -174,9 +175,7 @@ def main(argv: list[str] | None = None) -> None:
     unet, opt, sched = accelerator.prepare(unet, opt, sched)
     ema = EMA(accelerator.unwrap_model(unet), cfg.run.ema_decay)
     accelerator.register_for_checkpointing(ema)
-    step = training.resume_training_state(accelerator, out_dir)
-    if main_process:  # after the resume: a config that does not fit leaves the old record
-        dump_config(training.resolved_config(cfg, accelerator), f"{out_dir}/config.yaml")
+    step = resume_run(accelerator, cfg, (opt,), (sched,))
     pipe = LatentDiffusion(autoencoder, ema.shadow, text_encoder, cfg.diffusion, cache.latent_scale, class_names)
 
     batches = training.make_loader(cache, cfg.run, accelerator, step)

@@ -19,10 +19,11 @@ import torch
 
 from autoencoder.model import Autoencoder
 from common import training
-from common.config import ConfigError, dump_config
+from common.config import ConfigError
 from common.data import DataConfig
 from common.ema import EMA
 from common.images import save_grid
+from common.resume import resume_run
 from common.training import OptimConfig, RunConfig
 from pipelines import TokensToImage
 from prior.losses import LossConfig, condition_dropout, corrupt_tokens, next_token_loss
@@ -125,9 +126,7 @@ def main(argv: list[str] | None = None) -> None:
     model, opt, sched = accelerator.prepare(model, opt, sched)
     ema = EMA(accelerator.unwrap_model(model), cfg.run.ema_decay)
     accelerator.register_for_checkpointing(ema)
-    step = training.resume_training_state(accelerator, out_dir)
-    if accelerator.is_main_process:  # after the resume: a config that does not fit leaves the old record
-        dump_config(training.resolved_config(cfg, accelerator), f"{out_dir}/config.yaml")
+    step = resume_run(accelerator, cfg, (opt,), (sched,))
 
     batches = training.make_loader(TokenDataset(data), cfg.run, accelerator, step)
     preview, captions = preview_call(data, kind, 8)
