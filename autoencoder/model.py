@@ -10,7 +10,6 @@ width the quantizer or the Gaussian posterior works in), Z ``z_channels`` (the d
 """
 from __future__ import annotations
 
-import dataclasses
 from pathlib import Path
 from typing import NamedTuple
 
@@ -20,7 +19,7 @@ from torch import Tensor, nn
 from autoencoder.model_config import AutoencoderConfig
 from autoencoder.networks import Decoder, Encoder
 from autoencoder.quantizer import QuantizerOutput, VectorQuantizer
-from common.checkpoint import CheckpointError, load_component, load_state_strict, save_component
+from common.checkpoint import CheckpointError, load_module, load_state_strict, save_component
 from common.config import ConfigError
 
 __all__ = [  # AutoencoderConfig lives in autoencoder.model_config; importing it from here keeps working
@@ -122,15 +121,12 @@ class Autoencoder(nn.Module):
         ``overrides`` replace config fields that do not change the weights, e.g. ``gradient_checkpointing=True``
         to fine-tune a saved model.
         """
-        config, state = load_component(directory, COMPONENT_KIND, AutoencoderConfig)
-        if overrides:
-            config = dataclasses.replace(config, **overrides)
-        model_cls = _CLASSES[config.kind]
-        if not issubclass(model_cls, cls):
-            raise CheckpointError(f"{directory} holds a {config.kind!r} autoencoder, not a {cls.__name__}")
-        model = model_cls(config)
-        model.load_weights(state, source=str(directory))
-        return model.eval()
+        def build(config: AutoencoderConfig) -> Autoencoder:
+            if not issubclass(_CLASSES[config.kind], cls):
+                raise CheckpointError(f"{directory} holds a {config.kind!r} autoencoder, not a {cls.__name__}")
+            return build_autoencoder(config)
+
+        return load_module(directory, COMPONENT_KIND, AutoencoderConfig, build, **overrides).eval()
 
 
 class VQGAN(Autoencoder):

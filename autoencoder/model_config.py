@@ -11,9 +11,10 @@ YAML files spell the quantizer options ``model.quantizer.codebook_size``; files 
 from __future__ import annotations
 
 from dataclasses import dataclass, field, fields, replace
-from typing import TYPE_CHECKING, Any, Literal
+from typing import TYPE_CHECKING, Any, ClassVar, Literal
 
 from autoencoder.quantizer import QuantizerConfig
+from common.component_check import over_limits
 from common.config import ConfigError, nest_flat_keys
 
 if TYPE_CHECKING:
@@ -66,8 +67,25 @@ class AutoencoderConfig:
     logvar_max: float = 20.0
     gradient_checkpointing: bool = False  # off by default, so config.json files saved before it load unchanged
 
+    # Upper bounds of the sizes that allocate memory or build modules, each far beyond any real model.
+    LIMITS: ClassVar[dict[str, int]] = {
+        "resolution": 16384,  # training image side; stage-1 models train at 256-1024 px
+        "in_channels": 1024,  # image channels: 3 for RGB, tens for multispectral data
+        "base_channels": 8192,  # level-0 width: 64-256 in published autoencoders; one 3x3 conv is then 600M weights
+        "channel_mult (max)": 64,  # width multipliers are 1-8 in every published config
+        "channel_mult (levels)": 12,  # a downsampling factor of 2**11 = 2048
+        "num_res_blocks": 64,  # 2-3 in published configs
+        "z_channels": 8192,  # 4-256 in published configs
+        "code_dim": 8192,  # the latent width: 3-16 for KL, 4-256 for VQ
+        "quantizer.codebook_size": 2**24,  # 64 x the largest published codebooks (2**18); K x D floats each
+    }
+
     def __post_init__(self) -> None:
-        problems = []
+        problems = over_limits({
+            "resolution": self.resolution, "in_channels": self.in_channels, "base_channels": self.base_channels,
+            "channel_mult (max)": max(self.channel_mult, default=0), "channel_mult (levels)": len(self.channel_mult),
+            "num_res_blocks": self.num_res_blocks, "z_channels": self.z_channels, "code_dim": self.code_dim,
+            "quantizer.codebook_size": self.quantizer.codebook_size}, self.LIMITS)
         if not self.channel_mult or min(self.channel_mult) < 1:
             problems.append(f"channel_mult must be a non-empty list of positive ints, got {self.channel_mult}")
         elif self.resolution % self.downsample_factor:

@@ -101,7 +101,7 @@ def main(argv: list[str] | None = None) -> None:
     dataset = build_dataset(cfg.data)
     batches = training.make_loader(dataset, cfg.run, accelerator, step)
     fixed = torch.stack([dataset[i]["image"] for i in range(min(16, len(dataset)))]).to(accelerator.device)
-    metrics, budget = training.MetricsLog(accelerator, out_dir), training.Budget(cfg.run, accelerator)
+    metrics, budget = training.MetricsLog(accelerator, out_dir, step), training.Budget(cfg.run, accelerator)
     bar = budget.progress(step, "autoencoder")
 
     def train_step(batch: dict, step: int):

@@ -2,6 +2,8 @@
 
 - ``common.config``: the one config loader: YAML plus dotted overrides -> a frozen, type-checked dataclass.
 - ``common.checkpoint``: components on disk (``config.json`` + ``model.safetensors``) and pipeline directories.
+- ``common.component_check``: a component's config checked against its weights' header before it is built.
+- ``common.integrity``: the hash of a component's weights, recorded in ``config.json`` and checked on load.
 - ``common.layers``: the shared layers: attention, ResBlock, resampling, timestep embeddings.
 - ``common.text_encoder``: the frozen Hugging Face text encoder: prompts -> token states and a padding mask.
 - ``common.data``: the built-in datasets (shapes, emoji, an image folder) behind one interface.
@@ -9,7 +11,10 @@
 - ``common.metrics``: image-quality metrics (PSNR, SSIM) on (B, 3, H, W) tensors in [-1, 1].
 - ``common.evaluation``: prompt faithfulness and diversity of a generator on the shapes data.
 - ``common.training``: what every training script shares: run config, accelerator, data stream, loop.
-- ``common.resume``: resuming a run: restore its newest checkpoint, record the config it continues with.
+- ``common.run_state``: a run's training checkpoints on disk: atomic saves, rotation, the newest complete one.
+- ``common.run_control``: the run-directory lock and preemption (SIGTERM/SIGINT: save, then exit).
+- ``common.resume``: resuming a run: guard the config against changes, restore the newest checkpoint.
+- ``common.safe_pickle``: checkpoint pickles read as weights and plain data only (pickled code never runs).
 - ``common.precision``: which floating-point precision to train and sample in (``precision: auto``).
 - ``common.progress``: the training progress bar, towards whichever limit ends the run.
 - ``common.ema``: exponential moving average of model weights.

@@ -1,12 +1,15 @@
 """Components on disk: a directory with ``config.json`` and ``model.safetensors``.
 
 Writes are atomic (temporary file, fsync, rename), so a save killed half-way leaves the previous
-files intact. Loading is strict: a missing or unexpected key, or a shape that differs, is an error
-that names them. Legacy pickled ``.ckpt`` files are read with ``torch.load(weights_only=True)``,
+files intact. ``config.json`` records the weights' size and SHA-256 (:mod:`common.integrity`); loading
+checks them, then checks the config against the weights' header before building anything
+(:mod:`common.component_check`), then loads strictly: a missing or unexpected key, or a shape that
+differs, is an error that names them. Legacy pickled ``.ckpt`` files are read with ``torch.load(weights_only=True)``,
 which refuses pickled code instead of running it.
 """
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 from pathlib import Path
@@ -16,7 +19,9 @@ import torch
 from safetensors.torch import load_file, save_file
 from torch import Tensor, nn
 
+from common.component_check import describe, header_shapes, implied_shapes, non_finite_fields, shape_differences
 from common.config import ConfigError, from_dict, to_dict
+from common.integrity import IntegrityError, verify_weights, weights_record
 
 CONFIG_FILE = "config.json"
 WEIGHTS_FILE = "model.safetensors"
@@ -25,6 +30,7 @@ FORMAT_VERSION = 1
 TRAIN_PIPELINE = ("`accelerate launch diffusion/train_latent.py configs/diffusion/<config>.yaml` or "
                   "`accelerate launch prior/train.py configs/prior/<config>.yaml` (each writes <run.out_dir>/pipeline)")
 T = TypeVar("T")
+M = TypeVar("M", bound=nn.Module)
 
 
 class CheckpointError(RuntimeError):
@@ -81,20 +87,40 @@ def find_pipeline_dir(path: str | Path, how_to_train: str = TRAIN_PIPELINE, part
 
 
 def save_component(directory: str | Path, kind: str, config: Any, state: nn.Module | dict[str, Tensor]) -> Path:
-    """Save one component: its kind and config as JSON, its weights as safetensors."""
+    """Save one component: its weights as safetensors, then its kind, config and the weights' hash as JSON
+    (see :mod:`common.integrity`; the JSON is written last, so it only ever describes complete weights)."""
     directory = Path(directory)
     state_dict = state.state_dict() if isinstance(state, nn.Module) else state
     # Copies to CPU so tied or non-contiguous tensors serialise; safetensors refuses shared storage.
     tensors = {name: tensor.detach().to("cpu", copy=True).contiguous() for name, tensor in state_dict.items()}
-    meta = {"kind": kind, "format_version": FORMAT_VERSION, "config": to_dict(config)}
-    atomic_write(directory / WEIGHTS_FILE, lambda tmp: save_file(tensors, str(tmp), metadata={"kind": kind}))
+    weights = atomic_write(directory / WEIGHTS_FILE, lambda tmp: save_file(tensors, str(tmp), metadata={"kind": kind}))
+    meta = {"kind": kind, "format_version": FORMAT_VERSION, "config": to_dict(config),
+            "weights": weights_record(weights)}
     atomic_write(directory / CONFIG_FILE, lambda tmp: tmp.write_text(json.dumps(meta, indent=2) + "\n"))
     return directory
 
 
-def read_component_config(directory: str | Path, kind: str, config_cls: type[T]) -> T:
-    """Read and validate the config of a component directory that must hold ``kind``."""
-    directory = Path(directory)
+def read_json_object(path: Path, fix: str) -> dict[str, Any]:
+    """The JSON object in ``path``, or one CheckpointError naming the file: unreadable, not JSON (truncated,
+    edited) or JSON of another type. ``fix`` ends the message."""
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError) as error:
+        raise CheckpointError(f"{path} cannot be read ({type(error).__name__}: {error}); {fix}") from None
+    except json.JSONDecodeError as error:
+        raise CheckpointError(f"{path} is not valid JSON ({error}; truncated or edited?); {fix}") from None
+    if not isinstance(data, dict):
+        raise CheckpointError(f"{path} holds a JSON {type(data).__name__}, not an object of keys; {fix}")
+    return data
+
+
+def read_pipeline_json(directory: str | Path) -> dict[str, Any]:
+    """The record of a pipeline directory (``pipeline.json``) as a dict; malformed files name themselves."""
+    return read_json_object(Path(directory) / PIPELINE_FILE, "save the pipeline again (save_pretrained) or copy "
+                            "it again from its source")
+
+
+def _read_component_meta(directory: Path, kind: str) -> tuple[Path, dict[str, Any]]:
     config_path = directory / CONFIG_FILE
     if not config_path.is_file():
         raise CheckpointError(
@@ -102,32 +128,97 @@ def read_component_config(directory: str | Path, kind: str, config_cls: type[T])
             f"Point to a directory written by save_component / save_pretrained (it holds "
             f"{CONFIG_FILE} and {WEIGHTS_FILE})."
         )
-    try:
-        meta = json.loads(config_path.read_text())
-    except json.JSONDecodeError as error:
-        raise CheckpointError(f"{config_path} is not valid JSON ({error}); re-save the component.") from error
-    found = meta.get("kind") if isinstance(meta, dict) else None
+    meta = read_json_object(config_path, "re-save the component, or copy it again from its source")
+    found = meta.get("kind")
     if found != kind:
         raise CheckpointError(f"{directory} holds a {found!r} component, but a {kind!r} was expected.")
+    return config_path, meta
+
+
+def read_component_config(directory: str | Path, kind: str, config_cls: type[T]) -> T:
+    """Read and validate the config of a component directory that must hold ``kind``."""
+    return _parse_config(*_read_component_meta(Path(directory), kind), kind, config_cls)
+
+
+def _parse_config(config_path: Path, meta: dict[str, Any], kind: str, config_cls: type[T]) -> T:
     try:
-        return from_dict(config_cls, meta.get("config", {}))
+        config = from_dict(config_cls, meta.get("config", {}))
     except ConfigError as error:
         raise CheckpointError(f"{config_path} does not describe a valid {kind!r}: {error} "
                               "Was it written by another version of latentgen, or edited?") from None
+    bad = non_finite_fields(config, "config.")
+    if bad:
+        raise CheckpointError(f"{config_path} holds non-finite values ({', '.join(bad)}); every number in a component "
+                              "config must be finite. Restore the file saved with the weights.")
+    return config
 
 
-def load_component(directory: str | Path, kind: str, config_cls: type[T]) -> tuple[T, dict[str, Tensor]]:
-    """Return the validated config and the weights of a component directory."""
+def load_component(directory: str | Path, kind: str, config_cls: type[T], build: Callable[[T], nn.Module] | None = None,
+                   **overrides: Any) -> tuple[T, dict[str, Tensor]]:
+    """Return the validated config and the weights of a component directory.
+
+    In order, before any tensor is loaded: the config is validated (with ``overrides`` applied), the
+    weights file's header is read, with ``build`` (config -> module) every parameter and buffer shape the
+    config implies is compared with the header (:mod:`common.component_check`; the module is built on the
+    meta device, so an absurd config allocates nothing), and the file's size and hash are compared with
+    the ones ``config.json`` recorded (:mod:`common.integrity`).
+    """
     directory = Path(directory)
-    config = read_component_config(directory, kind, config_cls)
+    config_path, meta = _read_component_meta(directory, kind)
+    config = _parse_config(config_path, meta, kind, config_cls)
+    if overrides:
+        config = dataclasses.replace(config, **overrides)
     weights = directory / WEIGHTS_FILE
     if not weights.is_file():
         raise CheckpointError(f"{directory} has a {CONFIG_FILE} but no {WEIGHTS_FILE}; the save did not finish.")
+    stored = _read_header(weights)
+    if build is not None:  # before the hash: a file of other tensors is better named by what differs
+        check_config_fits(config_path, config, build, stored)
+    try:
+        verify_weights(weights, meta.get("weights"), config_path)
+    except IntegrityError as error:
+        raise CheckpointError(str(error)) from None
     try:
         return config, load_file(str(weights))
     except Exception as error:  # noqa: BLE001 - safetensors raises its own error type for a damaged file
-        raise CheckpointError(f"{weights} cannot be read ({type(error).__name__}: {error}): the file is damaged "
-                              "or truncated. Save the component again, or copy it again from its source.") from None
+        raise _damaged(weights, error) from None
+
+
+def load_module(directory: str | Path, kind: str, config_cls: type[T], build: Callable[[T], M],
+                **overrides: Any) -> M:
+    """Build and load a component strictly (see :func:`load_component` for what is checked first)."""
+    config, state = load_component(directory, kind, config_cls, build, **overrides)
+    module = build(config)
+    load_state_strict(module, state, str(directory))
+    return module
+
+
+def check_config_fits(config_path: Path, config: Any, build: Callable[[Any], nn.Module],
+                      stored: dict[str, tuple[int, ...]]) -> None:
+    """Refuse a config whose module (built on the meta device) has other tensors than the weights file."""
+    weights = config_path.with_name(WEIGHTS_FILE)
+    try:
+        implied = implied_shapes(config, build)
+    except (ConfigError, ValueError, TypeError) as error:
+        raise CheckpointError(f"{config_path} describes no buildable model: {error}") from None
+    differences = shape_differences(implied, stored, WEIGHTS_FILE, f"the model {CONFIG_FILE} describes")
+    if differences:
+        raise CheckpointError(
+            f"{config_path} does not fit {weights} ({describe(differences)}). "
+            f"The weights were saved from a model with a different config: restore the {CONFIG_FILE} saved with "
+            "them, or point to the directory whose weights it describes.")
+
+
+def _read_header(weights: Path) -> dict[str, tuple[int, ...]]:
+    try:
+        return header_shapes(weights)
+    except Exception as error:  # noqa: BLE001 - safetensors raises its own error type for a damaged file
+        raise _damaged(weights, error) from None
+
+
+def _damaged(weights: Path, error: Exception) -> CheckpointError:
+    return CheckpointError(f"{weights} cannot be read ({type(error).__name__}: {error}): the file is damaged or "
+                           "truncated. Save the component again, or copy it again from its source.")
 
 
 def load_state_strict(module: nn.Module, state_dict: dict[str, Tensor], source: str = "checkpoint") -> None:

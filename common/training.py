@@ -7,6 +7,10 @@ A run directory looks like::
     run_dir/metrics.jsonl              one JSON object per logged step
     run_dir/checkpoints/step_00001000  accelerate state: models, optimizers, schedulers, RNG, EMA, ...
     run_dir/checkpoints/latest         name of the newest complete checkpoint
+    run_dir/.lock                      the run's writer (:mod:`common.run_control`)
+
+Checkpoints on disk live in :mod:`common.run_state` (re-exported here), the lock and the stop signals in
+:mod:`common.run_control`.
 """
 from __future__ import annotations
 
@@ -16,9 +20,8 @@ import json
 import logging
 import math
 import os
-import shutil
+import sys
 import time
-import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Iterator, Sequence, TypeVar, Union
@@ -34,6 +37,16 @@ from common.data import DataError
 from common.environment import accelerator_available, accelerator_type, environment_record
 from common.precision import Precision, resolve_precision
 from common.progress import TrainingProgress
+from common.run_control import (
+    STOP,
+    STOPPED_EXIT_CODE,
+    RunDirLocked,
+    TrainingStopped,
+    main_process,
+    release_run_locks,
+    watch_stop_signals,
+)
+from common.run_state import checkpoint_root, claim_run_dir, latest_checkpoint, save_training_state  # noqa: F401 - API
 
 logger = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -71,6 +84,15 @@ class RunConfig:
     cpu_threads: int = 0
     progress: bool = True
 
+    def __post_init__(self) -> None:
+        check_ranges(self, steps=(0, None, "0 only builds what the run needs (e.g. the latent cache) and stops"),
+                     max_minutes=(0, None, "0 = no wall-clock budget"), batch_size=(1, None, ""),
+                     grad_accum=(1, None, ""), seed=(0, 2**32 - 1, ""), log_every=(1, None, ""),
+                     sample_every=(1, None, "a number above run.steps never samples"),
+                     save_every=(1, None, "a number above run.steps saves at the end only"),
+                     keep_checkpoints=(1, None, "the newest checkpoint is always kept"), num_workers=(0, None, ""),
+                     ema_decay=(0, 1, ""), max_skipped_steps=(0, None, ""), cpu_threads=(0, None, "0 = automatic"))
+
 
 @dataclass(frozen=True)
 class OptimConfig:
@@ -88,6 +110,30 @@ class OptimConfig:
     decay_steps: int = 0
     lr_floor: float = 0.1
     grad_clip: float = 1.0
+
+    def __post_init__(self) -> None:
+        if not (math.isfinite(self.lr) and self.lr > 0):
+            raise ConfigError(f"lr={self.lr!r} is out of range: it must be a finite number > 0; set lr to a value "
+                              f"in that range, e.g. 2e-4")
+        for i, beta in enumerate(self.betas):
+            if not 0 <= beta < 1:
+                raise ConfigError(f"betas[{i}]={beta!r} is out of range: each beta must be in [0, 1); set betas "
+                                  f"to values in that range, e.g. [0.9, 0.99]")
+        check_ranges(self, weight_decay=(0, None, ""), warmup_steps=(0, None, ""),
+                     decay_steps=(0, None, "0 = constant after the warm-up"), lr_floor=(0, 1, ""),
+                     grad_clip=(0, None, "0 = no clipping"))
+
+
+def check_ranges(config: Any, **ranges: tuple[float, float | None, str]) -> None:
+    """Raise :class:`ConfigError` for the first field of ``config`` outside its ``(low, high, note)``
+    (``high`` None: unbounded; both ends included; NaN and inf always refused)."""
+    for name, (low, high, note) in ranges.items():
+        value = getattr(config, name)
+        if math.isfinite(value) and low <= value and (high is None or value <= high):
+            continue
+        valid = f"[{low}, {high}]" if high is not None else f">= {low}"
+        raise ConfigError(f"{name}={value!r} is out of range: it must be {valid}{f' ({note})' if note else ''}; "
+                          f"set {name} to a value in that range")
 
 
 def make_optimizer(params: Any, optim: OptimConfig) -> tuple[torch.optim.Optimizer, torch.optim.lr_scheduler.LambdaLR]:
@@ -115,6 +161,8 @@ def make_accelerator(run: RunConfig) -> Accelerator:
     accelerator = Accelerator(mixed_precision=choice.accelerate_name, gradient_accumulation_steps=run.grad_accum,
                               log_with="tensorboard", project_dir=run.out_dir, step_scheduler_with_optimizer=False,
                               cpu=on_cpu)
+    claim_run_dir(run.out_dir, accelerator)  # before the first file is written there
+    watch_stop_signals()
     accelerator.init_trackers("tensorboard")
     accelerator.print(f"precision: {choice.precision} ({choice.reason})")
     if accelerator.is_main_process:
@@ -176,66 +224,17 @@ def make_loader(dataset: Dataset, run: RunConfig, accelerator: Accelerator, step
         yield {k: v.to(accelerator.device, non_blocking=True) if torch.is_tensor(v) else v for k, v in batch.items()}
 
 
-def checkpoint_root(run_dir: str | Path) -> Path:
-    return Path(run_dir) / "checkpoints"
-
-
-def save_training_state(accelerator: Accelerator, run_dir: str | Path, step: int, keep: int = 2) -> Path:
-    """Save everything accelerate tracks (models, optimizers, schedulers, RNG, registered objects).
-
-    The state is written to ``step_N.tmp`` and renamed only once complete, then ``latest`` is
-    switched atomically, so a crash mid-save leaves the previous checkpoint as the one resumed.
-    """
-    root = checkpoint_root(run_dir)
-    final, tmp = root / f"step_{step:08d}", root / f"step_{step:08d}.tmp"
-    if accelerator.is_main_process:  # this save's directory, and any left by a save that was killed
-        for stale in [tmp, *root.glob("step_*.tmp")]:
-            shutil.rmtree(stale, ignore_errors=True)
-    accelerator.wait_for_everyone()
-    accelerator.save_state(str(tmp))
-    accelerator.wait_for_everyone()
-    if accelerator.is_main_process:
-        (tmp / "step.json").write_text(json.dumps({"step": step}))
-        shutil.rmtree(final, ignore_errors=True)
-        os.replace(tmp, final)
-        atomic_write(root / "latest", lambda path: path.write_text(final.name))
-        for old in sorted(p for p in root.glob("step_*") if p.is_dir() and not p.name.endswith(".tmp"))[:-keep]:
-            shutil.rmtree(old, ignore_errors=True)
-    accelerator.wait_for_everyone()
-    return final
-
-
-def latest_checkpoint(run_dir: str | Path) -> Path | None:
-    """The newest complete training checkpoint of a run, or None.
-
-    ``latest`` names it. Should that name be missing or stale (a checkpoint deleted by hand, a run
-    killed between the rename and the switch), the newest complete ``step_N`` is used, with a warning:
-    starting again from step 0 would rotate the good checkpoints away.
-    """
-    root = checkpoint_root(run_dir)
-    pointer = root / "latest"
-    if pointer.is_file():
-        path = root / pointer.read_text().strip()
-        if (path / "step.json").is_file():
-            return path
-    complete = sorted(p for p in root.glob("step_*") if not p.name.endswith(".tmp") and (p / "step.json").is_file())
-    if not complete:
-        return None
-    warnings.warn(f"{pointer} is missing or names no complete checkpoint; using the newest complete one, "
-                  f"{complete[-1].name}", RuntimeWarning, stacklevel=2)
-    return complete[-1]
-
-
 class Budget:
-    """Stop after ``steps`` optimizer steps or ``max_minutes`` of wall time, whichever comes first.
+    """Stop after ``steps`` optimizer steps, after ``max_minutes`` of wall time or at a stop request
+    (SIGTERM/SIGINT, :data:`common.run_control.STOP`; ``stopped_by`` then names it), whichever comes first.
 
-    Under several processes the wall-clock decision is taken by the main process and broadcast,
-    so all processes stop at the same step.
+    Under several processes the clock and the request are agreed on (either one on any process stops
+    all), so all processes stop at the same step.
     """
 
     def __init__(self, run: RunConfig, accelerator: Accelerator) -> None:
         self.steps, self.seconds = run.steps, run.max_minutes * 60
-        self.accelerator = accelerator
+        self.run, self.accelerator, self.stopped_by = run, accelerator, None
         self.start = time.monotonic()
         self.show = run.progress and accelerator.is_main_process
 
@@ -250,20 +249,30 @@ class Budget:
     def done(self, step: int) -> bool:
         if step >= self.steps:
             return True
-        if not self.seconds:
-            return False
-        flag = torch.tensor([float(self.elapsed >= self.seconds)], device=self.accelerator.device)
+        clock, signalled = bool(self.seconds) and self.elapsed >= self.seconds, STOP.reason is not None
         if self.accelerator.num_processes > 1:
-            torch.distributed.broadcast(flag, src=0)  # in place: every process adopts rank 0's clock
-        return bool(flag.item())
+            flags = torch.tensor([float(clock), float(signalled)], device=self.accelerator.device)
+            clock, signalled = (bool(f) for f in self.accelerator.reduce(flags, reduction="sum").tolist())
+        if signalled:
+            self.stopped_by = STOP.reason or "a stop signal on another process"
+        return clock or signalled
 
 
 class MetricsLog:
-    """Append metrics to ``metrics.jsonl`` (main process) and to the accelerator's trackers."""
+    """Append metrics to ``metrics.jsonl`` (main process) and to the accelerator's trackers.
 
-    def __init__(self, accelerator: Accelerator, run_dir: str | Path) -> None:
+    A run resumed at ``step`` first drops the lines an interrupted run logged after that step: they
+    are logged again, and a step must appear once.
+    """
+
+    def __init__(self, accelerator: Accelerator, run_dir: str | Path, step: int = 0) -> None:
         self.accelerator = accelerator
         self.path = Path(run_dir) / "metrics.jsonl"
+        if accelerator.is_main_process and self.path.is_file():
+            lines = self.path.read_text().splitlines(keepends=True)
+            kept = [line for line in lines if _logged_step(line) <= step]
+            if len(kept) < len(lines):
+                atomic_write(self.path, lambda path: path.write_text("".join(kept)))
 
     def log(self, step: int, values: dict[str, Any]) -> dict[str, float]:
         clean = {k: float(v.detach().float().mean()) if torch.is_tensor(v) else float(v) for k, v in values.items()}
@@ -272,6 +281,14 @@ class MetricsLog:
                 handle.write(json.dumps({"step": step, **clean}) + "\n")
         self.accelerator.log(clean, step=step)
         return clean
+
+
+def _logged_step(line: str) -> float:
+    """The step a metrics line was logged at; infinite for a line cut short by a kill (dropped on resume)."""
+    try:
+        return json.loads(line)["step"]
+    except (ValueError, KeyError, TypeError):
+        return math.inf
 
 
 def read_metrics(run_dir: str | Path) -> list[dict[str, float]]:
@@ -335,19 +352,23 @@ def optimizer_steps(accelerator: Accelerator, models: torch.nn.Module | Sequence
     does an accumulation micro-step. ``scheds`` is one scheduler or a sequence of them; after a real
     step each one whose ``active(step)`` holds steps (a bare scheduler always does), then the EMA,
     ``step`` and the progress bar advance. Kept in one place so that the order of these calls, which
-    a bit-exact resume depends on, cannot drift between scripts. Stops when ``budget`` is spent.
+    a bit-exact resume depends on, cannot drift between scripts. Stops when ``budget`` is spent, only
+    between optimizer steps (never within an accumulation); stopped by a signal, it saves the training
+    state and raises :class:`common.run_control.TrainingStopped`.
     """
     models = (models,) if isinstance(models, torch.nn.Module) else tuple(models)
     scheds = [sched if isinstance(sched, tuple) else (sched, None)
               for sched in ((scheds,) if hasattr(scheds, "step") else scheds)]
-    while not budget.done(step):
+    between_steps = True
+    while not (between_steps and budget.done(step)):
         with accelerator.accumulate(*models):
             loss, finite, extras = update(next(batches), step)
+        between_steps = accelerator.sync_gradients
         if not finite:
             skips.skip(step, loss)
             continue
         skips.ok()
-        if not accelerator.sync_gradients:
+        if not between_steps:
             continue  # gradient accumulation: the optimizers have not stepped yet
         for sched, active in scheds:
             if active is None or active(step):
@@ -356,6 +377,11 @@ def optimizer_steps(accelerator: Accelerator, models: torch.nn.Module | Sequence
         step += 1
         bar.update(1)
         yield step, loss, extras
+    if budget.stopped_by is not None:
+        bar.close()
+        saved = save_training_state(accelerator, budget.run.out_dir, step, budget.run.keep_checkpoints)
+        accelerator.end_training()
+        raise TrainingStopped(budget.stopped_by, step, saved)
 
 
 def load_run_config(cls: type[T], argv: Sequence[str] | None, doc: str | None, stage: str, example: str) -> T:
@@ -374,13 +400,23 @@ def load_run_config(cls: type[T], argv: Sequence[str] | None, doc: str | None, s
 def run_cli(main: Callable[[Sequence[str]], Any], argv: Sequence[str], *user_errors: type[Exception]) -> None:
     """Run a training script's ``main(argv)``; a mistake in its input ends it with the message alone.
 
-    Config, data, checkpoint and missing-file errors (plus ``user_errors``) exit with status 1 and
-    ``error: <message>`` on stderr; a traceback would only hide the message, which names the fix.
+    Config, data, checkpoint, lock and missing-file errors (plus ``user_errors``) exit with status 1 and
+    ``error: <message>`` on stderr; a traceback would only hide the message, which names the fix. A run
+    stopped by a signal exits with :data:`common.run_control.STOPPED_EXIT_CODE` after one message. Under
+    several processes only the main one prints. The run-directory lock and the signal handlers end with it.
     """
     try:
         main(list(argv))
-    except (ConfigError, DataError, CheckpointError, FileNotFoundError, NonFiniteLossError, *user_errors) as error:
-        raise SystemExit(f"error: {error}") from None
+    except TrainingStopped as stopped:
+        if main_process():
+            print(stopped, file=sys.stderr)
+        raise SystemExit(STOPPED_EXIT_CODE) from None
+    except (ConfigError, DataError, CheckpointError, FileNotFoundError, NonFiniteLossError, RunDirLocked,
+            *user_errors) as error:
+        raise SystemExit(f"error: {error}" if main_process() else 1) from None
+    finally:
+        release_run_locks()
+        STOP.restore()
 
 
 def all_finite(value: torch.Tensor, accelerator: Accelerator) -> bool:

@@ -21,6 +21,7 @@ Shapes: B batch, D latent channels, h w latent grid, K classes.
 """
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any
@@ -29,7 +30,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from common.checkpoint import load_component, load_state_strict, save_component
+from common.checkpoint import load_module, save_component
 from common.config import ConfigError
 from common.data.shapes import COLOURS, NUM_LABELS, POSITIONS, SHAPES, SIZES, ShapeSpec, parse_caption
 from common.layers import group_norm
@@ -40,6 +41,7 @@ COMPONENT_KIND = "noisy_latent_classifier"
 SHAPES_ATTRIBUTES: dict[str, tuple[str, ...]] = {
     "colour": tuple(COLOURS), "shape": SHAPES, "size": SIZES, "position": POSITIONS,
 }
+MAX_CLASSES = UNetConfig.LIMITS["num_classes"]  # the bound of a class embedding bounds a head too
 LABEL = "label"  # the whole dataset label: the only attribute datasets other than shapes have
 ATTRIBUTES: tuple[str, ...] = (*SHAPES_ATTRIBUTES, LABEL)
 
@@ -113,6 +115,11 @@ class ClassifierConfig:
         check_attribute(self.attribute)
         if len(self.class_names) < 2:
             raise ConfigError(f"a classifier needs at least 2 classes, got {list(self.class_names)}")
+        if len(self.class_names) > MAX_CLASSES:
+            raise ConfigError(f"{len(self.class_names):,} class_names is above {MAX_CLASSES:,}, beyond any real "
+                              "classifier (its head has one row per class)")
+        if not (math.isfinite(self.latent_scale) and self.latent_scale >= 0):
+            raise ConfigError(f"latent_scale must be a finite number >= 0 (0: unknown), got {self.latent_scale}")
         if self.backbone.context_dim or self.backbone.num_classes:
             raise ConfigError("the classifier backbone sees neither text nor classes: set context_dim=0 and "
                               f"num_classes=0 (got {self.backbone.context_dim}, {self.backbone.num_classes})")
@@ -182,10 +189,7 @@ class NoisyLatentClassifier(nn.Module):
     @classmethod
     def from_pretrained(cls, directory: str | Path) -> NoisyLatentClassifier:
         """Load a classifier saved by :meth:`save_pretrained`, strictly, in eval mode."""
-        config, state_dict = load_component(directory, COMPONENT_KIND, ClassifierConfig)
-        model = cls(config)
-        load_state_strict(model, state_dict, source=str(directory))
-        return model.eval()
+        return load_module(directory, COMPONENT_KIND, ClassifierConfig, cls).eval()
 
 
 # --------------------------------------------------------------------------------- loss and accuracy

@@ -30,6 +30,7 @@ Shapes: B batch, D latent channels, h w latent grid, L tokens, E text width.
 from __future__ import annotations
 
 import json
+import math
 from collections.abc import Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -38,8 +39,16 @@ import torch
 from torch import Tensor, nn
 
 from autoencoder.model import Autoencoder
-from common.checkpoint import CONFIG_FILE, PIPELINE_FILE, CheckpointError, atomic_write, find_pipeline_dir
-from common.config import from_dict, to_dict
+from common.checkpoint import (
+    CONFIG_FILE,
+    PIPELINE_FILE,
+    CheckpointError,
+    atomic_write,
+    find_pipeline_dir,
+    read_pipeline_json,
+)
+from common.component_check import non_finite_fields
+from common.config import ConfigError, from_dict, to_dict
 from common.text_encoder import TextEmbedding, TextEncoder, TextEncoderConfig
 from diffusion.guidance import classifier_free, classifier_guided, inpainting
 from diffusion.latent_cache import decode_latents, encode_latents, pad_tokens
@@ -104,11 +113,11 @@ class LatentDiffusion(nn.Module):
         """Load a pipeline directory on CPU; pass an already loaded ``text_encoder`` to share it."""
         directory = Path(directory)
         config, text_config, latent_scale = read_pipeline_meta(directory)
+        autoencoder = Autoencoder.from_pretrained(directory / "autoencoder")  # checked before the slower text encoder
+        unet = UNet.from_pretrained(directory / "unet").eval()
         if text_encoder is None and text_config is not None:
             text_encoder = TextEncoder(text_config)
-        autoencoder = Autoencoder.from_pretrained(directory / "autoencoder")
-        unet = UNet.from_pretrained(directory / "unet").eval()
-        class_names = json.loads((directory / PIPELINE_FILE).read_text()).get("class_names")
+        class_names = read_pipeline_json(directory).get("class_names")
         try:
             return cls(autoencoder, unet, text_encoder, config, latent_scale, class_names)
         except ValueError as error:
@@ -296,13 +305,22 @@ def check_class_names(class_names: Sequence[str] | None, num_classes: int) -> tu
     return names
 
 
+MAX_TRAIN_STEPS = 100_000  # T: the schedule's tensors are built on load; published schedules use T = 1000
+
+
 def read_pipeline_meta(directory: str | Path) -> tuple[DiffusionConfig, TextEncoderConfig | None, float]:
-    """The diffusion config, text encoder config (None without text) and latent scale of a pipeline directory."""
+    """The diffusion config, text encoder config (None without text) and latent scale of a pipeline directory.
+
+    Every value is checked before any weights are read: a malformed file, an unknown key, a non-finite
+    number, a schedule that is not a valid noise schedule or a latent scale that is not a finite number
+    > 0 raise :class:`CheckpointError` naming the file and the key (a latent scale of 0 or NaN would
+    otherwise decode wrong images without a word).
+    """
     path = Path(directory) / PIPELINE_FILE
     if not path.is_file():
         raise CheckpointError(f"{directory} is not a pipeline directory: {PIPELINE_FILE} is missing "
                               f"(training writes one to <run_dir>/pipeline)")
-    meta = json.loads(path.read_text())
+    meta = read_pipeline_json(directory)
     if meta.get("kind") != PIPELINE_KIND or meta.get("format_version") != FORMAT_VERSION:
         raise CheckpointError(f"{path} holds kind {meta.get('kind')!r} format {meta.get('format_version')}; "
                               f"expected {PIPELINE_KIND!r} format {FORMAT_VERSION}")
@@ -311,9 +329,46 @@ def read_pipeline_meta(directory: str | Path) -> tuple[DiffusionConfig, TextEnco
     if unknown:
         raise CheckpointError(f"{path} has unknown keys {unknown} (valid keys: {', '.join(sorted(PIPELINE_KEYS))}); "
                               f"was it written by a newer version?")
-    text = meta.get("text_encoder")
-    text_config = from_dict(TextEncoderConfig, text) if text is not None else None
-    return from_dict(DiffusionConfig, meta["diffusion"]), text_config, float(meta["latent_scale"])
+    missing = sorted({"diffusion", "latent_scale"} - set(meta))
+    if missing:
+        raise CheckpointError(f"{path} lacks {missing}; save the pipeline again (save_pretrained)")
+    try:
+        config = from_dict(DiffusionConfig, meta["diffusion"], "diffusion.")
+        text = meta.get("text_encoder")
+        text_config = from_dict(TextEncoderConfig, text, "text_encoder.") if text is not None else None
+    except ConfigError as error:
+        raise CheckpointError(f"{path}: {error}; save the pipeline again, or restore the file") from None
+    return check_schedule(config, path), text_config, check_latent_scale(meta["latent_scale"], path)
+
+
+def check_latent_scale(value: Any, path: Path) -> float:
+    """``latent_scale`` of ``pipeline.json`` as a finite float > 0."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or value <= 0:
+        raise CheckpointError(f"{path}: latent_scale={value!r} must be a finite number > 0 (the factor that brings "
+                              "the autoencoder's latents to unit variance, 1 / their std); restore the value the "
+                              "training run recorded, or measure it again with diffusion.latent_cache")
+    return float(value)
+
+
+def check_schedule(config: DiffusionConfig, path: Path) -> DiffusionConfig:
+    """Refuse non-finite values, an unbounded T and betas that make no noise schedule (NaN or negative alphas)."""
+    bad = non_finite_fields(config, "diffusion.")
+    if bad:
+        raise CheckpointError(f"{path}: {', '.join(bad)} must be finite; restore the values the training run used")
+    if not 1 <= config.num_steps <= MAX_TRAIN_STEPS:
+        raise CheckpointError(f"{path}: diffusion.num_steps={config.num_steps} must be in [1, {MAX_TRAIN_STEPS}] "
+                              "(the number of training timesteps; 1000 in every shipped config)")
+    if config.schedule != "cosine" and not 0 < config.beta_start <= config.beta_end < 1:
+        raise CheckpointError(f"{path}: diffusion.beta_start={config.beta_start} and beta_end={config.beta_end} must "
+                              "satisfy 0 < beta_start <= beta_end < 1; restore the values the training run used")
+    try:
+        alphas = config.make_schedule().alphas_cumprod
+    except ValueError as error:
+        raise CheckpointError(f"{path}: diffusion: {error}") from None
+    if not bool(torch.isfinite(alphas).all()) or float(alphas.min()) < 0 or float(alphas.max()) > 1:
+        raise CheckpointError(f"{path}: diffusion ({config.schedule}, T={config.num_steps}) gives cumulative alphas "
+                              "outside [0, 1]; restore the values the training run used")
+    return config
 
 
 def check_compatible(autoencoder: Autoencoder, unet: UNet, text_encoder: TextEncoder | None) -> None:

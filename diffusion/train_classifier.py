@@ -177,7 +177,7 @@ def main(argv: list[str] | None = None) -> None:
     step = resume_run(accelerator, cfg, (opt,), (sched,))
 
     batches = training.make_loader(train_set, cfg.run, accelerator, step)
-    metrics, budget = training.MetricsLog(accelerator, out_dir), training.Budget(cfg.run, accelerator)
+    metrics, budget = training.MetricsLog(accelerator, out_dir, step), training.Budget(cfg.run, accelerator)
     bar = budget.progress(step, "classifier")
     skips = training.NonFiniteSkips(cfg.run, accelerator)
     for step, loss, (accuracy, norm) in training.optimizer_steps(

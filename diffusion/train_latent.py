@@ -179,7 +179,7 @@ def main(argv: list[str] | None = None) -> None:
     pipe = LatentDiffusion(autoencoder, ema.shadow, text_encoder, cfg.diffusion, cache.latent_scale, class_names)
 
     batches = training.make_loader(cache, cfg.run, accelerator, step)
-    metrics, budget = training.MetricsLog(accelerator, out_dir), training.Budget(cfg.run, accelerator)
+    metrics, budget = training.MetricsLog(accelerator, out_dir, step), training.Budget(cfg.run, accelerator)
     bar = budget.progress(step, "diffusion")
     skips = training.NonFiniteSkips(cfg.run, accelerator)
     for step, loss, norm in training.optimizer_steps(

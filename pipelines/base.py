@@ -8,7 +8,6 @@ pipeline, ``.to(device)`` that returns the pipeline, and results with an ``.imag
 """
 from __future__ import annotations
 
-import json
 from collections.abc import Iterator
 from contextlib import AbstractContextManager, contextmanager, nullcontext
 from dataclasses import dataclass
@@ -20,7 +19,7 @@ from PIL import Image
 from torch import Tensor
 from tqdm.auto import tqdm
 
-from common.checkpoint import PIPELINE_FILE, CheckpointError, find_pipeline_dir
+from common.checkpoint import PIPELINE_FILE, CheckpointError, find_pipeline_dir, read_pipeline_json
 from common.images import tensor_to_pil
 from common.precision import PrecisionChoice, check_name, resolve_precision
 from diffusion.samplers import Callback
@@ -56,8 +55,9 @@ class PipelineOutput:
 
 
 def read_kind(directory: Path) -> tuple[str, dict[str, Any]]:
-    """The ``kind`` recorded in ``directory/pipeline.json``, and the whole record."""
-    meta = json.loads((directory / PIPELINE_FILE).read_text())
+    """The ``kind`` recorded in ``directory/pipeline.json``, and the whole record (a file that is no JSON
+    object raises one :class:`CheckpointError` that names it)."""
+    meta = read_pipeline_json(directory)
     return str(meta.get("kind")), meta
 
 

@@ -13,15 +13,23 @@ names saved with it) as prompts. ``--classifier`` adds classifier guidance (text
 towards ``--classifier-label``: given once it applies to every prompt, or repeat it once per prompt.
 The generation flags (``--steps``, ``--guidance``, ``--sampler``, ...) come from the ``cli`` metadata of
 :class:`pipelines.options.GenerationOptions` and are checked there, once; a flag left out is not
-passed, so the pipeline's default applies. Bad arguments print one ``error:`` line and exit with status 2.
+passed, so the pipeline's default applies. Bad arguments print one ``error:`` line and exit with status 2,
+before any model is loaded where they can be seen from the command line (the ``-o`` path, ``--device``),
+and so do failures while generating and writing (out of memory, disk full); the grid is written to a
+temporary file beside ``-o`` and renamed, so a failed write leaves any earlier file there untouched.
 """
 from __future__ import annotations
 
 import argparse
 import dataclasses
+import errno
+import io
 import json
+import os
 import random
+import shutil
 import sys
+import tempfile
 import time
 import warnings
 from pathlib import Path
@@ -31,7 +39,7 @@ import torch
 from PIL import Image
 
 from common.checkpoint import CheckpointError
-from common.images import save_grid
+from common.images import make_grid
 from diffusion.samplers import SAMPLERS
 from pipelines.base import Pipeline
 from pipelines.image_to_image import ImageToImage, Inpaint
@@ -60,9 +68,11 @@ def fail_option(error: Exception) -> NoReturn:
     """An option's error as the pipelines word it, with the flag: ``--sampler 'plms' is unknown; ...``, or
     ``--steps: num_inference_steps must be >= 1, got 0`` where the flag is not ``--<option name>``."""
     message = str(error)
-    for name, flag in OPTION_FLAGS.items():
+    for name, flag in {**OPTION_FLAGS, "num_images_per_prompt": "-n"}.items():
         if message.startswith(f"{name} "):
             fail(f"--{message}" if flag == f"--{name}" else f"{flag}: {message}")
+        if message.startswith(f"{name}="):
+            fail(f"{flag}: {message}")
     fail(message)
 
 
@@ -87,7 +97,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--seed", type=int, default=None, help="random seed (default: drawn and reported)")
     add_option_flags(parser)
     parser.add_argument("--init-image", default=None, help="start from this image (image-to-image)")
-    parser.add_argument("--mask", default=None, help="inpaint: white pixels of this mask are regenerated")
+    parser.add_argument("--mask", default=None, help="inpaint: white pixels of this mask are regenerated "
+                        "(where its alpha varies: its opaque pixels)")
     parser.add_argument("--classifier-label", action="append", default=None, dest="classifier_labels",
                         help="class name (or id) of the classifier's attribute to steer towards, e.g. red; once for "
                              "all prompts, or once per prompt")
@@ -116,10 +127,82 @@ def check_arguments(args: argparse.Namespace) -> None:
         value = given.get(name)
         if value and not Path(value).exists():
             fail(f"{'--' + name.replace('_', '-') if name != 'path' else 'path'} {value} does not exist")
+    check_output(args.output)
+    check_device(args.device)
     try:
         check_options(options_from_call("pipelines.generate", call_options(args)))
     except (ValueError, TypeError) as error:
         fail_option(error)
+
+
+def check_output(value: str) -> None:
+    """``-o``: a file name in a format PIL writes, in a folder that exists or can be made, where we may write.
+
+    Whether the folder takes a file is tried for real (an unnamed temporary file, gone when closed): it
+    also catches read-only file systems and full quotas, which permission bits do not show (nor to root).
+    """
+    path = Path(value)
+    if path.is_dir():
+        fail(f"-o {value} is a folder; give a file name, e.g. -o {path / 'grid.png'}")
+    if Image.registered_extensions().get(path.suffix.lower()) not in Image.SAVE:
+        fail(f"-o {value}: {path.suffix or 'no extension'} is not an image format PIL writes; end the name with .png")
+    folder = path.absolute().parent
+    while not folder.exists():  # the folders that are missing are made when the grid is written
+        folder = folder.parent
+    if not folder.is_dir():
+        fail(f"-o {value}: {folder} is a file, so no folder can be made there; choose another -o")
+    try:
+        with tempfile.TemporaryFile(dir=folder):
+            pass
+    except OSError as error:
+        fail(f"-o {value}: cannot write in {folder} ({error.strerror}); choose another -o")
+    if path.exists() and not os.access(path, os.W_OK):
+        fail(f"-o {value} exists and is read-only; choose another -o or make it writable")
+
+
+def check_device(name: str) -> None:
+    """``--device``: a device torch knows that this machine has."""
+    try:
+        device = torch.device(name)
+    except RuntimeError:
+        fail(f"--device {name!r} is not a device name; use cpu, or cuda (cuda:N for GPU N)")
+    if device.type == "cuda":
+        count = torch.cuda.device_count() if torch.cuda.is_available() else 0
+        if count == 0:
+            fail(f"--device {name}: no CUDA GPU is visible here (torch.cuda.is_available() is False); use --device cpu")
+        if device.index is not None and device.index >= count:
+            fail(f"--device {name}: this machine has {count} GPU(s), cuda:0 to cuda:{count - 1}")
+    elif device.type == "mps" and not torch.backends.mps.is_available():
+        fail(f"--device {name}: MPS is not available here; use --device cpu")
+    elif device.type not in ("cpu", "cuda", "mps"):
+        fail(f"--device {name}: this command runs on cpu, cuda or mps")
+
+
+def write_grid(images: Any, args: argparse.Namespace) -> Path:
+    """Encode the grid in memory, then write it beside ``-o`` and rename it into place (atomic: a failed write
+    leaves no partial file and any earlier one untouched). Disk full is an error with the space needed."""
+    grid = make_grid(images * 2 - 1, args.num_images)
+    if args.scale > 1:
+        grid = grid.resize((grid.width * args.scale, grid.height * args.scale), Image.NEAREST)
+    data = io.BytesIO()
+    path = Path(args.output)
+    grid.save(data, format=Image.registered_extensions()[path.suffix.lower()])
+    path.parent.mkdir(parents=True, exist_ok=True)
+    partial = path.with_name(f".{path.name}.{os.getpid()}.partial")
+    try:
+        with open(partial, "wb") as handle:
+            handle.write(data.getbuffer())
+            handle.flush()
+            os.fsync(handle.fileno())
+        os.replace(partial, path)
+    except OSError as error:
+        partial.unlink(missing_ok=True)
+        if error.errno in (errno.ENOSPC, errno.EDQUOT):
+            free = shutil.disk_usage(path.parent).free
+            fail(f"-o {path}: the disk is full: the grid needs {data.tell():,} bytes and {free:,} are free in "
+                 f"{path.parent}; free some space or choose another -o (nothing was written)")
+        fail(f"-o {path}: cannot write the grid ({error.strerror}); choose another -o (nothing was written)")
+    return path
 
 
 def call_options(args: argparse.Namespace) -> dict[str, Any]:
@@ -180,7 +263,10 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             settings = pipe.options(options).report(pipe.facts)
     except (ValueError, TypeError, CheckpointError, OSError) as error:
         fail_option(error)
-    path = save_grid(images * 2 - 1, args.output, columns=args.num_images, scale=args.scale)
+    except torch.OutOfMemoryError:
+        fail(f"out of memory on {args.device} while generating; lower --chunk-size (images made at once), or "
+             f"--height/--width")
+    path = write_grid(images, args)
     report = {"output": str(path), "path": str(args.path), "pipeline": type(pipe).__name__, "prompts": args.prompts,
               **settings, "init_image": args.init_image, "mask": args.mask,
               "seconds": round(time.perf_counter() - start, 2)}

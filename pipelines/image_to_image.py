@@ -19,8 +19,8 @@ import torch
 
 from pipelines.base import PipelineOutput
 from pipelines.inputs import ImageInput, image_batch, image_size, keep_mask, mask_batch
-from pipelines.latent import LatentPipeline
-from pipelines.options import as_negatives, as_prompts, repeat_tensor
+from pipelines.latent import ChunkInputs, LatentPipeline, image_rows
+from pipelines.options import as_negatives, as_prompts
 
 
 class ImageToImage(LatentPipeline):
@@ -35,8 +35,9 @@ class ImageToImage(LatentPipeline):
 
         Args:
             prompt: one prompt or a list ("" is the unconditional prompt).
-            image: one image for all prompts or one per prompt: PIL, list of PIL, or a tensor
-                (3, H, W) / (N, 3, H, W) in [0, 1]. Its size must be a multiple of
+            image: one image for all prompts or one per prompt: PIL (any mode), numpy array or tensor
+                (3, H, W) / (N, 3, H, W), or a list of them (:mod:`pipelines.inputs` says how each kind
+                is converted). Its size must be a multiple of
                 :attr:`size_multiple` unless ``height``/``width`` resize it.
             options: as in :meth:`pipelines.TextToImage.__call__` (no classifier guidance), plus
                 ``strength`` in [0, 1] (default 0.8): runs ``int(num_inference_steps * strength)`` steps
@@ -47,10 +48,15 @@ class ImageToImage(LatentPipeline):
         run = self.options(options)
         strength = self.check_strength(run)
         negatives = as_negatives(run.negative_prompt, len(prompts))
-        latents = self.encode_inputs(image_batch(image, len(prompts), run.height, run.width), len(prompts), run)
-        cond, uncond = self.text_conditions(prompts, negatives, run)
-        out = self.sample(tuple(latents.shape), run, cond, uncond, strength=strength, init_latents=latents)
-        return self.finish(out, run)
+        count = self.check_inputs_memory(run, image, len(prompts))
+        latents = self.encode_inputs(image_batch(image, len(prompts), run.height, run.width), run)
+
+        def chunk(rows: range) -> ChunkInputs:
+            cond, uncond = self.text_conditions(prompts, negatives, run, rows)
+            init = image_rows(rows, run.num_images_per_prompt, latents).contiguous()
+            return tuple(init.shape), cond, uncond, dict(init_latents=init)
+
+        return self.generate(run, count, chunk, strength)
 
 
 class Inpaint(LatentPipeline):
@@ -67,9 +73,10 @@ class Inpaint(LatentPipeline):
         Args:
             prompt: one prompt or a list ("" is the unconditional prompt).
             image: as in :meth:`ImageToImage.__call__`.
-            mask_image: one mask for all prompts or one per prompt, the size of ``image``: a PIL image
-                (converted to "L") or a tensor (H, W) / (1, H, W) / (N, 1, H, W) in [0, 1]. White / 1
-                pixels are regenerated. A latent cell is regenerated when any of its pixels is marked.
+            mask_image: one mask for all prompts or one per prompt, the size of ``image``: a PIL image,
+                numpy array or tensor (H, W) / (1, H, W) / (N, 1, H, W). White / 1 pixels are
+                regenerated; in a mask whose alpha varies, its opaque pixels are (:mod:`pipelines.inputs`).
+                A latent cell is regenerated when any of its pixels is marked.
             options: as in :meth:`ImageToImage.__call__`; ``strength`` defaults to 1.0, and below 1 the
                 masked region starts from the noised input instead of noise.
         """
@@ -77,12 +84,16 @@ class Inpaint(LatentPipeline):
         run = self.options(options)
         strength = self.check_strength(run)
         negatives = as_negatives(run.negative_prompt, len(prompts))
+        count = self.check_inputs_memory(run, image, len(prompts))
         pixels = image_batch(image, len(prompts), run.height, run.width)
         masks = mask_batch(mask_image, len(prompts), image_size(image), run.height, run.width)
-        latents = self.encode_inputs(pixels, len(prompts), run)
-        keep = repeat_tensor(keep_mask(masks, self.model.autoencoder.downsample_factor), len(prompts),
-                             run.num_images_per_prompt).to(latents.device)
-        cond, uncond = self.text_conditions(prompts, negatives, run)
-        out = self.sample(tuple(latents.shape), run, cond, uncond, strength=strength, init_latents=latents,
-                          mask=keep, known_latents=latents)
-        return self.finish(out, run)
+        latents = self.encode_inputs(pixels, run)
+        keep = keep_mask(masks, self.model.autoencoder.downsample_factor).to(latents.device)
+
+        def chunk(rows: range) -> ChunkInputs:
+            cond, uncond = self.text_conditions(prompts, negatives, run, rows)
+            init = image_rows(rows, run.num_images_per_prompt, latents).contiguous()
+            mask = image_rows(rows, run.num_images_per_prompt, keep).contiguous()
+            return tuple(init.shape), cond, uncond, dict(init_latents=init, mask=mask, known_latents=init)
+
+        return self.generate(run, count, chunk, strength)

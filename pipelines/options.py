@@ -190,6 +190,8 @@ class GenerationOptions:
     width: int | None = option(None, "image width in pixels, as height", cli="--width")
     num_images_per_prompt: int = option(1, "images per prompt; results come prompt by prompt", integer=True,
                                         minimum=1)
+    chunk_size: int = option(16, "images sampled and decoded at once: memory grows with it, not with the number "
+                             "of images", cli="--chunk-size", integer=True, minimum=1)
     generator: torch.Generator | None = option(None, "the only source of randomness (a CPU generator draws the "
                                                "same noise on any device)", report=False)
     seed: int | None = option(None, "shorthand for generator=torch.Generator().manual_seed(seed)", integer=True,
@@ -388,3 +390,83 @@ def check_size(name: str, value: object, multiple: int, why: str, default: int) 
         raise ValueError(f"{name}={value} is not a multiple of {multiple} ({why}); image sizes must be "
                          f"multiples of {multiple}, e.g. {valid}")
     return value
+
+
+# ------------------------------------------------------------------------------------------ memory
+@dataclass(frozen=True)
+class ImageCost:
+    """The estimated bytes one image of a call needs (each pipeline's ``image_cost``), for :func:`check_memory`.
+
+    Attributes:
+        working: while its chunk is made (sampler or token state, the networks' activations, decoded
+            pixels); a chunk holds ``chunk_size`` of these at once, whatever the number of images.
+        kept: until the call returns: the result, and per-image state drawn up front.
+    """
+
+    working: int
+    kept: int
+
+
+def available_memory(device: torch.device) -> int | None:
+    """Bytes a call can still allocate on ``device`` (None: unknown, nothing is checked).
+
+    CUDA: the driver's free memory. CPU: the kernel's MemAvailable (free memory plus page cache it can drop),
+    lowered to what a cgroup limit leaves, since a container or a scheduler's job is killed at that limit.
+    """
+    if device.type == "cuda":
+        return torch.cuda.mem_get_info(device)[0]
+    try:
+        meminfo = dict(line.split(":", 1) for line in Path("/proc/meminfo").read_text().splitlines())
+        free = int(meminfo["MemAvailable"].split()[0]) * 1024
+    except (OSError, KeyError, ValueError):
+        return None
+    cgroup = Path("/sys/fs/cgroup")
+    try:
+        limit = (cgroup / "memory.max").read_text().strip()
+        if limit != "max":
+            free = min(free, int(limit) - int((cgroup / "memory.current").read_text()))
+    except (OSError, ValueError):
+        pass
+    return free
+
+
+def _size(count: float) -> str:
+    """Bytes for people: 512 B, 1.5 KB, ..., 3.2 TB."""
+    for unit in ("B", "KB", "MB", "GB", "TB"):
+        if count < 1024 or unit == "TB":
+            return f"{count:.0f} {unit}" if unit == "B" else f"{count:.1f} {unit}"
+        count /= 1024
+    raise AssertionError
+
+
+def check_memory(run: GenerationOptions, cost: ImageCost, count: int, size: tuple[int, int], device: torch.device,
+                 prompts: tuple[str, int]) -> None:
+    """Refuse a call whose images cannot fit in memory, before anything is allocated (ValueError).
+
+    The estimate is ``working * min(chunk_size, count) + kept * count`` (see :class:`ImageCost`): the
+    chunks make memory flat in the number of images except for the result itself. The error names the
+    argument to change: the size when one image alone does not fit, ``chunk_size`` when a chunk does not,
+    else the number of images (``num_images_per_prompt``, or the prompts / labels, ``prompts`` = (name, count)).
+    """
+    free = available_memory(device)
+    chunk = min(run.chunk_size, count)
+    need = cost.working * chunk + cost.kept * count
+    if free is None or need <= free:
+        return
+    height, width = size
+    if cost.working + cost.kept > free:
+        culprit = f"height={height}, width={width}"
+        fix = "lower height and width (leave them out for the training resolution)"
+    elif cost.working + cost.kept * count <= free:  # one image per chunk would fit
+        fits = (free - cost.kept * count) // cost.working
+        culprit, fix = f"chunk_size={run.chunk_size}", f"lower chunk_size to {fits} or less"
+    else:
+        fits = max((free - cost.working * chunk) // cost.kept, 1)
+        name, given = prompts
+        culprit = (f"num_images_per_prompt={run.num_images_per_prompt}" if run.num_images_per_prompt > 1
+                   else f"{name} ({given} of them)")
+        fix = f"make at most {fits} images per call (fewer prompts or num_images_per_prompt) and call again for more"
+    images = "1 image needs" if count == 1 else f"{count} images need"
+    raise ValueError(f"{culprit}: {images} about {_size(need)} at {height}x{width} px "
+                     f"({_size(cost.working)} per image of a chunk of {chunk}, {_size(cost.kept)} per image kept for "
+                     f"the result), and {_size(free)} is available on {device}; {fix}")

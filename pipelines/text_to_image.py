@@ -21,7 +21,7 @@ from torch import Tensor
 
 from common.text_encoder import TextEmbedding
 from pipelines.base import PipelineOutput
-from pipelines.latent import LatentPipeline
+from pipelines.latent import ChunkInputs, LatentPipeline, chunk_steering, image_rows
 from pipelines.options import Labels, as_negatives, as_prompts, label_ids
 
 
@@ -49,10 +49,15 @@ class TextToImage(LatentPipeline):
         prompts = as_prompts(prompt)
         run = self.options(options)
         negatives = as_negatives(run.negative_prompt, len(prompts))
-        shape = self.latent_shape(len(prompts) * run.num_images_per_prompt, run)
+        size, count = self.check_call(run, len(prompts))
+        times = run.num_images_per_prompt
         steering = self.classifier_guidance(run, len(prompts))
-        cond, uncond = self.text_conditions(prompts, negatives, run)
-        return self.finish(self.sample(shape, run, cond, uncond, **steering), run)
+
+        def chunk(rows: range) -> ChunkInputs:
+            cond, uncond = self.text_conditions(prompts, negatives, run, rows)
+            return self.latent_shape(len(rows), size), cond, uncond, chunk_steering(steering, rows, times)
+
+        return self.generate(run, count, chunk)
 
 
 class ClassToImage(LatentPipeline):
@@ -92,11 +97,16 @@ class ClassToImage(LatentPipeline):
         """
         labels = self.check_labels(class_labels)
         run = self.options(options)
-        shape = self.latent_shape(len(labels) * run.num_images_per_prompt, run)
+        size, count = self.check_call(run, len(labels), "class_labels")
+        times = run.num_images_per_prompt
         steering = self.classifier_guidance(run, len(labels))
-        labels = labels.repeat_interleave(run.num_images_per_prompt)
-        cond = self.null_text(len(labels))
-        return self.finish(self.sample(shape, run, cond, cond, class_labels=labels, **steering), run)
+
+        def chunk(rows: range) -> ChunkInputs:
+            cond = self.null_text(len(rows))
+            return (self.latent_shape(len(rows), size), cond, cond,
+                    dict(class_labels=image_rows(rows, times, labels), **chunk_steering(steering, rows, times)))
+
+        return self.generate(run, count, chunk)
 
     def check_labels(self, class_labels: Labels) -> Tensor:
         """Labels (ids, or names of :attr:`class_names`) as a non-empty (B,) int64 tensor in [0, num_classes)."""

@@ -15,6 +15,9 @@ guidance steers denoising steps). Which option applies where is the ``only=`` me
 
 The generator's uniforms are drawn on its own device and moved to the prior's
 (:func:`prior.sampling.draw`), so a seed gives the same tokens on CPU and GPU (up to float rounding).
+They are drawn for every image up front (:func:`prior.sampling.draw_uniforms`, 4 bytes per token), and
+the images are sampled and decoded ``chunk_size`` at a time, so memory is flat in the number of images
+and the tokens do not depend on the chunk size.
 """
 from __future__ import annotations
 
@@ -30,7 +33,18 @@ from torch import Tensor
 from tqdm.auto import tqdm
 
 from pipelines.base import Pipeline, PipelineOutput, to_output
-from pipelines.options import GenerationOptions, Labels, PipelineFacts, as_negatives, as_prompts, label_ids, repeat_rows
+from pipelines.latent import FLOAT_BYTES, autoencoder_activation_bytes, collect, image_rows, result_bytes
+from pipelines.options import (
+    GenerationOptions,
+    ImageCost,
+    Labels,
+    PipelineFacts,
+    as_negatives,
+    as_prompts,
+    check_memory,
+    label_ids,
+)
+from prior.sampling import draw_uniforms, sample_tokens
 from prior.token_prior import PIPELINE_KIND, TokenPrior
 from prior.transformer import Condition, Prefix
 
@@ -86,12 +100,42 @@ class TokensToImage(Pipeline):
         """
         run = self.options(options)
         self._check_size(run)
-        cond, uncond = self._prefixes(prompt, class_labels, run.negative_prompt, run.num_images_per_prompt)
-        with self._token_progress(run.progress), self.autocast():
-            tokens = self.model.sample(cond, uncond, self._settings(run), run.make_generator())
-        if run.output_type == "latent":
-            return PipelineOutput(rearrange(tokens, "b (h w) -> b h w", h=self.model.prior.config.grid_size))
-        return to_output(self.model.decode(tokens), run.output_type)
+        given, negatives = self._conditions(prompt, class_labels, run.negative_prompt)
+        times, count = run.num_images_per_prompt, len(given) * run.num_images_per_prompt
+        check_memory(run, self.image_cost(run), count, (self.image_size, self.image_size), self.device,
+                     ("prompt" if class_labels is None else "class_labels", len(given)))
+        uniforms = draw_uniforms(self.model.prior.config.num_tokens, count, run.make_generator())
+        chunks = [range(start, min(start + run.chunk_size, count)) for start in range(0, count, run.chunk_size)]
+        images = None
+        with self._token_progress(run.progress, len(chunks)):
+            for rows in chunks:
+                cond, uncond = self._prefixes(given, negatives, rows, times)
+                with self.autocast():
+                    tokens = sample_tokens(self.model.prior, cond, uncond, uniforms=uniforms[:, rows.start:rows.stop],
+                                           **self._settings(run))
+                images = collect(images, self._finish(tokens, run.output_type), rows, count)
+        return PipelineOutput(images)
+
+    def _finish(self, tokens: Tensor, output_type: str) -> list | Tensor:
+        """One chunk's tokens (B, N) -> its images of ``output_type`` ("latent": the code indices (B, h, w))."""
+        if output_type == "latent":
+            return rearrange(tokens, "b (h w) -> b h w", h=self.model.prior.config.grid_size)
+        return to_output(self.model.decode(tokens), output_type).images
+
+    def image_cost(self, run: GenerationOptions) -> ImageCost:
+        """The estimated bytes of one image: its rows' key/value cache and logits, the decoder, the pixels.
+
+        The cache holds keys and values of every layer for the prefix and the image tokens; guidance doubles
+        the rows. The logits of one step exist in a few copies (guided, filtered, softmax, CDF, top-p's sort).
+        """
+        config, size = self.model.prior.config, self.image_size
+        rows = 1 if run.guidance_scale == 1.0 else 2
+        cache = FLOAT_BYTES * 2 * config.depth * (config.text_tokens + config.num_tokens) * config.width
+        logits = FLOAT_BYTES * 6 * config.codebook_size
+        working = (rows * (cache + logits) + autoencoder_activation_bytes(self.model.autoencoder.config, size, size)
+                   + 2 * 3 * FLOAT_BYTES * size * size)
+        codes = 8 * config.num_tokens
+        return ImageCost(working, FLOAT_BYTES * config.num_tokens + result_bytes(run.output_type, size, size, codes))
 
     # ---------------------------------------------------------------------------------- checks
     def _check_size(self, run: GenerationOptions) -> None:
@@ -107,27 +151,35 @@ class TokensToImage(Pipeline):
         return dataclasses.asdict(dataclasses.replace(self.model.sampling, guidance=run.guidance_scale, **given))
 
     # ---------------------------------------------------------------------------------- conditions
-    def _prefixes(self, prompt: str | list[str] | None, class_labels: Labels | None,
-                  negative_prompt: str | list[str] | None, times: int) -> tuple[Prefix, Prefix | None]:
-        """The conditional rows and the unconditional rows (None for an unconditional prior)."""
-        prior = self.model.prior
+    def _conditions(self, prompt: str | list[str] | None, class_labels: Labels | None,
+                    negative_prompt: str | list[str] | None) -> tuple[list[str] | Tensor, list[str] | None]:
+        """The call's conditions, checked: prompts or class ids (one row per prompt), and negative prompts."""
         if (prompt is None) == (class_labels is None):
             raise ValueError("give prompt or class_labels (class_labels only for a class prior), not both")
         if class_labels is not None:
             if negative_prompt is not None:
                 raise ValueError("negative_prompt needs a text prior; a class prior's only negative is the null class")
-            labels = self._check_labels(class_labels).repeat_interleave(times).to(self.device)
-            return prior.prefix(Condition(labels=labels)), prior.null_prefix(len(labels))
+            return self._check_labels(class_labels), None
         prompts = as_prompts(prompt)
         negatives = as_negatives(negative_prompt, len(prompts))
-        cond = self._embed(repeat_rows(prompts, times))
+        condition = self.model.prior.config.condition
+        if negatives is not None and condition == "class":
+            raise ValueError("negative_prompt needs a text prior; a class prior's only negative is the null class")
+        return prompts, None if condition == "none" else negatives
+
+    def _prefixes(self, given: list[str] | Tensor, negatives: list[str] | None, rows: range,
+                  times: int) -> tuple[Prefix, Prefix | None]:
+        """The conditional and unconditional rows (None for an unconditional prior) of output images ``rows``."""
+        prior = self.model.prior
+        if isinstance(given, Tensor):
+            labels = image_rows(rows, times, given).to(self.device)
+            return prior.prefix(Condition(labels=labels)), prior.null_prefix(len(rows))
+        cond = self._embed([given[i // times] for i in rows])
         if prior.config.condition == "none":
             return cond, None
         if negatives is None:
-            return cond, prior.null_prefix(len(prompts) * times)
-        if prior.config.condition != "text":
-            raise ValueError("negative_prompt needs a text prior; a class prior's only negative is the null class")
-        return cond, self._embed(repeat_rows(negatives * len(prompts) if len(negatives) == 1 else negatives, times))
+            return cond, prior.null_prefix(len(rows))
+        return cond, self._embed([negatives[0 if len(negatives) == 1 else i // times] for i in rows])
 
     def _check_labels(self, class_labels: Labels) -> Tensor:
         config = self.model.prior.config
@@ -152,12 +204,12 @@ class TokensToImage(Pipeline):
         return prior.prefix(self.model.condition(prompts), drop=empty)
 
     @contextmanager
-    def _token_progress(self, progress: bool) -> Iterator[None]:
-        """A tqdm bar over the tokens: the prior's output head runs once per sampled token."""
+    def _token_progress(self, progress: bool, chunks: int = 1) -> Iterator[None]:
+        """A tqdm bar over the tokens of every chunk: the prior's output head runs once per sampled token."""
         if not progress:
             yield
             return
-        bar = tqdm(total=self.model.prior.config.num_tokens, unit="token")
+        bar = tqdm(total=self.model.prior.config.num_tokens * chunks, unit="token")
         def count(module: Any, inputs: Any, output: Tensor) -> None:  # returning bar.update's bool would
             bar.update(1)                                              # replace the head's output
         handle = self.model.prior.head.register_forward_hook(count)

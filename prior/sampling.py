@@ -73,18 +73,32 @@ def filter_logits(logits: Tensor, temperature: float = 1.0, top_k: int = 0, top_
     return logits
 
 
-def draw(logits: Tensor, generator: torch.Generator | None = None) -> Tensor:
+def draw_uniforms(tokens: int, rows: int, generator: torch.Generator | None = None) -> Tensor:
+    """The (tokens, rows) uniforms of sampling ``rows`` sequences of ``tokens`` tokens, drawn up front.
+
+    They are the numbers :func:`draw` takes from ``generator`` one token at a time (CPU uniform draws come
+    one value after another, so one (tokens, rows) draw equals ``tokens`` draws of ``rows``), and with them
+    a row's tokens no longer depend on which rows are sampled in the same batch: a pipeline can sample
+    its images in chunks of any size and get the same tokens (up to float rounding of batched matmuls).
+    """
+    device = generator.device if generator is not None else torch.device("cpu")
+    return torch.rand(tokens, rows, generator=generator, device=device)
+
+
+def draw(logits: Tensor, generator: torch.Generator | None = None, uniform: Tensor | None = None) -> Tensor:
     """One code per row from softmax(logits) (B, K) -> (B,) int64, by inverting the CDF.
 
-    One uniform per row comes from ``generator`` on the generator's own device (the global RNG on
-    the logits' device without one) and is moved to the logits, so a CPU generator works with logits
-    on any device and a seed draws the same codes everywhere (up to float rounding of the CDF).
-    Codes of probability 0 (filtered out, -inf logits) are never drawn.
+    One uniform per row is ``uniform`` (B,) when given, else drawn from ``generator`` on the generator's
+    own device (the global RNG on the logits' device without one), and moved to the logits, so a CPU
+    generator works with logits on any device and a seed draws the same codes everywhere (up to float
+    rounding of the CDF). Codes of probability 0 (filtered out, -inf logits) are never drawn.
     """
     probs = logits.float().softmax(dim=-1)
     rows, count = probs.shape
-    device = generator.device if generator is not None else probs.device
-    uniform = torch.rand(rows, 1, generator=generator, device=device).to(probs.device)
+    if uniform is None:
+        device = generator.device if generator is not None else probs.device
+        uniform = torch.rand(rows, 1, generator=generator, device=device)
+    uniform = uniform.reshape(rows, 1).to(probs.device)
     cdf = probs.cumsum(dim=-1)
     index = torch.searchsorted(cdf, uniform * cdf[:, -1:], right=True)[:, 0]
     # u * total may round up to the total: stay on the last code that has any probability
@@ -123,7 +137,8 @@ class _Stepper:
 @torch.no_grad()
 def sample_tokens(model: GPT, cond: Prefix, uncond: Prefix | None = None, *, guidance: float = 1.0,
                   guidance_tokens: int = 0, temperature: float = 1.0, top_k: int = 0, top_p: float = 1.0,
-                  generator: torch.Generator | None = None, use_cache: bool = True) -> Tensor:
+                  generator: torch.Generator | None = None, uniforms: Tensor | None = None,
+                  use_cache: bool = True) -> Tensor:
     """Sample N code indices per row, one token at a time.
 
     With guidance, the conditional and unconditional rows run as one batch [cond; uncond] (one
@@ -139,6 +154,7 @@ def sample_tokens(model: GPT, cond: Prefix, uncond: Prefix | None = None, *, gui
         guidance_tokens: guide the first this many tokens only; 0 = every token.
         temperature, top_k, top_p: see :func:`filter_logits`.
         generator: the only source of randomness.
+        uniforms: instead of ``generator``, the (N, B) uniforms of :func:`draw_uniforms`, drawn up front.
         use_cache: False recomputes the whole sequence each step (same results, quadratic cost).
 
     Returns:
@@ -149,6 +165,8 @@ def sample_tokens(model: GPT, cond: Prefix, uncond: Prefix | None = None, *, gui
     if guidance_tokens < 0:
         raise ValueError(f"guidance_tokens must be >= 0 (0 guides every token), got {guidance_tokens}")
     batch, count = cond.embeddings.shape[0], model.config.num_tokens
+    if uniforms is not None and tuple(uniforms.shape) != (count, batch):
+        raise ValueError(f"uniforms must have shape ({count}, {batch}) (tokens, rows), got {tuple(uniforms.shape)}")
     guided = uncond is not None and guidance != 1.0
     stepper = _Stepper(model, Prefix.cat(cond, uncond) if guided else cond, use_cache)
     stop = guidance_tokens if guidance_tokens > 0 else count
@@ -161,7 +179,8 @@ def sample_tokens(model: GPT, cond: Prefix, uncond: Prefix | None = None, *, gui
             if index + 1 >= stop:
                 guided = False
                 stepper.keep_rows(batch)
-        tokens[:, index] = draw(filter_logits(logits, temperature, top_k, top_p), generator)
+        tokens[:, index] = draw(filter_logits(logits, temperature, top_k, top_p), generator,
+                                None if uniforms is None else uniforms[index])
         if index + 1 < count:
             token = tokens[:, index]
             logits = stepper.next(torch.cat([token, token]) if guided else token, index)

@@ -28,11 +28,12 @@ from common.checkpoint import (
     PIPELINE_FILE,
     CheckpointError,
     atomic_write,
-    load_component,
-    load_state_strict,
+    load_module,
+    read_pipeline_json,
     save_component,
 )
-from common.config import from_dict, to_dict
+from common.component_check import non_finite_fields
+from common.config import ConfigError, from_dict, to_dict
 from prior.sampling import SamplingConfig, sample_tokens
 from prior.text import TextEncoderConfig, encode_prompts, load_text_encoder
 from prior.transformer import COMPONENT_KIND, GPT, Condition, Prefix, PriorConfig
@@ -127,25 +128,70 @@ class TokenPrior:
 
     @classmethod
     def from_pretrained(cls, directory: str | Path, device: torch.device | str = "cpu") -> TokenPrior:
-        """Load a pipeline directory strictly (unknown keys, kinds or weights are errors)."""
+        """Load a pipeline directory strictly (unknown keys, kinds, values or weights are errors)."""
         directory = Path(directory)
-        path = directory / PIPELINE_FILE
-        if not path.is_file():
-            raise CheckpointError(f"{directory} is not a token prior pipeline: {PIPELINE_FILE} is missing")
-        meta = json.loads(path.read_text())
-        if meta.get("kind") != PIPELINE_KIND or meta.get("format_version") != FORMAT_VERSION:
-            raise CheckpointError(f"{path} holds kind {meta.get('kind')!r} version {meta.get('format_version')}, "
-                                  f"expected {PIPELINE_KIND!r} version {FORMAT_VERSION}")
-        unknown = (set(meta) - {"kind", "format_version", "prior", "text_encoder"}) | (
-            set(meta.get("prior", {})) - {"sampling", "class_names"})
-        if unknown:
-            raise CheckpointError(f"{path} has unknown keys {sorted(unknown)}; was it written by a newer version?")
+        text_config, class_names, sampling = read_prior_record(directory)
         autoencoder = Autoencoder.from_pretrained(directory / "autoencoder")
         if not isinstance(autoencoder, VQGAN):
             raise CheckpointError(f"{directory / 'autoencoder'} is not a VQ autoencoder")
-        config, state = load_component(directory / "prior", COMPONENT_KIND, PriorConfig)
-        prior = GPT(config)
-        load_state_strict(prior, state, str(directory / "prior"))
+        prior = load_module(directory / "prior", COMPONENT_KIND, PriorConfig, GPT)
+        if class_names is not None and len(class_names) != prior.config.num_classes:
+            raise CheckpointError(f"{directory / PIPELINE_FILE}: prior.class_names has {len(class_names)} names but "
+                                  f"the prior has num_classes={prior.config.num_classes}; give one name (or null) "
+                                  "per class")
+        return cls(autoencoder, prior, text_config, class_names, sampling).to(device)
+
+
+def read_prior_record(directory: Path) -> tuple[TextEncoderConfig | None, list[str | None] | None, SamplingConfig]:
+    """The text encoder config, class names and default sampling settings of ``pipeline.json``, every value
+    checked before any weights are read (malformed files, unknown keys and out-of-range values name the key)."""
+    path = directory / PIPELINE_FILE
+    if not path.is_file():
+        raise CheckpointError(f"{directory} is not a token prior pipeline: {PIPELINE_FILE} is missing")
+    meta = read_pipeline_json(directory)
+    if meta.get("kind") != PIPELINE_KIND or meta.get("format_version") != FORMAT_VERSION:
+        raise CheckpointError(f"{path} holds kind {meta.get('kind')!r} version {meta.get('format_version')}, "
+                              f"expected {PIPELINE_KIND!r} version {FORMAT_VERSION}")
+    section = meta.get("prior")
+    if not isinstance(section, dict):
+        raise CheckpointError(f"{path}: 'prior' must be an object with 'sampling' and 'class_names', got "
+                              f"{section!r}; save the pipeline again")
+    unknown = (set(meta) - {"kind", "format_version", "prior", "text_encoder"}) | (
+        set(section) - {"sampling", "class_names"})
+    if unknown:
+        raise CheckpointError(f"{path} has unknown keys {sorted(unknown)}; was it written by a newer version?")
+    try:
+        sampling = from_dict(SamplingConfig, section.get("sampling", {}), "prior.sampling.")
         text = meta.get("text_encoder")
-        return cls(autoencoder, prior, from_dict(TextEncoderConfig, text) if text is not None else None,
-                   meta["prior"].get("class_names"), from_dict(SamplingConfig, meta["prior"]["sampling"])).to(device)
+        text_config = from_dict(TextEncoderConfig, text, "text_encoder.") if text is not None else None
+    except ConfigError as error:
+        raise CheckpointError(f"{path}: {error}; save the pipeline again, or restore the file") from None
+    return text_config, check_prior_class_names(section.get("class_names"), path), check_sampling(sampling, path)
+
+
+def check_sampling(sampling: SamplingConfig, path: Path) -> SamplingConfig:
+    """The saved default sampling settings, refused where a call with them would fail or mean nothing."""
+    problems = non_finite_fields(sampling, "prior.sampling.")
+    problems += [f"prior.sampling.{name}={getattr(sampling, name)} must be >= 0"
+                 for name in ("guidance", "guidance_tokens", "top_k") if getattr(sampling, name) < 0]
+    if sampling.temperature <= 0:
+        problems.append(f"prior.sampling.temperature={sampling.temperature} must be > 0")
+    if not 0 < sampling.top_p <= 1:
+        problems.append(f"prior.sampling.top_p={sampling.top_p} must be in (0, 1]")
+    if problems:
+        raise CheckpointError(f"{path}: {'; '.join(problems)}; restore the values the training run saved "
+                              "(configs/prior/*.yaml, section sample)")
+    return sampling
+
+
+def check_prior_class_names(names: Any, path: Path) -> list[str | None] | None:
+    """``prior.class_names``: null, or a list of distinct strings (null for a class without a name)."""
+    if names is None:
+        return None
+    if not isinstance(names, list) or not all(name is None or isinstance(name, str) for name in names):
+        raise CheckpointError(f"{path}: prior.class_names must be a list of strings (null for an unnamed class), "
+                              f"got {names!r}")
+    repeated = sorted({name for name in names if name is not None and names.count(name) > 1})
+    if repeated:
+        raise CheckpointError(f"{path}: prior.class_names must be distinct, {repeated} repeat")
+    return names

@@ -132,7 +132,7 @@ def main(argv: list[str] | None = None) -> None:
     preview, captions = preview_call(data, kind, 8)
     class_names = data.class_names() if kind == "class" else None
     bundle = TokenPrior(autoencoder, ema.shadow, text, class_names, cfg.sample)  # the EMA weights, as saved
-    metrics, budget = training.MetricsLog(accelerator, out_dir), training.Budget(cfg.run, accelerator)
+    metrics, budget = training.MetricsLog(accelerator, out_dir, step), training.Budget(cfg.run, accelerator)
     bar = budget.progress(step, "prior")
     accelerator.print(f"{len(data.tokens)} token sequences of {data.tokens.shape[1]}; model "
                       f"{sum(p.numel() for p in model.parameters()) / 1e6:.2f}M parameters; preview: {captions}")

@@ -18,13 +18,14 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Literal, NamedTuple
+from typing import ClassVar, Literal, NamedTuple
 
 import torch
 import torch.nn.functional as F
 from einops import rearrange
 from torch import Tensor, nn
 
+from common.component_check import over_limits
 from common.config import ConfigError
 from common.layers import Attention, maybe_checkpoint
 
@@ -62,6 +63,24 @@ class PriorConfig:
     mlp_ratio: float = 4.0
     dropout: float = 0.0
     gradient_checkpointing: bool = False  # off by default, so config.json files saved before it load unchanged
+
+    # Upper bounds of the sizes that allocate memory or build modules, each far beyond any real model.
+    LIMITS: ClassVar[dict[str, int]] = {
+        "codebook_size": 2**24,  # as AutoencoderConfig bounds it: 64 x the largest published codebooks
+        "grid_size": 512,  # 262,144 tokens per image; published token priors use grids of 16-64
+        "num_classes": 2**24,  # one embedding row each; ImageNet-21k has 21,841 classes
+        "text_dim": 65536, "text_tokens": 65536,  # text encoders: widths 768-4096, 77-512 tokens
+        "width": 65536, "depth": 1024, "heads": 4096,  # GPT-3 175B: width 12,288, depth 96, 96 heads
+        "mlp_ratio": 64,  # 4 in every published transformer
+    }
+
+    def __post_init__(self) -> None:
+        # only upper bounds here: 0 means "derive from stage 1 / the data" until validate()
+        problems = over_limits({name: getattr(self, name) for name in self.LIMITS}, self.LIMITS)
+        if not self.mlp_ratio > 0:
+            problems.append(f"mlp_ratio must be > 0, got {self.mlp_ratio}")
+        if problems:
+            raise ConfigError("invalid PriorConfig: " + "; ".join(problems))
 
     @property
     def prefix_len(self) -> int:

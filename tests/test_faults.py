@@ -98,7 +98,8 @@ def test_sigkill_while_writing_a_training_checkpoint_resumes_from_the_previous_o
     assert not list(checkpoints.glob("*.tmp")), "the half-written checkpoint is cleaned up"
     keys = ("total", "l1", "codebook", "gan", "disc_loss")
     full = {m["step"]: {k: m.get(k) for k in keys} for m in read_metrics(tmp_path / "full")}
-    split = {m["step"]: {k: m.get(k) for k in keys} for m in read_metrics(tmp_path / "split")}  # last entry wins
+    split = {m["step"]: {k: m.get(k) for k in keys} for m in read_metrics(tmp_path / "split")}
+    assert [m["step"] for m in read_metrics(tmp_path / "split")] == list(range(1, 8)), "the resume re-logs 4-6 once"
     for step in range(4, 8):
         assert split[step] == full[step], f"step {step} after the resume: {split[step]} != {full[step]}"
     weights = [load_file(tmp_path / run / "autoencoder" / "model.safetensors") for run in ("full", "split")]

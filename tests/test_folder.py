@@ -11,7 +11,7 @@ import pytest
 import torch
 from PIL import Image, ImageFile
 
-from common.data.folder import FolderDataset, SkippedImagesWarning, to_rgb
+from common.data.folder import CaptionWarning, FolderDataset, SkippedImagesWarning, to_rgb
 
 
 def _snapshot(root: Path) -> dict[str, str]:
@@ -183,3 +183,97 @@ def test_threaded_validation_keeps_order(tmp_path: Path) -> None:
     assert [p.name for p in dataset.files] == [f"{k:02d}.png" for k in range(20) if k != 5]
     assert dataset.skipped[0][0] == "05.png"
     assert dataset[-1]["image"][0, 0, 0].item() == pytest.approx(190 / 127.5 - 1, abs=1e-5)
+
+
+def test_float_images_are_scaled_by_their_nominal_range_not_stretched() -> None:
+    # A constant float image has no range to stretch: it used to turn black.
+    assert to_rgb(Image.fromarray(np.full((4, 4), 100.0, dtype=np.float32), "F")).getpixel((0, 0)) == (100,) * 3
+    # 8-bit values stored as float stay 8-bit values (they were stretched to their own maximum).
+    ramp = Image.fromarray(np.array([[0.0, 50.0], [100.0, 200.0]], dtype=np.float32), "F")
+    assert [to_rgb(ramp).getpixel(xy)[0] for xy in ((0, 0), (1, 0), (0, 1), (1, 1))] == [0, 50, 100, 200]
+    nan = Image.fromarray(np.array([[np.nan, 1.0]], dtype=np.float32), "F")
+    assert [to_rgb(nan).getpixel(xy) for xy in ((0, 0), (1, 0))] == [(0, 0, 0), (255, 255, 255)]
+
+
+def _captioned(dataset: FolderDataset) -> dict[str, str]:
+    return {p.relative_to(dataset.root).as_posix(): c for p, c in zip(dataset.files, dataset.captions)}
+
+
+def test_metadata_names_match_through_prefixes_and_unicode_forms(tmp_path: Path) -> None:
+    root = tmp_path / "data" / "train"
+    (root / "sub").mkdir(parents=True)
+    names = ("dog.png", "sub/cat.png", "abs.png", "cafe\u0301.png", "ni\u00f1o.png", "deep.png", "win.png")
+    for name in names:
+        _noise((8, 8)).save(root / name)
+    lines = [("train/dog.png", "a dog"), ("./sub/cat.png", "a cat"), (str(root / "abs.png"), "absolute"),
+             ("caf\u00e9.png", "NFC name, NFD file"), ("nin\u0303o.png", "NFD name, NFC file"),
+             ("data/train/deep.png", "two folders in front"), (".\\win.png", "Windows separator")]
+    (root / "metadata.jsonl").write_text("".join(json.dumps({"file_name": n, "text": t}) + "\n" for n, t in lines))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # every line and every file matched: no warning
+        dataset = FolderDataset(root, 8)
+    assert sorted(_captioned(dataset).values()) == sorted(text for _, text in lines)
+
+
+def test_unmatched_lines_and_uncaptioned_files_are_named_in_one_warning(tmp_path: Path) -> None:
+    for name in ("a.png", "b.png", "c.png"):
+        _noise((8, 8)).save(tmp_path / name)
+    (tmp_path / "c.txt").write_text("a sidecar caption")
+    lines = [{"file_name": "a.png", "text": "matched"}] + [{"file_name": f"gone{k}.png", "text": "x"} for k in range(7)]
+    (tmp_path / "metadata.jsonl").write_text("".join(json.dumps(x) + "\n" for x in lines) + "not json\n")
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        dataset = FolderDataset(tmp_path, 8)
+    assert len(caught) == 1 and issubclass(caught[0].category, CaptionWarning)
+    message = str(caught[0].message)
+    assert "7 file_name(s) match no image file ('gone0.png', 'gone1.png', 'gone2.png', 'gone3.png', 'gone4.png'" \
+           " and 2 more)" in message
+    assert "1 of 3 images have no line in it and no .txt beside them ('b.png')" in message
+    assert "ignored malformed lines [9]" in message and str(tmp_path) in message
+    assert _captioned(dataset) == {"a.png": "matched", "b.png": "", "c.png": "a sidecar caption"}
+
+
+@pytest.mark.parametrize("case", ["prefix_and_subfolder", "two_unicode_forms_on_disk", "two_captions"])
+def test_an_ambiguous_metadata_line_is_an_error_naming_both(case: str, tmp_path: Path) -> None:
+    root = tmp_path / "train"
+    (root / "train").mkdir(parents=True)
+    first, second, lines = {
+        "prefix_and_subfolder": ("train/dog.png", "dog.png", [("train/dog.png", "a dog")]),
+        "two_unicode_forms_on_disk": ("caf\u00e9.png", "cafe\u0301.png", [("caf\u00e9.png", "a cafe")]),
+        "two_captions": ("dog.png", "dog.png", [("dog.png", "a dog"), ("./dog.png", "a wolf")]),
+    }[case]
+    for name in (first, second):
+        _noise((8, 8)).save(root / name)
+    (root / "metadata.jsonl").write_text("".join(json.dumps({"file_name": n, "text": t}) + "\n" for n, t in lines))
+    before = _snapshot(root)
+    with pytest.raises(ValueError) as caught:
+        FolderDataset(root, 8)
+    message = str(caught.value)
+    if case == "two_captions":
+        assert "lines 1 and 2 give 'dog.png' two captions (as 'dog.png' and './dog.png'); keep one" in message
+    else:
+        assert f"matches both {first!r} and {second!r}" in message or f"matches both {second!r} and {first!r}" \
+            in message
+        assert "write the image's exact path relative to" in message
+    assert _snapshot(root) == before
+
+
+def test_symlinked_class_folders_and_images_are_followed_and_loops_named(tmp_path: Path) -> None:
+    outside, root = tmp_path / "elsewhere", tmp_path / "data"
+    (outside / "cats").mkdir(parents=True)
+    (root / "dogs").mkdir(parents=True)
+    for k in range(2):
+        _noise((8, 8), seed=k).save(outside / "cats" / f"{k}.png")
+    _noise((8, 8)).save(root / "dogs" / "real.png")
+    _noise((8, 8)).save(outside / "single.png")
+    (root / "cats").symlink_to(outside / "cats", target_is_directory=True)
+    (root / "dogs" / "linked.png").symlink_to(outside / "single.png")
+    (root / "dogs" / "loop").symlink_to(root, target_is_directory=True)
+    with pytest.warns(SkippedImagesWarning) as record:
+        dataset = FolderDataset(root, 8)
+    assert len(record) == 1 and "Left out 1 folders" in str(record[0].message)
+    assert "dogs/loop: symlink loop" in str(record[0].message)
+    assert dataset.classes == ["cats", "dogs"]
+    assert _captioned(dataset) == {"cats/0.png": "cats", "cats/1.png": "cats", "dogs/linked.png": "dogs",
+                                   "dogs/real.png": "dogs"}
+    assert dataset.labels == [0, 0, 1, 1] and dataset[0]["image"].shape == (3, 8, 8)

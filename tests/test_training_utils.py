@@ -2,6 +2,7 @@ from __future__ import annotations
 
 import itertools
 
+import pytest
 import torch
 from torch import nn
 
@@ -79,3 +80,40 @@ def test_optimizer_steps_orders_schedulers_ema_and_bar_and_retries_a_skipped_upd
     assert [(step, extras) for step, _, extras in out] == [(1, 0), (2, 1), (3, 2)]
     assert seen == [0, 1, 1, 2], "the skipped update at step 1 is tried again at step 1"
     assert calls == ["always", "ema", "bar"] + ["always", "gated", "ema", "bar"] * 2
+
+
+def test_a_stop_request_within_an_accumulation_finishes_the_optimizer_step_then_saves(tmp_path):
+    """A signal during the first of two accumulated micro-steps: the second still runs, the optimizer
+    steps, then the state is saved at that step and TrainingStopped ends the loop."""
+    from types import SimpleNamespace
+
+    from accelerate import Accelerator
+    from accelerate.state import AcceleratorState, GradientState
+
+    from common.run_control import STOP, TrainingStopped
+    from common.training import Budget, NonFiniteSkips, RunConfig, optimizer_steps
+
+    micro_steps = []
+
+    def update(batch: dict, step: int):
+        micro_steps.append(step)
+        if len(micro_steps) == 3:  # the first micro-step of optimizer step 2
+            STOP.reason = "SIGTERM"
+        return torch.tensor(1.0), True, None
+
+    noop = SimpleNamespace(update=lambda *args: None, close=lambda: None, step=lambda: None)
+    try:
+        accelerator = Accelerator(cpu=True, gradient_accumulation_steps=2)
+        run = RunConfig(steps=10, grad_accum=2, progress=False, out_dir=str(tmp_path))
+        STOP.reason = None
+        with pytest.raises(TrainingStopped, match="stopped by SIGTERM: saved step 2 to .*step_00000002"):
+            for _ in optimizer_steps(accelerator, nn.Linear(1, 1), itertools.repeat({}), update, step=0,
+                                     budget=Budget(run, accelerator), skips=NonFiniteSkips(run, accelerator),
+                                     scheds=noop, ema=noop, bar=noop):
+                pass
+    finally:
+        STOP.reason = None
+        AcceleratorState._reset_state(reset_partial_state=True)
+        GradientState._reset_state()
+    assert micro_steps == [0, 0, 1, 1], "both micro-steps of step 2 ran"
+    assert (tmp_path / "checkpoints" / "latest").read_text() == "step_00000002"
