@@ -114,8 +114,8 @@ def preview_datasets(out: Path, count: int = 64) -> dict[str, str]:
 def main(argv: list[str] | None = None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--out", default="outputs/demo", help="where every output goes")
-    parser.add_argument("--autoencoder-minutes", type=float, default=7.0, help="wall-clock budget of stage 1")
-    parser.add_argument("--diffusion-minutes", type=float, default=10.0, help="wall-clock budget of stage 2")
+    parser.add_argument("--autoencoder-minutes", type=float, default=5.5, help="wall-clock budget of stage 1")
+    parser.add_argument("--diffusion-minutes", type=float, default=10.5, help="wall-clock budget of stage 2")
     parser.add_argument("--prompts", nargs="+", default=list(PROMPTS), help="rows of the sample grid")
     parser.add_argument("--per-prompt", type=int, default=6, help="images per prompt (grid columns)")
     parser.add_argument("--seed", type=int, default=0, help="sampling seed of the grid")

@@ -59,9 +59,11 @@ def test_fresh_model_outputs_zero_and_blocks_start_as_identity() -> None:
     torch.testing.assert_close(transformer(h, context), h)
 
 
-def test_padding_tokens_do_not_change_the_output() -> None:
-    model = randomize(UNet(TINY)).eval()
-    x, t, context = inputs(TINY, tokens=6)
+@pytest.mark.parametrize("pooled", [False, True])
+def test_padding_tokens_do_not_change_the_output(pooled: bool) -> None:
+    config = dataclasses.replace(TINY, pooled_context=pooled)
+    model = randomize(UNet(config)).eval()
+    x, t, context = inputs(config, tokens=6)
     mask = torch.tensor([[True] * 3 + [False] * 3, [True] * 6])
     with torch.no_grad():
         out = model(x, t, context, mask)
@@ -71,6 +73,20 @@ def test_padding_tokens_do_not_change_the_output() -> None:
         alone = model(x[:1], t[:1], context[:1, :3])  # the same prompt without padding
         torch.testing.assert_close(alone, out[:1], atol=1e-5, rtol=1e-5)
         assert not torch.allclose(model(x, t, context), out)  # the mask is used at all
+
+
+def test_pooled_context_reaches_a_unet_without_cross_attention() -> None:
+    config = dataclasses.replace(TINY, attention_levels=(False, False), mid_attention=False, pooled_context=True)
+    model = randomize(UNet(config)).eval()
+    x, t, context = inputs(config)
+    with torch.no_grad():
+        assert not torch.allclose(model(x, t, context), model(x, t, context.flip(0)))
+        plain = randomize(UNet(dataclasses.replace(config, pooled_context=False))).eval()
+        torch.testing.assert_close(plain(x, t, context), plain(x, t, context.flip(0)))  # the text had no way in
+    with pytest.raises(ValueError, match="context"):
+        model(x, t)
+    with pytest.raises(ConfigError, match="pooled_context needs text"):
+        dataclasses.replace(config, context_dim=0)
 
 
 def test_context_is_required_when_the_model_has_cross_attention() -> None:
