@@ -34,8 +34,8 @@ class TrainingProgress:
         self.step = self.first_step = step
         self.last_refresh = time.monotonic()
         self.postfix: dict[str, Any] = {}
-        self.bar = tqdm(total=_RESOLUTION, desc=desc, disable=not enabled, dynamic_ncols=True,
-                        bar_format="{desc}: {percentage:3.0f}%|{bar}| {postfix}")
+        self.bar = tqdm(total=_RESOLUTION, desc=desc, unit="", disable=not enabled, dynamic_ncols=True,
+                        bar_format="{desc}: {percentage:3.0f}%|{bar}| {unit}")
         self._refresh(force=True)
 
     @property
@@ -101,5 +101,7 @@ class TrainingProgress:
             return
         self.last_refresh = now
         self.bar.n = round(self.fraction() * _RESOLUTION)
-        self.bar.set_postfix_str(self.status(), refresh=False)
+        # The status rides in tqdm's ``unit`` field: tqdm prefixes ``{postfix}`` with ", ", and this bar shows
+        # no rate, the only other place tqdm prints the unit.
+        self.bar.unit = self.status()
         self.bar.refresh()

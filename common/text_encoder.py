@@ -72,13 +72,22 @@ class TextEncoder(nn.Module):
     def __init__(self, config: TextEncoderConfig | None = None) -> None:
         super().__init__()
         from transformers import AutoModel, AutoTokenizer  # optional dependency: import only when used
+        from transformers.utils import logging as hf_logging
 
         self.config = config or TextEncoderConfig()
         source = Path(self.config.name_or_path) if self.config.name_or_path else bundled_model_dir()
         local = source.is_dir()
         location = str(source) if local else self.config.name_or_path
         self.tokenizer = AutoTokenizer.from_pretrained(location, local_files_only=local)
-        self.model = AutoModel.from_pretrained(location, local_files_only=local)
+        # transformers draws a "Loading weights" bar for this sub-second load; a pipeline called with
+        # progress=False (or a training log) must not show it, so it is off for the load alone.
+        bars_were_on = hf_logging.is_progress_bar_enabled()
+        hf_logging.disable_progress_bar()
+        try:
+            self.model = AutoModel.from_pretrained(location, local_files_only=local)
+        finally:
+            if bars_were_on:
+                hf_logging.enable_progress_bar()
         self.model.requires_grad_(False)
         self.model.eval()
         self.max_length = self._limit(source if local else None)
