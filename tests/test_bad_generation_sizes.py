@@ -17,8 +17,8 @@ from PIL import Image
 
 import pipelines.options
 from bad_inputs import refused, snapshot
-from pipelines import ClassToImage, ImageToImage, TextToImage, TokensToImage, generate
-from tiny import build_pipelines
+from pipelines import generate
+from tiny import build_pipelines, load_pipelines
 
 pytest.importorskip("transformers")
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -33,9 +33,7 @@ def dirs(tmp_path_factory) -> dict[str, Path]:
 
 @pytest.fixture(scope="module")
 def pipes(dirs) -> dict:
-    text = TextToImage.from_pretrained(dirs["text"])
-    return {"text": text, "class": ClassToImage.from_pretrained(dirs["class"]), "img2img": ImageToImage.from_pipe(text),
-            "tokens": TokensToImage.from_pretrained(dirs["prior"])}
+    return load_pipelines(dirs)
 
 
 # ------------------------------------------------------------------------- sizes and counts (memory)

@@ -12,9 +12,8 @@ import pytest
 import torch
 
 import pipelines.options
-from pipelines import ClassToImage, ImageToImage, Inpaint, TextToImage, TokensToImage
 from pipelines.options import GenerationOptions
-from tiny import build_pipelines, tiny_classifier
+from tiny import build_pipelines, load_pipelines, tiny_classifier
 
 pytest.importorskip("transformers")
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -29,9 +28,7 @@ def dirs(tmp_path_factory) -> dict[str, Path]:
 
 @pytest.fixture(scope="module")
 def pipes(dirs) -> dict:
-    text = TextToImage.from_pretrained(dirs["text"])
-    return {"text": text, "class": ClassToImage.from_pretrained(dirs["class"]), "img2img": ImageToImage.from_pipe(text),
-            "inpaint": Inpaint.from_pipe(text), "tokens": TokensToImage.from_pretrained(dirs["prior"])}
+    return load_pipelines(dirs)
 
 
 def image(seed: int, count: int = 1) -> torch.Tensor:

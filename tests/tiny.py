@@ -147,6 +147,15 @@ def build_pipelines(root: Path) -> dict[str, Path]:
             "classifier": root / "classifier_run"}
 
 
+
+def load_pipelines(dirs: dict[str, Path]) -> dict:
+    """The pipelines of :func:`build_pipelines`' directories: text, class, image-to-image, inpainting, tokens."""
+    from pipelines import ClassToImage, ImageToImage, Inpaint, TextToImage, TokensToImage
+
+    text = TextToImage.from_pretrained(dirs["text"])
+    return {"text": text, "class": ClassToImage.from_pretrained(dirs["class"]), "img2img": ImageToImage.from_pipe(text),
+            "inpaint": Inpaint.from_pipe(text), "tokens": TokensToImage.from_pretrained(dirs["prior"])}
+
 def tiny_prior_config(autoencoder_dir: Path, cache_dir: Path, condition: str = "class") -> dict:
     """The prior training YAML of the prior tests, over a saved tiny autoencoder."""
     return {
