@@ -10,6 +10,8 @@
 - ``common.images``: PIL images <-> (3, H, W) tensors in [-1, 1], and image grids.
 - ``common.metrics``: image-quality metrics (PSNR, SSIM) on (B, 3, H, W) tensors in [-1, 1].
 - ``common.evaluation``: prompt faithfulness and diversity of a generator on the shapes data.
+- ``common.distribution``: distribution scores without a pretrained network (Laplacian-pyramid SWD), and their records.
+- ``common.inception_scores``: FID and KID from an Inception-v3 weights file given by path (never downloaded).
 - ``common.training``: what every training script shares: run config, accelerator, data stream, loop.
 - ``common.run_state``: a run's training checkpoints on disk: atomic saves, rotation, the newest complete one.
 - ``common.run_control``: the run-directory lock and preemption (SIGTERM/SIGINT: save, then exit).
