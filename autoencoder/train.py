@@ -130,7 +130,7 @@ def main(argv: list[str] | None = None) -> None:
         ema.shadow.save_pretrained(f"{out_dir}/autoencoder")
         write_reconstructions(ema.shadow, fixed, f"{out_dir}/samples/final.png")
         accelerator.print(f"done: {bar.summary()}; autoencoder saved to {out_dir}/autoencoder")
-    accelerator.end_training()
+    training.end_run(accelerator)
 
 
 if __name__ == "__main__":

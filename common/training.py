@@ -397,6 +397,14 @@ def load_run_config(cls: type[T], argv: Sequence[str] | None, doc: str | None, s
     return load_config(cls, args.config, args.overrides)
 
 
+def end_run(accelerator: Accelerator) -> None:
+    """A finished run lets go of what it took: trackers, the run-directory lock, the stop-signal handlers
+    (so a notebook that called a script's ``main`` gets its Ctrl-C back)."""
+    accelerator.end_training()
+    release_run_locks()
+    STOP.restore()
+
+
 def run_cli(main: Callable[[Sequence[str]], Any], argv: Sequence[str], *user_errors: type[Exception]) -> None:
     """Run a training script's ``main(argv)``; a mistake in its input ends it with the message alone.
 

@@ -200,7 +200,7 @@ def main(argv: list[str] | None = None) -> None:
         save_outputs(ema.shadow, out_dir, step, scores)
         accelerator.print(f"done: {bar.summary()}; held-out accuracy "
                           f"{json.dumps(scores)}; classifier saved to {out_dir}/classifier")
-    accelerator.end_training()
+    training.end_run(accelerator)
 
 
 if __name__ == "__main__":

@@ -201,7 +201,7 @@ def main(argv: list[str] | None = None) -> None:
         pipe.save_pretrained(f"{out_dir}/pipeline")
         write_samples(pipe, cfg.sample, f"{out_dir}/samples/final.png")
         accelerator.print(f"done: {bar.summary()}; pipeline saved to {out_dir}/pipeline")
-    accelerator.end_training()
+    training.end_run(accelerator)
 
 
 if __name__ == "__main__":

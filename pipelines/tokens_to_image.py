@@ -1,4 +1,4 @@
-"""The autoregressive pipeline: text (or class) -> GPT prior over code indices -> VQ decoder.
+"""The token pipeline: text (or class) -> token prior (AR GPT or MaskGIT) over code indices -> VQ decoder.
 
     pipe = TokensToImage.from_pretrained("runs/emoji32_quick_prior")
     images = pipe(["dog face", "red apple"], num_images_per_prompt=2, seed=0).images
@@ -6,7 +6,8 @@
 It takes the same call as :class:`pipelines.TextToImage`, so code can swap the two generators. The
 arguments that only mean something to a diffusion sampler are still checked the same way (a bad
 value fails in both pipelines alike) and are then ignored, with a warning when they differ from
-their defaults: ``num_inference_steps`` (the prior always samples one token per grid cell),
+their defaults: ``num_inference_steps`` (an AR prior always samples one token per grid cell; for a
+MaskGIT prior it is the number of parallel decoding steps T, default the saved ``maskgit.steps``),
 ``sampler`` and ``guidance_rescale``. A ``callback`` is refused, since there are no denoising
 steps to report and silently never calling it would hide that; so is a ``classifier`` (classifier
 guidance steers denoising steps). Which option applies where is the ``only=`` metadata of
@@ -17,7 +18,8 @@ The generator's uniforms are drawn on its own device and moved to the prior's
 (:func:`prior.sampling.draw`), so a seed gives the same tokens on CPU and GPU (up to float rounding).
 They are drawn for every image up front (:func:`prior.sampling.draw_uniforms`, 4 bytes per token), and
 the images are sampled and decoded ``chunk_size`` at a time, so memory is flat in the number of images
-and the tokens do not depend on the chunk size.
+and the tokens do not depend on the chunk size. MaskGIT draws its (T, 2, images, N) uniforms up front the
+same way (:func:`prior.maskgit_sampling.draw_uniforms`).
 """
 from __future__ import annotations
 
@@ -41,9 +43,12 @@ from pipelines.options import (
     PipelineFacts,
     as_negatives,
     as_prompts,
+    check_int,
     check_memory,
     label_ids,
 )
+from prior.maskgit_sampling import draw_uniforms as draw_maskgit_uniforms
+from prior.maskgit_sampling import sample_maskgit
 from prior.sampling import draw_uniforms, sample_tokens
 from prior.token_prior import PIPELINE_KIND, TokenPrior
 from prior.transformer import Condition, Prefix
@@ -52,7 +57,7 @@ SAMPLING_OPTIONS = ("guidance_tokens", "temperature", "top_k", "top_p")  # None:
 
 
 class TokensToImage(Pipeline):
-    """Text or class condition -> AR token prior with classifier-free guidance -> VQ decoder.
+    """Text or class condition -> token prior (AR or MaskGIT) with classifier-free guidance -> VQ decoder.
 
     Args:
         model: the :class:`prior.token_prior.TokenPrior` bundle (autoencoder, GPT, text encoder config,
@@ -82,6 +87,19 @@ class TokensToImage(Pipeline):
         """H = W: the prior's token grid times the autoencoder's downsampling factor."""
         return self.model.prior.config.grid_size * self.model.autoencoder.downsample_factor
 
+    def options(self, given: dict[str, Any]) -> GenerationOptions:
+        """The checked call options; for MaskGIT, ``num_inference_steps`` is its decoding steps T (the saved
+        default when left out), for an AR prior it is warned about and ignored."""
+        if self.model.kind != "maskgit":
+            return super().options(given)
+        rest = {name: value for name, value in given.items() if name != "num_inference_steps"}
+        steps = given.get("num_inference_steps", self.model.maskgit.steps)
+        run = super().options(rest)
+        if run.guidance_tokens:
+            raise ValueError(f"guidance_tokens={run.guidance_tokens}: a MaskGIT prior guides every decoding step; "
+                             "leave guidance_tokens out (it counts an AR prior's tokens)")
+        return dataclasses.replace(run, num_inference_steps=check_int("num_inference_steps", steps, 1))
+
     def __call__(self, prompt: str | list[str] | None = None, *, class_labels: Labels | None = None,
                  **options: Any) -> PipelineOutput:
         """Generate images for prompts (or class labels).
@@ -104,17 +122,32 @@ class TokensToImage(Pipeline):
         times, count = run.num_images_per_prompt, len(given) * run.num_images_per_prompt
         check_memory(run, self.image_cost(run), count, (self.image_size, self.image_size), self.device,
                      ("prompt" if class_labels is None else "class_labels", len(given)))
-        uniforms = draw_uniforms(self.model.prior.config.num_tokens, count, run.make_generator())
+        uniforms = self._uniforms(run, count)
         chunks = [range(start, min(start + run.chunk_size, count)) for start in range(0, count, run.chunk_size)]
         images = None
-        with self._token_progress(run.progress, len(chunks)):
+        with self._token_progress(run.progress, len(chunks), run):
             for rows in chunks:
                 cond, uncond = self._prefixes(given, negatives, rows, times)
                 with self.autocast():
-                    tokens = sample_tokens(self.model.prior, cond, uncond, uniforms=uniforms[:, rows.start:rows.stop],
-                                           **self._settings(run))
+                    tokens = self._sample(cond, uncond, uniforms, rows, run)
                 images = collect(images, self._finish(tokens, run.output_type), rows, count)
         return PipelineOutput(images)
+
+    def _uniforms(self, run: GenerationOptions, count: int) -> Tensor:
+        """Every uniform the sampler of this prior's kind takes for ``count`` images, drawn up front."""
+        tokens = self.model.prior.config.num_tokens
+        if self.model.kind == "maskgit":
+            return draw_maskgit_uniforms(run.num_inference_steps, count, tokens, run.make_generator())
+        return draw_uniforms(tokens, count, run.make_generator())
+
+    def _sample(self, cond: Prefix, uncond: Prefix | None, uniforms: Tensor, rows: range,
+                run: GenerationOptions) -> Tensor:
+        """The tokens (B, N) of output images ``rows``, by the sampler of this prior's kind."""
+        if self.model.kind == "maskgit":
+            return sample_maskgit(self.model.prior, cond, uncond, uniforms=uniforms[:, :, rows.start:rows.stop],
+                                  **self._maskgit_settings(run))
+        return sample_tokens(self.model.prior, cond, uncond, uniforms=uniforms[:, rows.start:rows.stop],
+                             **self._settings(run))
 
     def _finish(self, tokens: Tensor, output_type: str) -> list | Tensor:
         """One chunk's tokens (B, N) -> its images of ``output_type`` ("latent": the code indices (B, h, w))."""
@@ -127,15 +160,24 @@ class TokensToImage(Pipeline):
 
         The cache holds keys and values of every layer for the prefix and the image tokens; guidance doubles
         the rows. The logits of one step exist in a few copies (guided, filtered, softmax, CDF, top-p's sort).
+        MaskGIT has no cache but one forward's activations (a few (S, W) copies and the (heads, S, S) attention
+        weights) and the logits of all N tokens at once; its uniforms are 8 bytes per token and step.
         """
         config, size = self.model.prior.config, self.image_size
         rows = 1 if run.guidance_scale == 1.0 else 2
         cache = FLOAT_BYTES * 2 * config.depth * (config.text_tokens + config.num_tokens) * config.width
         logits = FLOAT_BYTES * 6 * config.codebook_size
+        if self.model.kind == "maskgit":
+            length = config.prefix_len + config.num_tokens
+            cache = FLOAT_BYTES * (int(8 * length * config.width * config.mlp_ratio) + config.heads * length * length)
+            logits *= config.num_tokens
         working = (rows * (cache + logits) + autoencoder_activation_bytes(self.model.autoencoder.config, size, size)
                    + 2 * 3 * FLOAT_BYTES * size * size)
         codes = 8 * config.num_tokens
-        return ImageCost(working, FLOAT_BYTES * config.num_tokens + result_bytes(run.output_type, size, size, codes))
+        per_step = 2 if self.model.kind == "maskgit" else 1  # uniforms kept for every image up front
+        steps = run.num_inference_steps if self.model.kind == "maskgit" else 1
+        uniforms = FLOAT_BYTES * per_step * steps * config.num_tokens
+        return ImageCost(working, uniforms + result_bytes(run.output_type, size, size, codes))
 
     # ---------------------------------------------------------------------------------- checks
     def _check_size(self, run: GenerationOptions) -> None:
@@ -149,6 +191,11 @@ class TokensToImage(Pipeline):
         """The sampling settings: the call's, else the pipeline's saved defaults."""
         given = {name: getattr(run, name) for name in SAMPLING_OPTIONS if getattr(run, name) is not None}
         return dataclasses.asdict(dataclasses.replace(self.model.sampling, guidance=run.guidance_scale, **given))
+
+    def _maskgit_settings(self, run: GenerationOptions) -> dict[str, Any]:
+        """MaskGIT's settings: the shared ones but guidance_tokens, the call's steps, the saved choice temperature."""
+        shared = {k: v for k, v in self._settings(run).items() if k != "guidance_tokens"}
+        return {**shared, "steps": run.num_inference_steps, "choice_temperature": self.model.maskgit.choice_temperature}
 
     # ---------------------------------------------------------------------------------- conditions
     def _conditions(self, prompt: str | list[str] | None, class_labels: Labels | None,
@@ -204,12 +251,14 @@ class TokensToImage(Pipeline):
         return prior.prefix(self.model.condition(prompts), drop=empty)
 
     @contextmanager
-    def _token_progress(self, progress: bool, chunks: int = 1) -> Iterator[None]:
-        """A tqdm bar over the tokens of every chunk: the prior's output head runs once per sampled token."""
+    def _token_progress(self, progress: bool, chunks: int, run: GenerationOptions) -> Iterator[None]:
+        """A tqdm bar over the head's calls in every chunk: once per sampled token (AR) or step (MaskGIT)."""
         if not progress:
             yield
             return
-        bar = tqdm(total=self.model.prior.config.num_tokens * chunks, unit="token")
+        maskgit = self.model.kind == "maskgit"
+        per_chunk = run.num_inference_steps if maskgit else self.model.prior.config.num_tokens
+        bar = tqdm(total=per_chunk * chunks, unit="step" if maskgit else "token")
         def count(module: Any, inputs: Any, output: Tensor) -> None:  # returning bar.update's bool would
             bar.update(1)                                              # replace the head's output
         handle = self.model.prior.head.register_forward_hook(count)

@@ -9,6 +9,9 @@ Modules:
 - ``prior.losses``: next-token cross-entropy on corrupted inputs, with condition dropout.
 - ``prior.token_prior``: the bundle (autoencoder + GPT + text encoder config) that saves and loads a
   pipeline directory; :class:`pipelines.TokensToImage` runs it.
+- ``prior.maskgit``: MaskGIT, the bidirectional transformer with a mask token, and its masked-token loss.
+- ``prior.maskgit_sampling``: MaskGIT's parallel decoding (cosine schedule, Gumbel-annealed confidence,
+  fixed tokens, guidance in one batch).
 - ``prior.train``: the training script; ``prior.evaluate_shapes``: scores a shapes prior.
 """
 from prior.sampling import SamplingConfig, filter_logits, sample_tokens

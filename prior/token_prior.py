@@ -3,10 +3,13 @@
 A pipeline directory::
 
     dir/pipeline.json    {"kind": "tokens_to_image", "format_version": 1,
-                          "prior": {"sampling": {...}, "class_names": [...] | null},
+                          "prior": {"kind": "ar" | "maskgit", "sampling": {...}, "class_names": [...] | null,
+                                    "maskgit": {"steps": ..., "choice_temperature": ...} (maskgit only)},
                           "text_encoder": {"name_or_path": ..., "max_length": ...} | null}
     dir/autoencoder/     config.json + model.safetensors (a VQ autoencoder)
-    dir/prior/           config.json + model.safetensors (the GPT)
+    dir/prior/           config.json + model.safetensors (the GPT, or MaskGIT: config.json's "kind")
+
+A file without ``prior.kind`` (written before MaskGIT) holds an AR prior.
 
 Users sample through :class:`pipelines.TokensToImage`, which checks the call's options::
 
@@ -15,9 +18,10 @@ Users sample through :class:`pipelines.TokensToImage`, which checks the call's o
 """
 from __future__ import annotations
 
+import dataclasses
 import json
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 import torch
 from einops import rearrange
@@ -34,6 +38,8 @@ from common.checkpoint import (
 )
 from common.component_check import non_finite_fields
 from common.config import ConfigError, from_dict, to_dict
+from prior.maskgit import build_prior
+from prior.maskgit_sampling import MaskGITSampling, sample_maskgit
 from prior.sampling import SamplingConfig, sample_tokens
 from prior.text import TextEncoderConfig, encode_prompts, load_text_encoder
 from prior.transformer import COMPONENT_KIND, GPT, Condition, Prefix, PriorConfig
@@ -45,19 +51,22 @@ TRAIN_PRIOR = "`accelerate launch prior/train.py configs/prior/<config>.yaml` (i
 
 
 class TokenPrior:
-    """Autoencoder + GPT prior (+ the text encoder's config, loaded on first use).
+    """Autoencoder + token prior (+ the text encoder's config, loaded on first use).
 
     Args:
         autoencoder: a VQ autoencoder whose codebook the prior models.
-        prior: the GPT.
+        prior: the GPT, or a :class:`prior.maskgit.MaskGIT` (``prior.config.kind == "maskgit"``).
         text_config: the text encoder config for a text prior (None otherwise).
         class_names: for a class prior, the prompt naming each class (prompts map to labels by name;
             None for classes without a name).
         sampling: the default sampling settings.
+        maskgit: MaskGIT's default steps and choice temperature (None: the defaults); only a MaskGIT prior
+            records them.
     """
 
     def __init__(self, autoencoder: VQGAN, prior: GPT, text_config: TextEncoderConfig | None = None,
-                 class_names: list[str | None] | None = None, sampling: SamplingConfig | None = None) -> None:
+                 class_names: list[str | None] | None = None, sampling: SamplingConfig | None = None,
+                 maskgit: MaskGITSampling | None = None) -> None:
         if autoencoder.config.codebook_size != prior.config.codebook_size:
             raise ValueError(f"the prior models {prior.config.codebook_size} codes, the autoencoder has "
                              f"{autoencoder.config.codebook_size}")
@@ -66,7 +75,13 @@ class TokenPrior:
         self.autoencoder, self.prior = autoencoder.eval(), prior.eval()
         self.text_config, self.class_names = text_config, class_names
         self.sampling = sampling or SamplingConfig()
+        self.maskgit = maskgit or MaskGITSampling()
         self._text_encoder: Any = None
+
+    @property
+    def kind(self) -> str:
+        """"ar" (one token per forward pass) or "maskgit" (all tokens in a few parallel steps)."""
+        return self.prior.config.kind
 
     @property
     def device(self) -> torch.device:
@@ -104,8 +119,13 @@ class TokenPrior:
     @torch.no_grad()
     def sample(self, cond: Prefix, uncond: Prefix | None, settings: dict[str, Any],
                generator: torch.Generator | None = None) -> Tensor:
-        """Code indices (B, N) for the prefix rows, guided against ``uncond`` (see :func:`sample_tokens`;
-        ``settings`` are the fields of a :class:`SamplingConfig`)."""
+        """Code indices (B, N) for the prefix rows, guided against ``uncond`` (see :func:`sample_tokens` and
+        :func:`sample_maskgit`; ``settings`` are the fields of a :class:`SamplingConfig`, and for MaskGIT
+        also of :class:`MaskGITSampling`, which default to the saved ones)."""
+        if self.kind == "maskgit":
+            shared = {k: v for k, v in settings.items() if k != "guidance_tokens"}
+            return sample_maskgit(self.prior, cond, uncond, generator=generator,
+                                  **{**dataclasses.asdict(self.maskgit), **shared})
         return sample_tokens(self.prior, cond, uncond, generator=generator, **settings)
 
     @torch.no_grad()
@@ -121,7 +141,8 @@ class TokenPrior:
         self.autoencoder.save_pretrained(directory / "autoencoder")
         save_component(directory / "prior", COMPONENT_KIND, self.prior.config, self.prior)
         meta = {"kind": PIPELINE_KIND, "format_version": FORMAT_VERSION,
-                "prior": {"sampling": to_dict(self.sampling), "class_names": self.class_names},
+                "prior": {"kind": self.kind, "sampling": to_dict(self.sampling), "class_names": self.class_names,
+                          **({"maskgit": to_dict(self.maskgit)} if self.kind == "maskgit" else {})},
                 "text_encoder": to_dict(self.text_config) if self.text_config is not None else None}
         atomic_write(directory / PIPELINE_FILE, lambda tmp: tmp.write_text(json.dumps(meta, indent=2) + "\n"))
         return directory
@@ -130,21 +151,37 @@ class TokenPrior:
     def from_pretrained(cls, directory: str | Path, device: torch.device | str = "cpu") -> TokenPrior:
         """Load a pipeline directory strictly (unknown keys, kinds, values or weights are errors)."""
         directory = Path(directory)
-        text_config, class_names, sampling = read_prior_record(directory)
+        record = read_prior_record(directory)
         autoencoder = Autoencoder.from_pretrained(directory / "autoencoder")
         if not isinstance(autoencoder, VQGAN):
             raise CheckpointError(f"{directory / 'autoencoder'} is not a VQ autoencoder")
-        prior = load_module(directory / "prior", COMPONENT_KIND, PriorConfig, GPT)
+        prior = load_module(directory / "prior", COMPONENT_KIND, PriorConfig, build_prior)
+        class_names = record.class_names
+        if prior.config.kind != record.kind:
+            raise CheckpointError(f"{directory / PIPELINE_FILE} records prior.kind={record.kind!r} but "
+                                  f"{directory / 'prior'} holds a {prior.config.kind!r} prior; restore the "
+                                  "pipeline.json saved with these weights")
         if class_names is not None and len(class_names) != prior.config.num_classes:
             raise CheckpointError(f"{directory / PIPELINE_FILE}: prior.class_names has {len(class_names)} names but "
                                   f"the prior has num_classes={prior.config.num_classes}; give one name (or null) "
                                   "per class")
-        return cls(autoencoder, prior, text_config, class_names, sampling).to(device)
+        return cls(autoencoder, prior, record.text_config, class_names, record.sampling, record.maskgit).to(device)
 
 
-def read_prior_record(directory: Path) -> tuple[TextEncoderConfig | None, list[str | None] | None, SamplingConfig]:
-    """The text encoder config, class names and default sampling settings of ``pipeline.json``, every value
-    checked before any weights are read (malformed files, unknown keys and out-of-range values name the key)."""
+class PriorRecord(NamedTuple):
+    """What ``pipeline.json`` says about the prior."""
+
+    kind: str                                 # "ar" or "maskgit"
+    text_config: TextEncoderConfig | None
+    class_names: list[str | None] | None
+    sampling: SamplingConfig
+    maskgit: MaskGITSampling | None           # None for an AR prior
+
+
+def read_prior_record(directory: Path) -> PriorRecord:
+    """The prior's kind, text encoder config, class names and default sampling settings of ``pipeline.json``,
+    every value checked before any weights are read (malformed files, unknown keys and out-of-range values
+    name the key)."""
     path = directory / PIPELINE_FILE
     if not path.is_file():
         raise CheckpointError(f"{directory} is not a token prior pipeline: {PIPELINE_FILE} is missing")
@@ -157,16 +194,27 @@ def read_prior_record(directory: Path) -> tuple[TextEncoderConfig | None, list[s
         raise CheckpointError(f"{path}: 'prior' must be an object with 'sampling' and 'class_names', got "
                               f"{section!r}; save the pipeline again")
     unknown = (set(meta) - {"kind", "format_version", "prior", "text_encoder"}) | (
-        set(section) - {"sampling", "class_names"})
+        set(section) - {"kind", "sampling", "class_names", "maskgit"})
     if unknown:
         raise CheckpointError(f"{path} has unknown keys {sorted(unknown)}; was it written by a newer version?")
+    kind = section.get("kind", "ar")  # files written before MaskGIT hold AR priors
+    if kind not in ("ar", "maskgit") or ("maskgit" in section) != (kind == "maskgit"):
+        raise CheckpointError(f"{path}: prior.kind must be 'ar' or 'maskgit', and prior.maskgit present exactly for "
+                              f"'maskgit'; got kind {kind!r} with{'' if 'maskgit' in section else 'out'} "
+                              "prior.maskgit; restore the pipeline.json the training run saved")
     try:
         sampling = from_dict(SamplingConfig, section.get("sampling", {}), "prior.sampling.")
+        maskgit = from_dict(MaskGITSampling, section["maskgit"], "prior.maskgit.") if kind == "maskgit" else None
         text = meta.get("text_encoder")
         text_config = from_dict(TextEncoderConfig, text, "text_encoder.") if text is not None else None
     except ConfigError as error:
         raise CheckpointError(f"{path}: {error}; save the pipeline again, or restore the file") from None
-    return text_config, check_prior_class_names(section.get("class_names"), path), check_sampling(sampling, path)
+    problems = maskgit.problems("prior.maskgit.") if maskgit is not None else []
+    if problems:
+        raise CheckpointError(f"{path}: {'; '.join(problems)}; restore the values the training run saved "
+                              "(configs/prior/*.yaml, section maskgit)")
+    return PriorRecord(kind, text_config, check_prior_class_names(section.get("class_names"), path),
+                       check_sampling(sampling, path), maskgit)
 
 
 def check_sampling(sampling: SamplingConfig, path: Path) -> SamplingConfig:

@@ -3,8 +3,9 @@
     accelerate launch prior/train.py configs/prior/shapes32_quick.yaml [key=value ...]
 
 The dataset is tokenised once (and its captions encoded once) into a cache keyed by the autoencoder
-weights and the data/text settings. Each step trains next-token prediction with pkeep input
-corruption and condition dropout. Everything is resumable: re-running the same command continues
+weights and the data/text settings. Each step trains, with condition dropout, next-token prediction
+with pkeep input corruption (``model.kind: ar``) or masked-token prediction on a cosine-scheduled
+fraction of masked tokens (``model.kind: maskgit``). Everything is resumable: re-running the same command continues
 from ``run.out_dir``'s latest checkpoint. The EMA weights are saved as a pipeline in ``<out_dir>/pipeline``.
 """
 from __future__ import annotations
@@ -27,11 +28,13 @@ from common.resume import resume_run
 from common.training import OptimConfig, RunConfig
 from pipelines import TokensToImage
 from prior.losses import LossConfig, condition_dropout, corrupt_tokens, next_token_loss
+from prior.maskgit import build_prior, mask_tokens, masked_token_loss
+from prior.maskgit_sampling import MaskGITSampling
 from prior.sampling import SamplingConfig
 from prior.text import TextEncoderConfig, fit_length
 from prior.token_cache import TokenData, TokenDataset, TokensConfig, load_or_build_tokens
 from prior.token_prior import TokenPrior
-from prior.transformer import GPT, Condition, PriorConfig, parameter_groups
+from prior.transformer import Condition, PriorConfig, parameter_groups
 
 
 @dataclass(frozen=True)
@@ -41,6 +44,7 @@ class TrainConfig:
     text: TextEncoderConfig = field(default_factory=TextEncoderConfig)
     loss: LossConfig = field(default_factory=LossConfig)
     sample: SamplingConfig = field(default_factory=SamplingConfig)
+    maskgit: MaskGITSampling = field(default_factory=MaskGITSampling)  # sampling steps of model.kind=maskgit
     optim: OptimConfig = field(default_factory=lambda: OptimConfig(lr=3e-4, betas=(0.9, 0.95), weight_decay=0.05))
     data: DataConfig = field(default_factory=DataConfig)
     run: RunConfig = field(default_factory=lambda: RunConfig(out_dir="runs/prior"))
@@ -61,6 +65,23 @@ def resolve_model_config(config: PriorConfig, data: TokenData, codebook_size: in
     config = dataclasses.replace(config, **{k: getattr(config, k) or v for k, v in derived.items()})
     config.validate()
     return config
+
+
+def check_kind_settings(cfg: TrainConfig) -> None:
+    """Refuse settings that the chosen ``model.kind`` would silently ignore, before anything is built."""
+    problems = cfg.maskgit.problems("maskgit.")
+    if cfg.model.kind == "maskgit":
+        if cfg.loss.pkeep != 1.0:
+            problems.append(f"loss.pkeep={cfg.loss.pkeep} corrupts the AR prior's inputs; MaskGIT masks tokens "
+                            "instead: set loss.pkeep=1.0 for model.kind=maskgit")
+        if cfg.sample.guidance_tokens:
+            problems.append(f"sample.guidance_tokens={cfg.sample.guidance_tokens} counts AR decoding steps; "
+                            "set it to 0 for model.kind=maskgit (MaskGIT guides every step)")
+    elif cfg.maskgit != MaskGITSampling():
+        problems.append("the maskgit section changes MaskGIT's sampling settings, but model.kind is 'ar'; remove "
+                        "the section or set model.kind=maskgit")
+    if problems:
+        raise ConfigError("; ".join(problems))
 
 
 def batch_condition(batch: dict, data: TokenData, kind: str) -> Condition:
@@ -101,15 +122,21 @@ def train_step(batch, model, data: TokenData, opt, accelerator, cfg: TrainConfig
     """One optimizer (micro-)step; returns (loss, whether it was finite, all the loss terms)."""
     tokens = batch["tokens"]
     kind = cfg.model.condition
-    inputs = corrupt_tokens(tokens[:, :-1], cfg.loss.pkeep, cfg.model.codebook_size)
     drop = condition_dropout(tokens.shape[0], cfg.loss.cond_drop if kind != "none" else 0.0, tokens.device)
-    terms = next_token_loss(model(inputs, batch_condition(batch, data, kind), drop), tokens)
+    cond = batch_condition(batch, data, kind)
+    if cfg.model.kind == "maskgit":
+        inputs, masked = mask_tokens(tokens, cfg.model.codebook_size)  # the mask id is K, one past the codes
+        terms = masked_token_loss(model(inputs, cond, drop), tokens, masked)
+    else:
+        inputs = corrupt_tokens(tokens[:, :-1], cfg.loss.pkeep, cfg.model.codebook_size)
+        terms = next_token_loss(model(inputs, cond, drop), tokens)
     finite, _ = training.apply_update(terms.loss, model, opt, accelerator, cfg.optim.grad_clip)
     return terms.loss, finite, terms
 
 
 def main(argv: list[str] | None = None) -> None:
     cfg = training.load_run_config(TrainConfig, argv, __doc__, "prior", "optim.lr=3e-4")
+    check_kind_settings(cfg)  # before the accelerator, which creates the run directory
     accelerator = training.make_accelerator(cfg.run)
     out_dir, kind = cfg.run.out_dir, cfg.model.condition
     text = cfg.text if kind == "text" else None
@@ -121,7 +148,7 @@ def main(argv: list[str] | None = None) -> None:
         states, mask = fit_length(data.text_states, data.text_mask, cfg.model.text_tokens)
         data = data._replace(text_states=states.to(accelerator.device), text_mask=mask.to(accelerator.device))
 
-    model = GPT(cfg.model).train()
+    model = build_prior(cfg.model).train()
     opt, sched = training.make_optimizer(parameter_groups(model, cfg.optim.weight_decay), cfg.optim)
     model, opt, sched = accelerator.prepare(model, opt, sched)
     ema = EMA(accelerator.unwrap_model(model), cfg.run.ema_decay)
@@ -131,7 +158,7 @@ def main(argv: list[str] | None = None) -> None:
     batches = training.make_loader(TokenDataset(data), cfg.run, accelerator, step)
     preview, captions = preview_call(data, kind, 8)
     class_names = data.class_names() if kind == "class" else None
-    bundle = TokenPrior(autoencoder, ema.shadow, text, class_names, cfg.sample)  # the EMA weights, as saved
+    bundle = TokenPrior(autoencoder, ema.shadow, text, class_names, cfg.sample, cfg.maskgit)  # the EMA weights
     metrics, budget = training.MetricsLog(accelerator, out_dir, step), training.Budget(cfg.run, accelerator)
     bar = budget.progress(step, "prior")
     accelerator.print(f"{len(data.tokens)} token sequences of {data.tokens.shape[1]}; model "
@@ -153,7 +180,7 @@ def main(argv: list[str] | None = None) -> None:
         bundle.save_pretrained(f"{out_dir}/pipeline")
         write_samples(bundle, preview, f"{out_dir}/samples/final.png")
         accelerator.print(f"done: {bar.summary()}; pipeline saved to {out_dir}/pipeline")
-    accelerator.end_training()
+    training.end_run(accelerator)
 
 
 if __name__ == "__main__":

@@ -49,6 +49,8 @@ class PriorConfig:
         dropout: dropout on the embeddings and on each residual branch during training.
         gradient_checkpointing: recompute each block's activations in the backward pass of the training
             forward (less memory, about one more forward pass of time); decoding and eval mode ignore it.
+        kind: "ar" (this GPT, one token per step) or "maskgit" (:class:`prior.maskgit.MaskGIT`, a
+            bidirectional transformer decoding all tokens in a few parallel steps).
     """
 
     codebook_size: int = 0
@@ -63,6 +65,7 @@ class PriorConfig:
     mlp_ratio: float = 4.0
     dropout: float = 0.0
     gradient_checkpointing: bool = False  # off by default, so config.json files saved before it load unchanged
+    kind: Literal["ar", "maskgit"] = "ar"  # "ar" by default, so config.json files saved before it load unchanged
 
     # Upper bounds of the sizes that allocate memory or build modules, each far beyond any real model.
     LIMITS: ClassVar[dict[str, int]] = {

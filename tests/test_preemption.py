@@ -21,7 +21,7 @@ from safetensors.torch import load_file
 
 from bad_inputs import train
 from common import training
-from common.run_control import STOPPED_EXIT_CODE
+from common.run_control import STOP, STOPPED_EXIT_CODE
 from common.training import read_metrics
 from tiny import TINY_AUTOENCODER
 
@@ -63,6 +63,7 @@ def assert_same_weights(a: dict, b: dict) -> None:
 def test_a_signal_finishes_the_step_saves_and_exits_with_the_stop_code(sig, config, tmp_path, monkeypatch, capfd):
     real_log = training.MetricsLog.log
     # what the run must put back: a shell's background job (CI started with `&`, nohup) inherits an ignored SIGINT
+    STOP.restore()  # a test before this one may have called a script's main directly and ended in an error
     handler_before = signal.getsignal(sig)
 
     def log(self, step, values):  # the signal arrives during step 4's logging, i.e. mid-loop
@@ -155,3 +156,11 @@ def test_sigterm_to_a_two_process_launch_saves_and_the_resume_equals_the_uninter
     assert f"resumed from {split / 'checkpoints' / f'step_{step:08d}'}" in outputs[0]
     assert_same_weights(weights(split, step + 2), weights(full, step + 2))
     assert [m["step"] for m in read_metrics(split)] == list(range(1, step + 3)), "each step logged once"
+
+
+def test_a_run_called_from_python_gives_the_signals_back(config, tmp_path):
+    """A notebook that calls a script's ``main`` must get its Ctrl-C (and SIGTERM) back when the run ends."""
+    STOP.restore()
+    before = {sig: signal.getsignal(sig) for sig in (signal.SIGINT, signal.SIGTERM)}
+    train("autoencoder.train", config, f"run.out_dir={tmp_path / 'run'}", *RUN, "run.steps=2", wrapped=False)
+    assert {sig: signal.getsignal(sig) for sig in before} == before
