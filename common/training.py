@@ -401,6 +401,11 @@ def end_run(accelerator: Accelerator) -> None:
     """A finished run lets go of what it took: trackers, the run-directory lock, the stop-signal handlers
     (so a notebook that called a script's ``main`` gets its Ctrl-C back)."""
     accelerator.end_training()
+    release_run()
+
+
+def release_run() -> None:
+    """Give back the run-directory lock and the stop-signal handlers (idempotent: a run ends here once or twice)."""
     release_run_locks()
     STOP.restore()
 
@@ -423,8 +428,7 @@ def run_cli(main: Callable[[Sequence[str]], Any], argv: Sequence[str], *user_err
             *user_errors) as error:
         raise SystemExit(f"error: {error}" if main_process() else 1) from None
     finally:
-        release_run_locks()
-        STOP.restore()
+        release_run()
 
 
 def all_finite(value: torch.Tensor, accelerator: Accelerator) -> bool:
