@@ -30,7 +30,8 @@ PROFILES: dict[str, dict[str, Any]] = {
         "autoencoder_vs_taming": {"batch": 2, "resolution": 32, "repeats": 3, "warmup": 1},
         "unet_vs_diffusers": {"batch": 4, "size": 8, "repeats": 3, "warmup": 1,
                               "workloads": ("train fp32", "infer fp32")},
-        "prior_sampling": {"layers": 2, "width": 128, "heads": 4, "tokens": 64, "batch": 2, "repeats": 3, "warmup": 1},
+        "prior_sampling": {"layers": 2, "width": 128, "heads": 4, "tokens": 64, "batch": 2, "repeats": 3, "warmup": 1,
+                           "maskgit_steps": 4},
         "latent_caching": ["--items", "128", "--steps", "2", "--repeats", "3", "run.batch_size=16"],
         "vq_minutes": 0.5,
         "sweep": {"prompts": 8, "samples": 2, "steps": 20, "diffusion": "0,2,4", "prior": "0,1.5,3"},
@@ -42,7 +43,8 @@ PROFILES: dict[str, dict[str, Any]] = {
                               "workloads": ("train fp32", "train bf16", "infer fp32", "infer bf16")},
         # width 256 and batch 4, not the script's 512 and 8: taming's sample() recomputes the whole sequence at
         # every token (about 80 s per call at width 256, batch 8 on one core), and it runs 4 times
-        "prior_sampling": {"layers": 8, "width": 256, "heads": 8, "tokens": 256, "batch": 4, "repeats": 3, "warmup": 1},
+        "prior_sampling": {"layers": 8, "width": 256, "heads": 8, "tokens": 256, "batch": 8, "repeats": 3, "warmup": 1,
+                           "maskgit_steps": 10},
         "latent_caching": ["--items", "2048", "--steps", "10", "--repeats", "5"],
         "vq_minutes": 0.0,  # the autoencoder run's recorded training time
         "sweep": {"prompts": 32, "samples": 4, "steps": 20, "diffusion": "0,1,2,4,8", "prior": "0,1,1.5,2,4"},
@@ -194,10 +196,10 @@ def prior_sampling(ctx: Context) -> dict:
     from bench import prior_sampling as bench
 
     settings = ctx.profile["prior_sampling"]
-    result = bench.run(**settings, device=ctx.device, variants=("cached", "taming"))
-    flags = [f"--{k}={v}" for k, v in settings.items()]
+    result = bench.run(**settings, device=ctx.device, variants=("cached", "taming", "maskgit"))
+    flags = [f"--{k.replace('_', '-')}={v}" for k, v in settings.items()]
     return {**result, "command": shlex.join(["python", "-m", "bench.prior_sampling", *flags, f"--device={ctx.device}",
-                                             "--variants=cached,taming", *ctx.threads_flag()])}
+                                             "--variants=cached,taming,maskgit", *ctx.threads_flag()])}
 
 
 def latent_caching(ctx: Context) -> dict:

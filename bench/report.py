@@ -147,6 +147,11 @@ def speed_section(report: Report) -> None:
         rows.append(["AR prior sampling vs taming minGPT `sample()`", f"{s['tokens']} tokens x batch {s['batch']}, "
                      f"{s['layers']} layers x {s['width']} (KV cache)", seconds(median["cached"]),
                      seconds(median["taming"]), f"{prior['ratio_taming_over_cached']:.2f}x", "[3]"])
+        for peer, name in (("cached", "our AR prior (KV cache)"), ("taming", "taming minGPT `sample()`")):
+            rows.append([f"MaskGIT sampling vs {name}", f"{s['tokens']} tokens x batch {s['batch']}, "
+                         f"{s['layers']} layers x {s['width']}, {s['maskgit_steps']} parallel steps",
+                         seconds(median["maskgit"]), seconds(median[peer]),
+                         f"{prior[f'ratio_{peer}_over_maskgit']:.2f}x", "[3]"])
         sources.append(f"[3] {code(prior['command'])}: median of {s['repeats']} after {s['warmup']} warm-up")
     cache = report.attempt("latent caching", lambda: measure.latent_caching(ctx))
     if cache:

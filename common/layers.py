@@ -30,13 +30,31 @@ def maybe_checkpoint(function: Callable[..., Tensor], *args: Any, enabled: bool)
     return function(*args)
 
 
+# On a CPU, PyTorch's bf16/fp16 attention kernel is 3-8x slower, forward + backward, than its fp32 one for
+# the short sequences of latent grids and token priors (64 x 16 x 16 ... 64 x 80 x 80), and the fp32 kernel
+# is as fast up to 256 x 256 (bench/attention_precision.py); so attention up to that size runs in fp32 there
+# (more accurate too) and returns the input dtype. Longer sequences and GPUs keep the kernel autocast picks.
+FP32_ATTENTION_MAX = 256 * 256
+
+
+def attend(q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None = None, causal: bool = False) -> Tensor:
+    """``F.scaled_dot_product_attention`` of (B, heads, N, d) queries over (B, heads, L, d) keys/values,
+    in fp32 for reduced-precision inputs of N x L <= ``FP32_ATTENTION_MAX`` on a CPU (see above)."""
+    if (q.device.type == "cpu" and q.dtype in (torch.bfloat16, torch.float16)
+            and q.shape[-2] * k.shape[-2] <= FP32_ATTENTION_MAX):
+        with torch.autocast("cpu", enabled=False):
+            out = F.scaled_dot_product_attention(q.float(), k.float(), v.float(), attn_mask=mask, is_causal=causal)
+        return out.to(q.dtype)
+    return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=causal)
+
+
 def group_norm(channels: int, eps: float = 1e-6, groups: int = 32) -> nn.GroupNorm:
     """GroupNorm with 32 groups where the width allows it (fewer for narrow test models)."""
     return nn.GroupNorm(math.gcd(groups, channels), channels, eps=eps, affine=True)
 
 
 class Attention(nn.Module):
-    """Multi-head attention through ``F.scaled_dot_product_attention``: self, cross and causal.
+    """Multi-head attention through ``F.scaled_dot_product_attention`` (:func:`attend`): self, cross, causal.
 
     Args:
         dim: width of the queries (and of the output).
@@ -71,7 +89,7 @@ class Attention(nn.Module):
             keep = context_mask.bool()
             keep = keep | ~keep.any(dim=-1, keepdim=True)  # an all-padding row would give NaN: attend to all
             mask = keep[:, None, None, :]
-        out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=causal)
+        out = attend(q, k, v, mask, causal)
         return self.to_out(rearrange(out, "b h n d -> b n (h d)"))
 
 

@@ -12,7 +12,8 @@ Classes (all with ``from_pretrained``, ``save_pretrained``, ``.to(device)`` and 
 - :class:`ClassToImage`: class labels (or names) -> class-conditional latent diffusion -> decoder.
   Both also take classifier guidance: ``classifier=``, ``classifier_labels=``, ``classifier_scale=``.
 - :class:`ImageToImage`, :class:`Inpaint`: an input image (and mask) as the starting point.
-- :class:`TokensToImage`: prompts -> autoregressive token prior -> VQ decoder, same call as TextToImage.
+- :class:`TokensToImage`: prompts -> token prior (AR or MaskGIT) -> VQ decoder, same call as TextToImage.
+  ImageToImage and Inpaint on a token prior give :class:`TokenImageToImage` and :class:`TokenInpaint`.
 - :func:`load_pipeline`: the right class for a directory, from its ``pipeline.json`` kind.
 
 The command line is ``python -m pipelines.generate RUN_OR_PIPELINE_DIR "a prompt" -n 4 -o grid.png``.
@@ -24,7 +25,8 @@ Modules:
   prompts (``as_prompts``, ``as_negatives``), class labels (``label_ids``) and image sizes (``check_size``).
 - ``pipelines.base``: the pipeline base class (loading by kind, ``.to``, precision), outputs, progress.
 - ``pipelines.latent``: what the diffusion pipelines share: sizes, conditions, classifier guidance, sampling.
-- ``pipelines.text_to_image``, ``pipelines.image_to_image``, ``pipelines.tokens_to_image``: the pipelines.
+- ``pipelines.text_to_image``, ``pipelines.image_to_image``, ``pipelines.tokens_to_image``,
+  ``pipelines.token_editing``: the pipelines.
 - ``pipelines.inputs``: user images and masks -> tensors (ImageToImage, Inpaint).
 - ``pipelines.loading``: ``load_pipeline`` (the class for a directory), ``pipeline_for`` (for a bundle).
 - ``pipelines.generate``: the command line; ``pipelines.demo``: train both stages briefly and render a grid.
@@ -33,6 +35,7 @@ from pipelines.base import Pipeline, PipelineKindError, PipelineOutput
 from pipelines.image_to_image import ImageToImage, Inpaint
 from pipelines.loading import load_pipeline
 from pipelines.text_to_image import ClassToImage, TextToImage
+from pipelines.token_editing import TokenImageToImage, TokenInpaint
 from pipelines.tokens_to_image import TokensToImage
 
 __all__ = [
@@ -43,6 +46,8 @@ __all__ = [
     "PipelineKindError",
     "PipelineOutput",
     "TextToImage",
+    "TokenImageToImage",
+    "TokenInpaint",
     "TokensToImage",
     "load_pipeline",
 ]

@@ -32,7 +32,7 @@ PipelineT = TypeVar("PipelineT", bound="Pipeline")
 CLASS_FOR_KIND = {
     "text_to_image": "TextToImage (or ImageToImage / Inpaint on the same directory; ClassToImage if its U-Net "
                      "is conditioned on class labels only)",
-    "tokens_to_image": "TokensToImage",
+    "tokens_to_image": "TokensToImage (or ImageToImage / Inpaint on the same directory)",
 }
 
 
@@ -73,11 +73,16 @@ class Pipeline:
 
     Attributes:
         kind: the ``pipeline.json`` kind this class runs.
+        variants: other kinds this class's ``from_pretrained`` and ``from_pipe`` accept, and the class they
+            give for each.
         model: the generator bundle (:class:`diffusion.latent_diffusion.LatentDiffusion` or
             :class:`prior.token_prior.TokenPrior`), which saves, loads and moves itself.
     """
 
     kind: ClassVar[str] = ""
+    # Another kind whose directories this class's name also loads, and the class that runs them (ImageToImage
+    # on a token prior gives the token editing pipeline, which takes the same call).
+    variants: ClassVar[dict[str, type[Pipeline]]] = {}
     model: Any
     requested_precision: str = "auto"
 
@@ -93,6 +98,8 @@ class Pipeline:
         """
         precision = check_name(precision)  # a misspelling fails before anything is loaded
         directory, kind, meta = resolve(path)
+        if kind != cls.kind and kind in cls.variants:
+            return cls.variants[kind].from_pretrained(directory, precision)  # type: ignore[return-value]
         if kind != cls.kind:
             raise PipelineKindError(
                 f"{directory / PIPELINE_FILE} holds a {kind!r} pipeline, which {cls.__name__} cannot run; load it "

@@ -3,6 +3,7 @@
     python -m pipelines.generate runs/emoji32_diffusion "dog face" "red apple" -n 4 --seed 0 -o grid.png
     python -m pipelines.generate runs/emoji32_diffusion "dog face" --init-image in.png --strength 0.6
     python -m pipelines.generate runs/emoji32_diffusion "dog face" --init-image in.png --mask mask.png
+    python -m pipelines.generate runs/emoji32_maskgit "dog face" --init-image in.png --mask mask.png   # tokens
     python -m pipelines.generate runs/shapes32_diffusion "a small circle" --guidance 1 \
         --classifier runs/shapes32_classifier --classifier-label red --classifier-scale 3
 
@@ -46,7 +47,6 @@ from pipelines.image_to_image import ImageToImage, Inpaint
 from pipelines.loading import load_pipeline
 from pipelines.options import GenerationOptions, check_options, options_from_call
 from pipelines.text_to_image import ClassToImage
-from pipelines.tokens_to_image import TokensToImage
 
 OPTION_FLAGS = {f.name: f.metadata["cli"] for f in dataclasses.fields(GenerationOptions) if f.metadata["cli"]}
 FLAG_TYPES = {"int": int, "float": float}  # by the first type of a field's annotation; anything else is a string
@@ -218,8 +218,8 @@ def load(args: argparse.Namespace) -> Pipeline:
     """The pipeline the arguments ask for: load_pipeline's class, or img2img / inpainting."""
     pipe = load_pipeline(args.path)
     if args.init_image:
-        if isinstance(pipe, (TokensToImage, ClassToImage)):
-            fail(f"--init-image needs a text-to-image diffusion pipeline, and {args.path} holds a "
+        if isinstance(pipe, ClassToImage):
+            fail(f"--init-image needs a text-to-image or token pipeline, and {args.path} holds a "
                  f"{type(pipe).__name__} pipeline")
         pipe = (Inpaint if args.mask else ImageToImage).from_pipe(pipe)
     return pipe.to(args.device)

@@ -10,6 +10,9 @@ checkpoint, several pipelines). The input is encoded to latents once; ``strength
 of the sampler's trajectory re-run from the noised input latents (0 returns the input, 1 keeps
 almost nothing of it). Inpainting keeps the unmasked latents exactly (they are put back into every
 x0 estimate), so outside the mask the result is the autoencoder's reconstruction of the input.
+
+On a token prior's directory (or pipeline), both give their token variants with the same call:
+:class:`pipelines.token_editing.TokenImageToImage` and :class:`~pipelines.token_editing.TokenInpaint`.
 """
 from __future__ import annotations
 
@@ -21,6 +24,7 @@ from pipelines.base import PipelineOutput
 from pipelines.inputs import ImageInput, image_batch, image_size, keep_mask, mask_batch
 from pipelines.latent import ChunkInputs, LatentPipeline, image_rows
 from pipelines.options import as_negatives, as_prompts
+from pipelines.token_editing import TokenImageToImage, TokenInpaint
 
 
 class ImageToImage(LatentPipeline):
@@ -28,6 +32,7 @@ class ImageToImage(LatentPipeline):
 
     roles = frozenset({"diffusion", "text", "image"})
     default_strength = 0.8
+    variants = {TokenImageToImage.kind: TokenImageToImage}
 
     @torch.no_grad()
     def __call__(self, prompt: str | list[str], image: ImageInput, **options: Any) -> PipelineOutput:
@@ -64,6 +69,7 @@ class Inpaint(LatentPipeline):
 
     roles = frozenset({"diffusion", "text", "image"})
     default_strength = 1.0
+    variants = {TokenInpaint.kind: TokenInpaint}
 
     @torch.no_grad()
     def __call__(self, prompt: str | list[str], image: ImageInput, mask_image: ImageInput,

@@ -98,7 +98,12 @@ class LatentPipeline(Pipeline):
     @classmethod
     def from_pipe(cls: type[LatentT], pipe: LatentPipeline) -> LatentT:
         """Another diffusion pipeline over the same components (no copy, no reload), e.g.
-        ``ImageToImage.from_pipe(text_to_image)``."""
+        ``ImageToImage.from_pipe(text_to_image)``; a token pipeline gives the class's token variant."""
+        if pipe.kind != cls.kind:
+            if pipe.kind not in cls.variants:
+                raise PipelineKindError(f"{cls.__name__}.from_pipe needs a diffusion pipeline, got "
+                                        f"{type(pipe).__name__}")
+            return cls.variants[pipe.kind].from_pipe(pipe)  # type: ignore[return-value]
         return cls(pipe.model)
 
     @classmethod

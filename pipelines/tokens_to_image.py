@@ -24,17 +24,17 @@ same way (:func:`prior.maskgit_sampling.draw_uniforms`).
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar, TypeVar
 
 import torch
 from einops import rearrange
 from torch import Tensor
 from tqdm.auto import tqdm
 
-from pipelines.base import Pipeline, PipelineOutput, to_output
+from pipelines.base import Pipeline, PipelineKindError, PipelineOutput, to_output
 from pipelines.latent import FLOAT_BYTES, autoencoder_activation_bytes, collect, image_rows, result_bytes
 from pipelines.options import (
     GenerationOptions,
@@ -53,7 +53,10 @@ from prior.sampling import draw_uniforms, sample_tokens
 from prior.token_prior import PIPELINE_KIND, TokenPrior
 from prior.transformer import Condition, Prefix
 
+TokensT = TypeVar("TokensT", bound="TokensToImage")
 SAMPLING_OPTIONS = ("guidance_tokens", "temperature", "top_k", "top_p")  # None: the pipeline's saved default
+# Token editing: (images, generator) -> the codes (images, N) and which of them to keep (images, N) bool.
+Edit = Callable[[int, torch.Generator | None], tuple[Tensor, Tensor]]
 
 
 class TokensToImage(Pipeline):
@@ -65,9 +68,20 @@ class TokensToImage(Pipeline):
     """
 
     kind = PIPELINE_KIND
+    roles: ClassVar[frozenset[str]] = frozenset({"tokens", "text"})  # see PipelineFacts
+    default_strength: ClassVar[float | None] = None  # what strength=None means (pipelines with an input image)
 
     def __init__(self, model: TokenPrior) -> None:
         self.model = model
+
+    @classmethod
+    def from_pipe(cls: type[TokensT], pipe: TokensToImage) -> TokensT:
+        """Another token pipeline over the same components (no copy, no reload), e.g.
+        ``TokenInpaint.from_pipe(tokens_to_image)``."""
+        if not isinstance(pipe, TokensToImage):
+            raise PipelineKindError(f"{cls.__name__}.from_pipe needs a token pipeline (TokensToImage), got "
+                                    f"{type(pipe).__name__}")
+        return cls(pipe.model)
 
     @classmethod
     def _load(cls, directory: Path) -> TokensToImage:
@@ -80,7 +94,7 @@ class TokensToImage(Pipeline):
 
     @property
     def facts(self) -> PipelineFacts:
-        return PipelineFacts(type(self).__name__, frozenset({"tokens", "text"}), self.default_guidance_scale)
+        return PipelineFacts(type(self).__name__, self.roles, self.default_guidance_scale, self.default_strength)
 
     @property
     def image_size(self) -> int:
@@ -119,35 +133,46 @@ class TokensToImage(Pipeline):
         run = self.options(options)
         self._check_size(run)
         given, negatives = self._conditions(prompt, class_labels, run.negative_prompt)
+        return self.generate(run, given, negatives, "prompt" if class_labels is None else "class_labels")
+
+    def generate(self, run: GenerationOptions, given: list[str] | Tensor, negatives: list[str] | None, name: str,
+                 edit: Edit | None = None) -> PipelineOutput:
+        """Sample and decode the images of checked conditions ``chunk_size`` at a time (``name``: what the
+        conditions were given as, for the memory error); ``edit`` gives each chunk's tokens to keep."""
         times, count = run.num_images_per_prompt, len(given) * run.num_images_per_prompt
         check_memory(run, self.image_cost(run), count, (self.image_size, self.image_size), self.device,
-                     ("prompt" if class_labels is None else "class_labels", len(given)))
-        uniforms = self._uniforms(run, count)
+                     (name, len(given)))
+        generator = run.make_generator()
+        uniforms = self._uniforms(run, count, generator)
+        keep = None if edit is None else edit(count, generator)
         chunks = [range(start, min(start + run.chunk_size, count)) for start in range(0, count, run.chunk_size)]
         images = None
         with self._token_progress(run.progress, len(chunks), run):
             for rows in chunks:
                 cond, uncond = self._prefixes(given, negatives, rows, times)
+                kept = {} if keep is None else dict(given=keep[0][rows.start:rows.stop],
+                                                    fixed=keep[1][rows.start:rows.stop])
                 with self.autocast():
-                    tokens = self._sample(cond, uncond, uniforms, rows, run)
+                    tokens = self._sample(cond, uncond, uniforms, rows, run, kept)
                 images = collect(images, self._finish(tokens, run.output_type), rows, count)
         return PipelineOutput(images)
 
-    def _uniforms(self, run: GenerationOptions, count: int) -> Tensor:
+    def _uniforms(self, run: GenerationOptions, count: int, generator: torch.Generator | None) -> Tensor:
         """Every uniform the sampler of this prior's kind takes for ``count`` images, drawn up front."""
         tokens = self.model.prior.config.num_tokens
         if self.model.kind == "maskgit":
-            return draw_maskgit_uniforms(run.num_inference_steps, count, tokens, run.make_generator())
-        return draw_uniforms(tokens, count, run.make_generator())
+            return draw_maskgit_uniforms(run.num_inference_steps, count, tokens, generator)
+        return draw_uniforms(tokens, count, generator)
 
     def _sample(self, cond: Prefix, uncond: Prefix | None, uniforms: Tensor, rows: range,
-                run: GenerationOptions) -> Tensor:
-        """The tokens (B, N) of output images ``rows``, by the sampler of this prior's kind."""
+                run: GenerationOptions, kept: dict[str, Tensor]) -> Tensor:
+        """The tokens (B, N) of output images ``rows``, by the sampler of this prior's kind (``kept``: the
+        sampler's ``given`` and ``fixed`` tokens, or nothing)."""
         if self.model.kind == "maskgit":
             return sample_maskgit(self.model.prior, cond, uncond, uniforms=uniforms[:, :, rows.start:rows.stop],
-                                  **self._maskgit_settings(run))
+                                  **self._maskgit_settings(run), **kept)
         return sample_tokens(self.model.prior, cond, uncond, uniforms=uniforms[:, rows.start:rows.stop],
-                             **self._settings(run))
+                             **self._settings(run), **kept)
 
     def _finish(self, tokens: Tensor, output_type: str) -> list | Tensor:
         """One chunk's tokens (B, N) -> its images of ``output_type`` ("latent": the code indices (B, h, w))."""

@@ -21,7 +21,7 @@ from typing import Protocol
 import torch
 from torch import Tensor
 
-from prior.sampling import draw, filter_logits
+from prior.sampling import check_fixed, draw, filter_logits
 from prior.transformer import Prefix, PriorConfig
 
 
@@ -127,14 +127,9 @@ def sample_maskgit(model: TokenModel, cond: Prefix, uncond: Prefix | None = None
     batch, count, device = cond.embeddings.shape[0], model.config.num_tokens, cond.embeddings.device
     mask_id = model.config.codebook_size
     tokens = torch.full((batch, count), mask_id, dtype=torch.long, device=device)
-    if (given is None) != (fixed is None):
-        raise ValueError("give both `given` (B, N) codes and `fixed` (B, N) bool, or neither")
-    if fixed is not None:
-        if tuple(fixed.shape) != (batch, count) or tuple(given.shape) != (batch, count):
-            raise ValueError(f"given and fixed must have shape ({batch}, {count}), got "
-                             f"{tuple(given.shape)} and {tuple(fixed.shape)}")
-        fixed = fixed.to(device).bool()
-        tokens = torch.where(fixed, given.to(device).long(), tokens)
+    keep = check_fixed(given, fixed, batch, count, device)
+    if keep is not None:
+        tokens = torch.where(keep[1], keep[0], tokens)
     if uniforms is None:
         uniforms = draw_uniforms(steps, batch, count, generator)
     elif tuple(uniforms.shape) != (steps, 2, batch, count):

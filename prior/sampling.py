@@ -106,6 +106,20 @@ def draw(logits: Tensor, generator: torch.Generator | None = None, uniform: Tens
     return torch.minimum(index, last)
 
 
+def check_fixed(given: Tensor | None, fixed: Tensor | None, batch: int, count: int,
+                device: torch.device) -> tuple[Tensor, Tensor] | None:
+    """The tokens to keep of a sampler call, checked: (given codes (B, N) int64, fixed (B, N) bool) on
+    ``device``, or None when neither is given."""
+    if (given is None) != (fixed is None):
+        raise ValueError("give both `given` (B, N) codes and `fixed` (B, N) bool, or neither")
+    if fixed is None:
+        return None
+    if tuple(fixed.shape) != (batch, count) or tuple(given.shape) != (batch, count):
+        raise ValueError(f"given and fixed must have shape ({batch}, {count}), got "
+                         f"{tuple(given.shape)} and {tuple(fixed.shape)}")
+    return given.to(device).long(), fixed.to(device).bool()
+
+
 class _Stepper:
     """Next-token logits for the growing sequence, with the static cache or by full recomputation."""
 
@@ -138,7 +152,7 @@ class _Stepper:
 def sample_tokens(model: GPT, cond: Prefix, uncond: Prefix | None = None, *, guidance: float = 1.0,
                   guidance_tokens: int = 0, temperature: float = 1.0, top_k: int = 0, top_p: float = 1.0,
                   generator: torch.Generator | None = None, uniforms: Tensor | None = None,
-                  use_cache: bool = True) -> Tensor:
+                  given: Tensor | None = None, fixed: Tensor | None = None, use_cache: bool = True) -> Tensor:
     """Sample N code indices per row, one token at a time.
 
     With guidance, the conditional and unconditional rows run as one batch [cond; uncond] (one
@@ -155,10 +169,14 @@ def sample_tokens(model: GPT, cond: Prefix, uncond: Prefix | None = None, *, gui
         temperature, top_k, top_p: see :func:`filter_logits`.
         generator: the only source of randomness.
         uniforms: instead of ``generator``, the (N, B) uniforms of :func:`draw_uniforms`, drawn up front.
+        given: (B, N) codes, read where ``fixed`` is True; fixed: (B, N) bool, the tokens to keep. A fixed
+            token is fed instead of a draw (its uniform is unused), so every free token is sampled given
+            the tokens before it in raster order, as taming's completion does; the ones after it are
+            not seen by that draw.
         use_cache: False recomputes the whole sequence each step (same results, quadratic cost).
 
     Returns:
-        (B, N) int64 code indices in raster order.
+        (B, N) int64 code indices in raster order; equal to ``given`` wherever ``fixed``.
     """
     if not math.isfinite(guidance):
         raise ValueError(f"guidance must be a finite number (1 = no guidance), got {guidance}")
@@ -167,6 +185,9 @@ def sample_tokens(model: GPT, cond: Prefix, uncond: Prefix | None = None, *, gui
     batch, count = cond.embeddings.shape[0], model.config.num_tokens
     if uniforms is not None and tuple(uniforms.shape) != (count, batch):
         raise ValueError(f"uniforms must have shape ({count}, {batch}) (tokens, rows), got {tuple(uniforms.shape)}")
+    keep = check_fixed(given, fixed, batch, count, cond.embeddings.device)
+    if keep is not None and bool(keep[1].all()):
+        return keep[0].clone()  # nothing to sample: N forward passes would only feed the given tokens
     guided = uncond is not None and guidance != 1.0
     stepper = _Stepper(model, Prefix.cat(cond, uncond) if guided else cond, use_cache)
     stop = guidance_tokens if guidance_tokens > 0 else count
@@ -181,6 +202,8 @@ def sample_tokens(model: GPT, cond: Prefix, uncond: Prefix | None = None, *, gui
                 stepper.keep_rows(batch)
         tokens[:, index] = draw(filter_logits(logits, temperature, top_k, top_p), generator,
                                 None if uniforms is None else uniforms[index])
+        if keep is not None:
+            tokens[:, index] = torch.where(keep[1][:, index], keep[0][:, index], tokens[:, index])
         if index + 1 < count:
             token = tokens[:, index]
             logits = stepper.next(torch.cat([token, token]) if guided else token, index)

@@ -21,13 +21,12 @@ from dataclasses import dataclass
 from typing import ClassVar, Literal, NamedTuple
 
 import torch
-import torch.nn.functional as F
 from einops import rearrange
 from torch import Tensor, nn
 
 from common.component_check import over_limits
 from common.config import ConfigError
-from common.layers import Attention, maybe_checkpoint
+from common.layers import Attention, attend, maybe_checkpoint
 
 COMPONENT_KIND = "prior"
 
@@ -205,7 +204,7 @@ def causal_attention(attn: Attention, x: Tensor, start: int, key_valid: Tensor |
         mask = mask[None, None] if key_valid is None else mask[None, None] & key_valid[:, None, None, :end]
     else:
         is_causal = length > 1  # one query at the newest position sees every cached key
-    out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=is_causal)
+    out = attend(q, k, v, mask, is_causal)
     return attn.to_out(rearrange(out, "b h t d -> b t (h d)"))
 
 

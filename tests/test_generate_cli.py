@@ -80,7 +80,7 @@ def test_bad_arguments_print_one_error_line_and_exit_2(dirs, capsys, args, messa
 
 
 @pytest.mark.parametrize("run_dir, args, message", [
-    ("prior", ["a dog", "--init-image", "{tmp}/in.png"], "needs a text-to-image diffusion pipeline"),
+    ("class", ["circle", "--init-image", "{tmp}/in.png"], "needs a text-to-image or token pipeline"),
     ("class", ["a dog"], "'a dog' is not a class of this pipeline; valid names: circle, square, triangle"),
     ("{tmp}/nowhere", ["a dog"], "path {tmp}/nowhere does not exist"),
     ("{tmp}", ["a dog"], "is neither a pipeline directory nor a run directory with pipeline/pipeline.json; train one"),

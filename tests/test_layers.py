@@ -4,6 +4,7 @@ import math
 
 import pytest
 import torch
+import torch.nn.functional as F
 
 from common.layers import Attention, Downsample, ResBlock, SpatialSelfAttention, Upsample, timestep_embedding
 
@@ -85,3 +86,21 @@ def test_fully_masked_context_row_stays_finite():
     attn = Attention(8, context_dim=8, heads=2)
     out = attn(torch.randn(2, 3, 8), torch.randn(2, 4, 8), torch.tensor([[False] * 4, [True, False, False, False]]))
     assert torch.isfinite(out).all()
+
+
+def test_short_reduced_precision_attention_runs_in_fp32_on_cpu():
+    """attend() computes short bf16 attention on a CPU with the fp32 kernel (3-8x faster there, see
+    common.layers) and returns bf16; long sequences keep the bf16 kernel."""
+    from common.layers import FP32_ATTENTION_MAX, attend
+
+    generator = torch.Generator().manual_seed(0)
+    q, k, v = (torch.randn(2, 4, 16, 8, generator=generator).bfloat16() for _ in range(3))
+    mask = torch.rand(2, 1, 1, 16, generator=generator) > 0.3
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = attend(q, k, v, mask)
+    reference = F.scaled_dot_product_attention(q.float(), k.float(), v.float(), attn_mask=mask)
+    assert out.dtype == torch.bfloat16 and torch.equal(out, reference.bfloat16())
+    long = int(FP32_ATTENTION_MAX ** 0.5) + 1
+    q = torch.randn(1, 1, long, 8, generator=generator).bfloat16()
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        assert torch.equal(attend(q, q, q, causal=True), F.scaled_dot_product_attention(q, q, q, is_causal=True))

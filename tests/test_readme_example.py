@@ -34,5 +34,5 @@ def test_readme_python_api_example_runs(tmp_path, monkeypatch):
     assert (tmp_path / "dog.png").is_file()
     assert len(namespace["result"].images) == 4 and len(namespace["tokens_result"].images) == 4
     assert tuple(namespace["batch"].shape) == (1, 3, 16, 16)
-    assert namespace["filled"].size == namespace["variation"].size == (16, 16)
+    assert namespace["filled"].size == namespace["variation"].size == namespace["token_filled"].size == (16, 16)
     assert type(namespace["same"]).__name__ == "TextToImage"
