@@ -190,7 +190,7 @@ class TokensToImage(Pipeline):
         """
         config, size = self.model.prior.config, self.image_size
         rows = 1 if run.guidance_scale == 1.0 else 2
-        cache = FLOAT_BYTES * 2 * config.depth * (config.text_tokens + config.num_tokens) * config.width
+        cache = FLOAT_BYTES * 2 * config.depth * (config.prefix_len + config.num_tokens) * config.width
         logits = FLOAT_BYTES * 6 * config.codebook_size
         if self.model.kind == "maskgit":
             length = config.prefix_len + config.num_tokens

@@ -26,7 +26,7 @@ from torch.utils.data import DataLoader, Dataset
 
 from autoencoder.model import VQGAN, Autoencoder
 from common.checkpoint import CONFIG_FILE, WEIGHTS_FILE, CheckpointError, atomic_write
-from common.config import to_dict
+from common.config import ConfigError, to_dict
 from common.data import DataConfig, build_dataset
 from prior.text import TextEncoderConfig, fit_length, load_text_encoder
 
@@ -43,12 +43,22 @@ class TokensConfig:
         cache_dir: directory of the token caches (one file per autoencoder x data x text setting).
         batch_size: images per encoder batch during extraction.
         num_workers: data loader processes during extraction (decoding a large folder is the slow part).
+        caption_templates: phrasings of each caption that a text prior also trains on, one drawn per item
+            and step with the caption itself ("{}" is the caption: "a {}", "{} emoji"). A prior trained
+            on one phrasing per glyph learns its captions by heart and fails on "a dog" for "dog".
     """
 
     autoencoder: str = "runs/autoencoder/autoencoder"
     cache_dir: str = "runs/token_cache"
     batch_size: int = 256
     num_workers: int = 0
+    caption_templates: tuple[str, ...] = ()
+
+    def __post_init__(self) -> None:
+        bad = [t for t in self.caption_templates if not isinstance(t, str) or t.count("{}") != 1]
+        if bad:
+            raise ConfigError(f"tokens.caption_templates: each template needs exactly one {{}} (the caption), "
+                              f"got {bad}")
 
 
 class TokenData(NamedTuple):
@@ -57,9 +67,10 @@ class TokenData(NamedTuple):
     tokens: Tensor          # (M, N) int64 code indices
     labels: Tensor          # (M,) int64 dataset labels
     caption_ids: Tensor     # (M,) int64 index into ``captions``
-    captions: list[str]     # U unique captions, in first-seen order
-    text_states: Tensor | None  # (U, L, D) float32, zero at padding; None without text
+    captions: list[str]     # U unique captions, in first-seen order, then each template's phrasings of them
+    text_states: Tensor | None  # (U (1 + templates), L, D) float32, zero at padding; None without text
     text_mask: Tensor | None    # (U, L) bool
+    variants: Tensor | None = None  # (U, 1 + templates) ids of each caption's phrasings; None: no templates
 
     @property
     def num_classes(self) -> int:
@@ -102,7 +113,7 @@ def data_fingerprint(dataset: Dataset, items: int = 4) -> str:
 
 
 def cache_key(autoencoder_dir: str | Path, data: DataConfig, text: TextEncoderConfig | None,
-              fingerprint: str = "") -> str:
+              fingerprint: str = "", templates: tuple[str, ...] = ()) -> str:
     """A hex digest of the autoencoder (weights + config), the data (config + fingerprint) and the text settings."""
     directory = Path(autoencoder_dir)
     digest = hashlib.sha256()
@@ -116,6 +127,8 @@ def cache_key(autoencoder_dir: str | Path, data: DataConfig, text: TextEncoderCo
                 digest.update(chunk)
     settings = {"format": CACHE_FORMAT, "data": to_dict(data), "fingerprint": fingerprint,
                 "text": to_dict(text) if text is not None else None}
+    if templates:  # only then, so the caches built before templates existed keep their keys
+        settings["templates"] = list(templates)
     digest.update(json.dumps(settings, sort_keys=True).encode())
     return digest.hexdigest()[:20]
 
@@ -148,7 +161,8 @@ def load_or_build_tokens(config: TokensConfig, data: DataConfig, text: TextEncod
     # must draw the same random numbers afterwards as one that finds it (exact resume).
     with torch.random.fork_rng(devices=[]):
         dataset = build_dataset(data)
-        key = cache_key(config.autoencoder, data, text, data_fingerprint(dataset))
+        templates = config.caption_templates if text is not None else ()
+        key = cache_key(config.autoencoder, data, text, data_fingerprint(dataset), templates)
         path = Path(config.cache_dir) / f"tokens-{key}.safetensors"
         if not path.is_file():
             build_token_cache(path, config, dataset, text, device)
@@ -170,6 +184,11 @@ def build_token_cache(path: Path, config: TokensConfig, dataset: Dataset, text: 
     tensors = {"tokens": tokens, "labels": labels,
                "caption_ids": torch.tensor([ids[c] for c in item_captions], dtype=torch.long)}
     if text is not None:
+        unique = len(captions)
+        captions += [template.format(caption) for template in config.caption_templates for caption in captions]
+        if config.caption_templates:
+            phrasings = 1 + len(config.caption_templates)
+            tensors["variants"] = (torch.arange(unique)[:, None] + unique * torch.arange(phrasings)[None]).contiguous()
         encoder = load_text_encoder(text, device)
         parts = [encoder.encode(captions[i:i + 256]) for i in range(0, len(captions), 256)]
         longest = max(part.states.shape[1] for part in parts)
@@ -186,4 +205,5 @@ def read_token_cache(path: str | Path) -> TokenData:
         captions = json.loads(handle.metadata()["captions"])
     tensors = load_file(str(path))
     return TokenData(tokens=tensors["tokens"].long(), labels=tensors["labels"], caption_ids=tensors["caption_ids"],
-                     captions=captions, text_states=tensors.get("text_states"), text_mask=tensors.get("text_mask"))
+                     captions=captions, text_states=tensors.get("text_states"), text_mask=tensors.get("text_mask"),
+                     variants=tensors.get("variants"))

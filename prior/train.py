@@ -90,6 +90,8 @@ def batch_condition(batch: dict, data: TokenData, kind: str) -> Condition:
         return Condition(labels=batch["label"])
     if kind == "text":
         ids = batch["caption"].to(data.text_states.device)
+        if data.variants is not None:  # one phrasing per item, from the global RNG (checkpointed: exact resume)
+            ids = data.variants.to(ids.device)[ids, torch.randint(data.variants.shape[1], ids.shape, device=ids.device)]
         return Condition(states=data.text_states[ids], mask=data.text_mask[ids])
     return Condition()
 

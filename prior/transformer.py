@@ -6,10 +6,11 @@ width, K codebook size, D text width.
 
 The sequence is ``[prefix_1 .. prefix_P, token_1 .. token_{N-1}]``; the output at position
 ``P - 1 + t`` is the distribution of image token t. The prefix is a class embedding (P = 1), projected
-text states followed by a learned start slot (P = ``text_tokens + 1``; padding slots are masked out
-of every attention, and token 0 is read from the start slot, which is never padding) or, for an
-unconditional prior, a learned start embedding. The null condition of classifier-free guidance is a
-learned embedding: class id 0 for class priors, ``null_text`` in the first slot for text priors.
+text states (and, with ``pooled_text``, their masked mean) followed by a learned start slot
+(P = ``text_tokens + 1``, one more when pooled; padding slots are masked out of every attention, and
+token 0 is read from the start slot, which is never padding) or, for an unconditional prior, a learned
+start embedding. The null condition of classifier-free guidance is a learned embedding: class id 0 for
+class priors, ``null_text`` in the first slot for text priors.
 
     model = GPT(PriorConfig(codebook_size=1024, grid_size=8, condition="class", num_classes=10))
     logits = model(tokens[:, :-1], Condition(labels=labels))       # (B, N, K)
@@ -43,6 +44,9 @@ class PriorConfig:
         num_classes: number of classes for "class" (the null condition is one more embedding).
         text_dim: D, width of the text encoder's states, for "text".
         text_tokens: text slots for "text": text states are cut or padded to this many (P = text_tokens + 1).
+        pooled_text: for "text", one more prefix slot holding the prompt's masked mean state (P = text_tokens
+            + 2): what a sentence encoder such as MiniLM is trained to output, so prompts that differ in
+            small words ("a dog", "dog") give nearly the same slot, where their token states differ.
         width, depth, heads: W, number of blocks, attention heads (W % heads == 0).
         mlp_ratio: hidden width of the MLP as a multiple of W.
         dropout: dropout on the embeddings and on each residual branch during training.
@@ -58,6 +62,7 @@ class PriorConfig:
     num_classes: int = 0
     text_dim: int = 0
     text_tokens: int = 16
+    pooled_text: bool = False  # off by default, so config.json files saved before it load unchanged
     width: int = 256
     depth: int = 6
     heads: int = 8
@@ -85,9 +90,14 @@ class PriorConfig:
             raise ConfigError("invalid PriorConfig: " + "; ".join(problems))
 
     @property
+    def text_slots(self) -> int:
+        """The prefix slots before the start slot of a text prior: the text tokens, and the pooled slot."""
+        return self.text_tokens + int(self.pooled_text) if self.condition == "text" else 0
+
+    @property
     def prefix_len(self) -> int:
         """P, the number of condition slots before the image tokens."""
-        return self.text_tokens + 1 if self.condition == "text" else 1
+        return self.text_slots + 1
 
     @property
     def num_tokens(self) -> int:
@@ -110,6 +120,8 @@ class PriorConfig:
             problems.append("condition 'class' needs num_classes >= 1")
         if self.condition == "text" and (self.text_dim < 1 or self.text_tokens < 1):
             problems.append("condition 'text' needs text_dim >= 1 and text_tokens >= 1")
+        if self.pooled_text and self.condition != "text":
+            problems.append(f"pooled_text needs condition 'text', got {self.condition!r}")
         if problems:
             raise ConfigError("invalid PriorConfig: " + "; ".join(problems))
 
@@ -246,6 +258,7 @@ class GPT(nn.Module):
             self.text_proj = nn.Linear(config.text_dim, width)
             self.null_text = nn.Parameter(torch.zeros(1, width))
             self.text_start = nn.Parameter(torch.zeros(1, width))  # reads out token 0 whatever the padding
+            self.pooled_proj = nn.Linear(config.text_dim, width) if config.pooled_text else None
         else:  # id 0 is the null condition (or, for "none", the start token); class c has id c + 1
             self.class_embedding = nn.Embedding(config.num_classes + 1 if config.condition == "class" else 1, width)
         self.drop = nn.Dropout(config.dropout)
@@ -286,6 +299,11 @@ class GPT(nn.Module):
             raise ValueError(f"text states have {cond.states.shape[1]} slots, the prior expects "
                              f"{self.config.text_tokens}; cut or pad them with prior.text.fit_length")
         embeddings, valid = self.text_proj(cond.states), cond.mask.bool()
+        if self.pooled_proj is not None:
+            weights = valid[..., None].to(cond.states.dtype)
+            pooled = (cond.states * weights).sum(dim=1) / weights.sum(dim=1).clamp(min=1)
+            embeddings = torch.cat([embeddings, self.pooled_proj(pooled)[:, None].to(embeddings.dtype)], dim=1)
+            valid = torch.cat([valid, valid.new_ones(len(valid), 1)], dim=1)
         if drop is not None:
             null = self.null_prefix(len(drop))
             embeddings = torch.where(drop[:, None, None], null.embeddings[:, :-1].to(embeddings.dtype), embeddings)
@@ -293,7 +311,7 @@ class GPT(nn.Module):
         return self._with_start(embeddings, valid)
 
     def _with_start(self, embeddings: Tensor, valid: Tensor) -> Prefix:
-        """Append the start slot to text slots (B, text_tokens, W) -> Prefix (B, P, W)."""
+        """Append the start slot to text slots (B, text_slots, W) -> Prefix (B, P, W)."""
         start = self.text_start.to(embeddings.dtype).expand(embeddings.shape[0], 1, -1)
         return Prefix(torch.cat([embeddings, start], dim=1), torch.cat([valid, valid.new_ones(len(valid), 1)], dim=1))
 
@@ -302,7 +320,7 @@ class GPT(nn.Module):
         device = self.position_embedding.device
         if self.config.condition != "text":
             return Prefix(self.class_embedding(torch.zeros(batch, 1, dtype=torch.long, device=device)), None)
-        slots = self.config.text_tokens
+        slots = self.config.text_slots  # null_text in the first; the others (and the pooled slot) are padding
         embeddings = torch.cat([self.null_text.expand(batch, 1, -1),
                                 self.null_text.new_zeros(batch, slots - 1, self.config.width)], dim=1)
         valid = torch.zeros(batch, slots, dtype=torch.bool, device=device)

@@ -149,3 +149,24 @@ def test_loss_config_rejects_probabilities_outside_zero_one():
     for bad in ({"pkeep": 1.5}, {"pkeep": -0.1}, {"cond_drop": 2.0}):
         with pytest.raises(ConfigError, match=next(iter(bad))):
             from_dict(LossConfig, bad)
+
+
+def test_pooled_text_slot_holds_the_prompts_masked_mean():
+    """pooled_text adds one prefix slot: the projected masked mean of the prompt's states, blind to padding,
+    masked out in the null condition, and kept by the cache like every other slot."""
+    model = tiny("text", pooled_text=True)
+    assert model.config.prefix_len == SLOTS + 2
+    cond = condition("text")
+    prefix = model.prefix(cond)
+    weights = cond.mask[..., None].float()
+    expected = model.pooled_proj((cond.states * weights).sum(dim=1) / weights.sum(dim=1))
+    torch.testing.assert_close(prefix.embeddings[:, SLOTS], expected)
+    assert prefix.valid[:, SLOTS].all() and not model.null_prefix(3).valid[:, SLOTS].any()
+    idx = torch.randint(0, K, (3, 7), generator=torch.Generator().manual_seed(4))
+    noisy = cond.states + 5.0 * torch.randn_like(cond.states) * ~cond.mask[..., None]
+    torch.testing.assert_close(model(idx, cond._replace(states=noisy)), model(idx, cond), rtol=0, atol=1e-6)
+    assert (model(idx, cond) - cached_logits(model, cond, idx)).abs().max() <= 1e-5
+    drop = torch.tensor([True, False, True])
+    torch.testing.assert_close(model(idx, cond, drop)[drop], model.logits(model.null_prefix(3), idx)[drop])
+    with pytest.raises(ConfigError, match="pooled_text needs condition 'text'"):
+        tiny("class", pooled_text=True)

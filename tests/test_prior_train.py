@@ -14,6 +14,7 @@ import yaml
 from autoencoder.model import VQGAN, AutoencoderConfig
 from autoencoder.quantizer import QuantizerConfig
 from common.data import DataConfig, shapes
+from common.text_encoder import TextEncoderConfig
 from common.training import read_metrics
 from pipelines import TokensToImage
 from prior.token_cache import TokensConfig, load_or_build_tokens
@@ -112,3 +113,32 @@ def test_bad_override_fails_before_training(autoencoder_dir, tmp_path):
                             env={**os.environ, "PYTHONPATH": str(ROOT)}, capture_output=True, text=True, timeout=120)
     assert result.returncode != 0 and "Did you mean 'pkeep'" in result.stderr
     assert not (tmp_path / "cache").exists()
+
+
+def test_caption_templates_add_phrasings_that_training_draws_from(autoencoder_dir, tmp_path):
+    """tokens.caption_templates: each caption is also encoded in every template's phrasing, and a text batch's
+    condition is one of its caption's phrasings, drawn per item (so "a dog" is trained as well as "dog")."""
+    from common.config import ConfigError
+    from prior.train import batch_condition
+    from tiny import make_tiny_text_encoder
+
+    text = TextEncoderConfig(name_or_path=str(make_tiny_text_encoder(tmp_path / "text")))
+    data = DataConfig(name="shapes", resolution=16, size=24)
+    plain = load_or_build_tokens(TokensConfig(autoencoder=str(autoencoder_dir), cache_dir=str(tmp_path)), data, text)
+    config = TokensConfig(autoencoder=str(autoencoder_dir), cache_dir=str(tmp_path), caption_templates=("a {}",))
+    templated = load_or_build_tokens(config, data, text)
+    unique = len(plain.captions)
+    assert plain.variants is None and len(list(tmp_path.glob("tokens-*"))) == 2, "templates are another cache"
+    assert templated.captions == plain.captions + [f"a {c}" for c in plain.captions]
+    assert templated.variants.tolist() == [[i, i + unique] for i in range(unique)]
+    length = plain.text_states.shape[1]  # the templated phrasings are longer: the originals get more padding
+    torch.testing.assert_close(templated.text_states[:unique, :length], plain.text_states)
+    assert not templated.text_states[:unique, length:].any()
+    batch = {"caption": templated.caption_ids[:16], "label": templated.labels[:16]}
+    torch.manual_seed(0)
+    states = batch_condition(batch, templated, "text").states
+    rows = [[templated.text_states[v] for v in templated.variants[c]] for c in batch["caption"].tolist()]
+    chosen = [next(k for k, s in enumerate(row) if torch.equal(s, states[i])) for i, row in enumerate(rows)]
+    assert set(chosen) == {0, 1}, "both phrasings are drawn"
+    with pytest.raises(ConfigError, match="exactly one"):
+        TokensConfig(caption_templates=("a dog",))
