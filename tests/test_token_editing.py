@@ -17,7 +17,7 @@ from prior.maskgit import MaskGIT
 from prior.sampling import SamplingConfig, sample_tokens
 from prior.token_prior import TokenPrior
 from prior.transformer import GPT, Condition, PriorConfig
-from tiny import build_pipelines, make_tiny_autoencoder, make_tiny_text_encoder
+from tiny import build_pipelines, make_tiny_autoencoder, make_tiny_text_encoder, perturbed
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 SIZE, GRID, N = 16, 8, 64  # the tiny f=2 autoencoder: 16 px images, an 8 x 8 token grid
@@ -25,11 +25,7 @@ SIZE, GRID, N = 16, 8, 64  # the tiny f=2 autoencoder: 16 px images, an 8 x 8 to
 
 def shaken(model: GPT, seed: int) -> GPT:
     """A random prior whose logits depend on its inputs (the N(0, 0.02) init is almost uniform)."""
-    torch.manual_seed(seed)
-    with torch.no_grad():
-        for parameter in model.parameters():
-            parameter.add_(0.3 * torch.randn_like(parameter))
-    return model.eval()
+    return perturbed(model, seed, scale=0.3)
 
 
 @pytest.fixture(scope="module")

@@ -11,7 +11,7 @@ import dataclasses
 import shutil
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import torch
 from accelerate.state import AcceleratorState
@@ -80,13 +80,17 @@ def tiny_unet_config(code_dim: int = 4, context_dim: int = 32) -> UNetConfig:
                       attention_levels=(False, True), layers_per_block=1, head_dim=8, context_dim=context_dim)
 
 
-def perturbed(unet: UNet, seed: int) -> UNet:
-    """A fresh U-Net's zero-initialised output layer predicts 0 whatever its inputs; shake it."""
+ModelT = TypeVar("ModelT", bound=torch.nn.Module)
+
+
+def perturbed(model: ModelT, seed: int, scale: float = 0.05) -> ModelT:
+    """A fresh U-Net's zero-initialised output layer predicts 0 whatever its inputs (and a fresh prior's
+    N(0, 0.02) weights give near-uniform logits); shake every weight by ``scale`` N(0, 1)."""
     torch.manual_seed(seed)
     with torch.no_grad():
-        for parameter in unet.parameters():
-            parameter.add_(0.05 * torch.randn_like(parameter))
-    return unet.eval()
+        for parameter in model.parameters():
+            parameter.add_(scale * torch.randn_like(parameter))
+    return model.eval()
 
 
 def make_tiny_pipeline(root: Path, seed: int = 0) -> LatentDiffusion:
