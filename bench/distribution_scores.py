@@ -6,7 +6,9 @@
 Prints one JSON object: SWD (always; no pretrained network), FID and KID when Inception weights are given
 (``--inception FILE`` or ``$LATENTGEN_INCEPTION_WEIGHTS``), and the same scores for a copy-the-training-set
 baseline: the training images against the held-out split (emoji, shapes) or against the folder's other
-half. A generator cannot be expected to score below that floor with this many images.
+half. A generator cannot be expected to score below that floor with this many images. For a pipeline, the
+``stage1_floor`` scores those baseline images after a round trip through its autoencoder: what any generator
+that decodes through it can reach.
 
 Pipelines are prompted with the captions of randomly chosen training images (class pipelines with their
 labels), ``--batch`` at a time, seeds ``seed + i``. Every record says its counts, resize, extractor,
@@ -92,6 +94,17 @@ def generate(pipe, reference: dict, count: int, seed: int, batch: int) -> Tensor
     return torch.cat(out).float() * 2 - 1
 
 
+@torch.no_grad()
+def reconstructions(pipe, images: Tensor, batch: int) -> Tensor:
+    """``images`` (B, 3, H, W) in [-1, 1] through the pipeline's autoencoder (a KL one at its posterior mean):
+    the best any generator that decodes through it can draw."""
+    autoencoder = pipe.model.autoencoder
+    device = next(autoencoder.parameters()).device
+    options = {"sample": False} if autoencoder.config.kind == "kl" else {}
+    parts = [autoencoder(part.to(device), **options).recon.float().clamp(-1, 1).cpu() for part in images.split(batch)]
+    return torch.cat(parts)
+
+
 def load_folder(path: Path, resolution: int, count: int, seed: int) -> Tensor:
     data = build_dataset(DataConfig(name="folder", path=str(path), resolution=resolution))
     return stack(data, choose(len(data), count, seed))[0]
@@ -142,6 +155,10 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         "scores": scores(generated, real, args.seed, extractor, real_features),
         "baseline": {"what": f"{floor['name']} against {reference['name']} (copy-the-training-set floor)",
                      "scores": scores(floor["images"], real, args.seed, extractor, real_features)},
+        **({"stage1_floor": {
+            "what": f"{floor['name']} reconstructed by the pipeline's autoencoder against {reference['name']}",
+            "scores": scores(reconstructions(pipe, floor["images"], args.batch), real, args.seed, extractor,
+                             real_features)}} if pipe is not None and drawn_at is None else {}),
         "seconds": round(time.perf_counter() - started, 1),
         "command": shlex.join(["python", "-m", "bench.distribution_scores", *args.argv]),
     }

@@ -118,6 +118,7 @@ def test_command_scores_a_folder_with_its_baseline(folder, monkeypatch, capsys):
     swd = report["scores"]["swd"]
     assert swd["counts"] == [8, 8] and swd["weights_sha256"] == "none" and swd["score"] > 0
     assert "heldout" in report["baseline"]["what"] and report["command"].startswith("python -m bench.distribution")
+    assert "stage1_floor" not in report, "a folder has no autoencoder to reconstruct through"
 
     stand_in = InceptionFeatures(nn.Sequential(nn.AdaptiveAvgPool2d(2), nn.Flatten(), nn.Linear(12, 12)), "ab" * 32,
                                  "stand-in")
@@ -136,3 +137,6 @@ def test_command_scores_a_pipeline(tmp_path, monkeypatch):
     make_tiny_pipeline(tmp_path / "parts").save_pretrained(tmp_path / "run" / "pipeline")
     report = bench(str(tmp_path / "run"), "--reference", "shapes", "--count", "4", "--batch", "2")
     assert report["source"] == "pipeline" and report["scores"]["swd"]["counts"] == [4, 4]
+    floor, baseline = report["stage1_floor"]["scores"]["swd"], report["baseline"]["scores"]["swd"]
+    assert "reconstructed by the pipeline's autoencoder" in report["stage1_floor"]["what"]
+    assert floor["counts"] == baseline["counts"] and floor["score"] != baseline["score"]
