@@ -98,9 +98,9 @@ class Pipeline:
         """
         precision = check_name(precision)  # a misspelling fails before anything is loaded
         directory, kind, meta = resolve(path)
-        if kind != cls.kind and kind in cls.variants:
-            return cls.variants[kind].from_pretrained(directory, precision)  # type: ignore[return-value]
         if kind != cls.kind:
+            if kind in cls.variants:
+                return cls.variants[kind].from_pretrained(directory, precision)  # type: ignore[return-value]
             raise PipelineKindError(
                 f"{directory / PIPELINE_FILE} holds a {kind!r} pipeline, which {cls.__name__} cannot run; load it "
                 f"with {CLASS_FOR_KIND.get(kind, 'no pipeline class (unknown kind)')}, or pipelines.load_pipeline()")

@@ -77,10 +77,10 @@ class TokenImageToImage(TokensToImage):
         if mask_image is None:
             return codes, torch.ones_like(codes, dtype=torch.bool)
         masks = mask_batch(mask_image, prompts, image_size(image), run.height, run.width)
-        region = keep_mask(masks, self.model.autoencoder.downsample_factor).flatten(1) == 0
+        region = (keep_mask(masks, self.model.autoencoder.downsample_factor).flatten(1) == 0).to(self.device)
         if region.shape[0] != codes.shape[0]:  # one mask for several images, or one image for several masks
             region, codes = torch.broadcast_tensors(region, codes)
-        return codes, region.to(self.device)
+        return codes, region
 
     def _regeneration_order(self, count: int, generator: torch.Generator | None) -> Tensor:
         """(count, N) keys, lowest first, of which region tokens are regenerated: random for MaskGIT (drawn

@@ -91,7 +91,7 @@ def batch_condition(batch: dict, data: TokenData, kind: str) -> Condition:
     if kind == "text":
         ids = batch["caption"].to(data.text_states.device)
         if data.variants is not None:  # one phrasing per item, from the global RNG (checkpointed: exact resume)
-            ids = data.variants.to(ids.device)[ids, torch.randint(data.variants.shape[1], ids.shape, device=ids.device)]
+            ids = data.variants[ids, torch.randint(data.variants.shape[1], ids.shape, device=ids.device)]
         return Condition(states=data.text_states[ids], mask=data.text_mask[ids])
     return Condition()
 
@@ -148,7 +148,9 @@ def main(argv: list[str] | None = None) -> None:
     cfg = dataclasses.replace(cfg, model=resolve_model_config(cfg.model, data, autoencoder.config.codebook_size))
     if data.text_states is not None:  # cut or pad the cached states to the prior's text slots, once
         states, mask = fit_length(data.text_states, data.text_mask, cfg.model.text_tokens)
-        data = data._replace(text_states=states.to(accelerator.device), text_mask=mask.to(accelerator.device))
+        variants = data.variants.to(accelerator.device) if data.variants is not None else None
+        data = data._replace(text_states=states.to(accelerator.device), text_mask=mask.to(accelerator.device),
+                             variants=variants)
 
     model = build_prior(cfg.model).train()
     opt, sched = training.make_optimizer(parameter_groups(model, cfg.optim.weight_decay), cfg.optim)
