@@ -36,6 +36,7 @@ PROFILES: dict[str, dict[str, Any]] = {
         "vq_minutes": 0.5,
         "sweep": {"prompts": 8, "samples": 2, "steps": 20, "diffusion": "0,2,4", "prior": "0,1.5,3"},
         "samplers": {"prompts": 8, "samples": 2, "steps": (5, 10, 20), "ddpm_steps": 100},
+        "distribution": {"count": 32, "batch": 32},
     },
     "full": {
         "autoencoder_vs_taming": {"batch": 8, "resolution": 64, "repeats": 10, "warmup": 2},
@@ -50,6 +51,7 @@ PROFILES: dict[str, dict[str, Any]] = {
         "sweep": {"prompts": 32, "samples": 4, "steps": 20, "diffusion": "0,1,2,4,8", "prior": "0,1,1.5,2,4"},
         # 16 prompts, not 32: DDPM makes 1000 guided U-Net calls per batch
         "samplers": {"prompts": 16, "samples": 2, "steps": (5, 10, 20, 50), "ddpm_steps": 1000},
+        "distribution": {"count": 500, "batch": 64},
     },
 }
 
@@ -267,3 +269,17 @@ def autoencoder_quality(ctx: Context, path: str) -> dict:
     result = bench.run(path, minutes, device=ctx.device, echo=ctx.log)
     argv = [path, *(["--minutes", str(minutes)] if minutes else []), f"--device={ctx.device}", *ctx.threads_flag()]
     return {**result, "command": shlex.join(["python", "-m", "bench.vqmodel_equal_time", *argv])}
+
+
+def distribution_scores(ctx: Context, path: str) -> dict:
+    """``python -m bench.distribution_scores PATH --reference emoji`` through its ``run`` function."""
+    from bench import distribution_scores as bench
+
+    settings = ctx.profile["distribution"]
+    argv = [path, "--reference", "emoji", "--count", str(settings["count"]), "--batch", str(settings["batch"]),
+            f"--device={ctx.device}"]
+    args = bench.parser().parse_args(argv)
+    args.argv = argv
+    result = bench.run(args)
+    prefix = f"OMP_NUM_THREADS={ctx.args.threads} " if ctx.args.threads else ""
+    return {**result, "command": prefix + result["command"]}

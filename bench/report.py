@@ -3,14 +3,16 @@
     python -m bench.report                                  # full settings (about 20 minutes on 2 cores)
     python -m bench.report --quick --out /tmp/bench_quick   # smoke settings (a few minutes)
     python -m bench.report --diffusion-run runs/shapes32_diffusion --prior-run runs/shapes32_quick_prior \\
-                           --autoencoder-run outputs/demo/autoencoder_run --threads 2
+                           --maskgit-run runs/shapes32_maskgit_prior --autoencoder-run outputs/demo/autoencoder_run \\
+                           --emoji-runs "diffusion=outputs/demo/pipeline,MaskGIT=runs/emoji32_maskgit_prior" --threads 2
 
 Run it from the repository root (the bench scripts read ``configs/``). Every number in the output is
 measured by this command: speed ratios against the peers (the ``bench/`` scripts), sampler steps
 against prompt accuracy, autoencoder quality against diffusers' ``VQModel`` at equal wall time,
-shapes prompt accuracy of both generators over a guidance sweep, and training curves from the runs'
-``metrics.jsonl``. The machine, the package versions (``common.environment``) and the command are
-recorded in the markdown; the raw results go to ``benchmarks.json`` beside it, under the same header.
+shapes prompt accuracy of the three generators (diffusion, AR, MaskGIT) over a guidance sweep, emoji
+distribution scores (``bench.distribution_scores``) and training curves from the runs' ``metrics.jsonl``.
+The machine, the package versions (``common.environment``) and the command are recorded in the
+markdown; the raw results go to ``benchmarks.json`` beside it, under the same header.
 A missing run directory skips its sections with the command that trains it; a measurement that fails
 is reported in the markdown and makes the exit status 1. The markdown is written atomically at the end.
 """
@@ -37,10 +39,15 @@ TRAIN = {  # markdown, with the run directory for {}
     "diffusion": STAGE_ONE + "`accelerate launch diffusion/train_latent.py configs/diffusion/shapes32_quick.yaml "
                              "run.out_dir={}`",
     "prior": STAGE_ONE + "`accelerate launch prior/train.py configs/prior/shapes32_quick.yaml run.out_dir={}`",
+    "maskgit": STAGE_ONE + "`accelerate launch prior/train.py configs/prior/shapes32_maskgit.yaml run.out_dir={}`",
+    "emoji": "`make demo` (diffusion: `outputs/demo/pipeline`), then `accelerate launch prior/train.py "
+             "configs/prior/emoji32_quick.yaml tokens.autoencoder=outputs/demo/autoencoder_run run.out_dir={}` "
+             "(or `emoji32_maskgit.yaml`)",
     "autoencoder": "`accelerate launch autoencoder/train.py configs/autoencoder/emoji32_quick.yaml run.out_dir={}` "
                    "(`make demo` trains `outputs/demo/autoencoder_run`)",
 }
-SECTIONS = ("speed", "samplers", "autoencoder", "shapes", "curves")
+SECTIONS = ("speed", "samplers", "autoencoder", "shapes", "distribution", "curves")
+EMOJI_RUNS = "diffusion=outputs/demo/pipeline,AR prior=runs/emoji32_quick_prior,MaskGIT=runs/emoji32_maskgit_prior"
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -49,6 +56,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--out", default="docs", help="folder for BENCHMARKS.md, the PNGs and benchmarks.json")
     parser.add_argument("--diffusion-run", default="runs/shapes32_diffusion", help="shapes latent diffusion run")
     parser.add_argument("--prior-run", default="runs/shapes32_quick_prior", help="shapes AR prior run")
+    parser.add_argument("--maskgit-run", default="runs/shapes32_maskgit_prior", help="shapes MaskGIT prior run")
+    parser.add_argument("--emoji-runs", default=EMOJI_RUNS,
+                        help="NAME=PATH,...: emoji generators (pipelines or runs) for the distribution scores")
     parser.add_argument("--autoencoder-run", default="outputs/demo/autoencoder_run", help="emoji VQ autoencoder run")
     parser.add_argument("--vq-minutes", type=float, default=None,
                         help="VQModel training minutes (default: the autoencoder run's recorded time; --quick: 0.5)")
@@ -174,27 +184,68 @@ def shapes_section(report: Report) -> dict[str, list[dict]]:
                      "The fraction of generated images whose colour, shape and position the analytic shapes "
                      "scorer finds right, on the fixed evaluation prompts; diversity is the mean pairwise RMS "
                      f"distance among the samples of one prompt ({ctx.machine_tag}).", ""]
+    trained = {}
     for kind, path, title in (("diffusion", ctx.args.diffusion_run, "latent diffusion"),
-                              ("prior", ctx.args.prior_run, "AR prior")):
+                              ("prior", ctx.args.prior_run, "AR prior"), ("maskgit", ctx.args.maskgit_run, "MaskGIT")):
         if report.missing(kind, path, "pipeline"):
             continue
-        result = report.attempt(f"{kind} guidance sweep", lambda: measure.guidance_sweep(ctx, kind, path))
+        evaluator = "diffusion" if kind == "diffusion" else "prior"
+        result = report.attempt(f"{title} guidance sweep", lambda: measure.guidance_sweep(ctx, evaluator, path))
         if result:
             sweeps[title] = result["results"]
+            trained[title] = training(path)
             report.lines += [f"### {title[0].upper() + title[1:]}: `{path}`", "",
                              f"Command: {code(result['command'])}", ""]
             report.lines += table(["guidance", "accuracy", "colour", "shape", "position", "size", "diversity",
                                    "s / image"], [sweep_row(r) for r in result["results"]])
     if sweeps:
         report.lines += ["### Best guidance", ""]
-        report.lines += table(["generator", "best guidance", "accuracy", "diversity", "prompts x samples"],
-                              [[name, best(results)["guidance"], percent(best(results)["accuracy"]),
+        report.lines += ["Training as logged in each run's `metrics.jsonl` (by the machine that trained it).", ""]
+        report.lines += table(["generator", "training", "best guidance", "accuracy", "diversity", "prompts x samples"],
+                              [[name, trained[name], best(results)["guidance"], percent(best(results)["accuracy"]),
                                 f"{best(results)['diversity']:.3f}",
                                 f"{results[0]['prompts']} x {results[0]['samples_per_prompt']}"]
                                for name, results in sweeps.items()])
         figure = plots.guidance_sweep(sweeps, ctx.out / "guidance_sweep.png")
         report.lines += [f"![guidance sweep]({figure.name})", ""]
     return sweeps
+
+
+def training(path: str) -> str:
+    """A run's steps and minutes from its metrics log (a bare pipeline directory has none)."""
+    if not measure.run_has(path, "metrics.jsonl"):
+        return "not logged"
+    summary = measure.training_curve(path)[1]
+    return f"{summary['steps']:,} steps in {summary['minutes']:.1f} min"
+
+
+def distribution_section(report: Report) -> None:
+    """Emoji distribution scores (SWD) of each generator, with the copy-the-training-set and stage-1 floors."""
+    ctx, rows, commands = report.ctx, [], []
+    report.lines += ["## Emoji distribution scores", "",
+                     "Sliced Wasserstein distance on Laplacian-pyramid patches (lower is closer; no pretrained "
+                     "network), generated images against emoji training images prompted with their captions. "
+                     "Baseline: held-out emoji against the same training images. Stage-1 floor: those held-out "
+                     "images after a round trip through the generator's autoencoder. Within stage 1: generated "
+                     "images against the training images after that round trip, floor in brackets: it ranks "
+                     f"generators that share one autoencoder ({ctx.machine_tag}).", ""]
+    for item in ctx.args.emoji_runs.split(","):
+        name, _, path = item.partition("=")
+        if report.missing("emoji", path, "pipeline"):
+            continue
+        result = report.attempt(f"{name} distribution scores", lambda: measure.distribution_scores(ctx, path))
+        if result:
+            within = result["within_stage1"]
+            swd = [scores["swd"]["score"] for scores in (result["scores"], result["baseline"]["scores"],
+                                                        result["stage1_floor"]["scores"], within["scores"],
+                                                        within["floor"])]
+            rows.append([name, f"`{path}`", training(path), *(f"{v:.1f}" for v in swd[:3]),
+                         f"{swd[3]:.1f} ({swd[4]:.1f})", result["scores"]["swd"]["counts"][0]])
+            commands.append(f"- {name}: {code(result['command'])}")
+    if rows:
+        report.lines += table(["generator", "directory", "training", "SWD", "baseline", "stage-1 floor",
+                               "within stage 1 (floor)", "images"], rows)
+        report.lines += ["Commands:", "", *commands, ""]
 
 
 def sweep_row(r: dict) -> list[Any]:
@@ -265,7 +316,7 @@ def curves_section(report: Report) -> None:
     rows = []
     for kind, path, title in (("autoencoder", ctx.args.autoencoder_run, "autoencoder"),
                               ("diffusion", ctx.args.diffusion_run, "latent diffusion"),
-                              ("prior", ctx.args.prior_run, "AR prior")):
+                              ("prior", ctx.args.prior_run, "AR prior"), ("maskgit", ctx.args.maskgit_run, "MaskGIT")):
         if report.missing(kind, path, "metrics.jsonl"):
             continue
         series, summary = measure.training_curve(path)
@@ -350,6 +401,7 @@ def main(argv: list[str] | None = None) -> int:
     sweeps = section("shapes", lambda: shapes_section(report)) or {}
     section("samplers", lambda: samplers_section(report, sweeps))
     section("autoencoder", lambda: autoencoder_section(report))
+    section("distribution", lambda: distribution_section(report))
     section("curves", lambda: curves_section(report))
     report.lines = [line for name in SECTIONS for line in parts[name]]
     finished = {"load_end": os.getloadavg()[0], "busy_end": measure.other_busy_cores(), "minutes": ctx.elapsed() / 60,

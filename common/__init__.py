@@ -6,6 +6,7 @@
 - ``common.integrity``: the hash of a component's weights, recorded in ``config.json`` and checked on load.
 - ``common.layers``: the shared layers: attention, ResBlock, resampling, timestep embeddings.
 - ``common.text_encoder``: the frozen Hugging Face text encoder: prompts -> token states and a padding mask.
+- ``common.captions``: caption templates: several phrasings of each training caption, one drawn per step.
 - ``common.data``: the built-in datasets (shapes, emoji, an image folder) behind one interface.
 - ``common.images``: PIL images <-> (3, H, W) tensors in [-1, 1], and image grids.
 - ``common.metrics``: image-quality metrics (PSNR, SSIM) on (B, 3, H, W) tensors in [-1, 1].

@@ -7,7 +7,8 @@ Stage-2 training never runs the encoder: each item is encoded once into
   latents of unit variance (Rombach et al. 2022, §4.3.2);
 - its caption id: captions repeat a lot (shapes has 324 distinct ones, emoji about 1.2k), so each
   UNIQUE caption is encoded once, plus the empty caption "" (id 0), the null condition of
-  classifier-free guidance;
+  classifier-free guidance, and with caption templates each caption's phrasings
+  (:mod:`common.captions`), of which training draws one per item and step;
 - its label.
 
 A cache for a U-Net without text (class-only) is built with ``text=None``: it stores the captions but
@@ -37,6 +38,7 @@ from torch.utils.data import DataLoader, Dataset
 from tqdm import tqdm
 
 from autoencoder.model import VQGAN, Autoencoder
+from common.captions import add_phrasings, draw_phrasings
 from common.checkpoint import CONFIG_FILE, WEIGHTS_FILE, atomic_write
 from common.config import to_dict
 from common.data import DataConfig, build_dataset
@@ -98,16 +100,17 @@ class LatentCache(Dataset):
         text_mask: (U, L) bool, True for real tokens; None without text.
         latent_scale: the factor the latents were multiplied by.
         directory: where the cache lives on disk (None if it was never saved).
+        variants: (U, 1 + templates) caption ids of each caption's phrasings; None without caption templates.
     """
 
     def __init__(self, latents: Tensor, caption_ids: Tensor, labels: Tensor, captions: list[str],
                  text_states: Tensor | None, text_mask: Tensor | None, latent_scale: float,
-                 directory: Path | None = None) -> None:
+                 directory: Path | None = None, variants: Tensor | None = None) -> None:
         if captions[NULL_ID] != NULL_CAPTION:
             raise ValueError(f"caption {NULL_ID} of a latent cache must be the empty (null) caption")
         self.latents, self.caption_ids, self.labels = latents, caption_ids, labels
         self.captions, self.text_states, self.text_mask = captions, text_states, text_mask
-        self.latent_scale, self.directory = float(latent_scale), directory
+        self.latent_scale, self.directory, self.variants = float(latent_scale), directory, variants
 
     def __len__(self) -> int:
         return self.latents.shape[0]
@@ -127,11 +130,17 @@ class LatentCache(Dataset):
         """Move the (small) text tables to ``device``, where training gathers from them; returns self."""
         if self.text_states is not None:
             self.text_states, self.text_mask = self.text_states.to(device), self.text_mask.to(device)
+        if self.variants is not None:
+            self.variants = self.variants.to(device)
         return self
+
+    def phrasings(self, caption_ids: Tensor) -> Tensor:
+        """One phrasing of each caption id (B,), drawn from the global RNG; the ids without caption templates."""
+        return draw_phrasings(caption_ids, self.variants)
 
 
 def cache_key(autoencoder_dir: str | Path, data: DataConfig, text: TextEncoderConfig | None,
-              dataset: Dataset | None = None) -> str:
+              dataset: Dataset | None = None, templates: tuple[str, ...] = ()) -> str:
     """A hex digest of everything the cached tensors depend on.
 
     The data config alone does not pin the images down (the procedural generator or the font may
@@ -152,6 +161,8 @@ def cache_key(autoencoder_dir: str | Path, data: DataConfig, text: TextEncoderCo
             package = "missing"
     inputs = {"format": CACHE_FORMAT, "autoencoder_config": json.loads((autoencoder_dir / CONFIG_FILE).read_text()),
               "data": to_dict(data), "text": to_dict(text) if text is not None else None, "text_package": package}
+    if templates:  # only then, so that the caches built before templates existed keep their keys
+        inputs["templates"] = list(templates)
     digest.update(json.dumps(inputs, sort_keys=True).encode())
     return digest.hexdigest()
 
@@ -170,7 +181,7 @@ def dataset_fingerprint(dataset: Dataset, probes: int = 4) -> str:
 def load_or_build_cache(autoencoder_path: str | Path, data: DataConfig, text: TextEncoderConfig | None,
                         cache_root: str | Path, *, autoencoder: Autoencoder | None = None,
                         text_encoder: TextEncoder | None = None, device: torch.device | str = "cpu",
-                        batch_size: int = 64, progress: bool = False) -> LatentCache:
+                        batch_size: int = 64, progress: bool = False, templates: tuple[str, ...] = ()) -> LatentCache:
     """Return the cache for these inputs, encoding and saving it first if it does not exist yet.
 
     Args:
@@ -183,10 +194,12 @@ def load_or_build_cache(autoencoder_path: str | Path, data: DataConfig, text: Te
         device: where to encode.
         batch_size: images per encoder call.
         progress: show a progress bar while encoding.
+        templates: caption templates (:mod:`common.captions`) whose phrasings are encoded too; ignored without text.
     """
     autoencoder_dir = resolve_autoencoder_dir(autoencoder_path)
     dataset = build_dataset(data)
-    key = cache_key(autoencoder_dir, data, text, dataset)
+    templates = tuple(templates) if text is not None else ()
+    key = cache_key(autoencoder_dir, data, text, dataset, templates)
     directory = Path(cache_root) / key[:20]
     if (directory / META_FILE).is_file():
         return load_cache(directory)
@@ -197,17 +210,18 @@ def load_or_build_cache(autoencoder_path: str | Path, data: DataConfig, text: Te
     elif text_encoder is None:
         text_encoder = TextEncoder(text)
     cache = encode_dataset(dataset, autoencoder.to(device).eval(),
-                           text_encoder.to(device) if text_encoder is not None else None, batch_size, progress)
+                           text_encoder.to(device) if text_encoder is not None else None, batch_size, progress,
+                           templates)
     save_cache(cache, directory, {"key": key, "autoencoder": str(autoencoder_dir), "data": to_dict(data),
-                                  "text": to_dict(text) if text is not None else None})
+                                  "text": to_dict(text) if text is not None else None, "templates": list(templates)})
     cache.directory = directory
     return cache
 
 
 def encode_dataset(dataset: Dataset, autoencoder: Autoencoder, text_encoder: TextEncoder | None,
-                   batch_size: int = 64, progress: bool = False) -> LatentCache:
-    """Encode every item of ``dataset`` (images in batches, each distinct caption once unless
-    ``text_encoder`` is None) on the models' device."""
+                   batch_size: int = 64, progress: bool = False, templates: tuple[str, ...] = ()) -> LatentCache:
+    """Encode every item of ``dataset`` (images in batches, each distinct caption and its ``templates``' phrasings
+    once unless ``text_encoder`` is None) on the models' device."""
     device = next(autoencoder.parameters()).device
     latents, labels, captions = [], [], []
     # its own generator: starting a loader draws a seed, which must not move the global RNG
@@ -220,10 +234,11 @@ def encode_dataset(dataset: Dataset, autoencoder: Autoencoder, text_encoder: Tex
     scale = 1.0 / float(latents_all.double().std())
     unique = [NULL_CAPTION] + sorted(set(captions) - {NULL_CAPTION})
     index = {caption: i for i, caption in enumerate(unique)}
-    text = encode_captions(text_encoder, unique) if text_encoder is not None else None
+    texts, variants = add_phrasings(unique, templates if text_encoder is not None else ())
+    text = encode_captions(text_encoder, texts) if text_encoder is not None else None
     return LatentCache((latents_all * scale).float(), torch.tensor([index[c] for c in captions], dtype=torch.long),
-                       torch.cat(labels), unique, text.states.cpu() if text is not None else None,
-                       text.mask.cpu() if text is not None else None, scale)
+                       torch.cat(labels), texts, text.states.cpu() if text is not None else None,
+                       text.mask.cpu() if text is not None else None, scale, variants=variants)
 
 
 def encode_captions(text_encoder: TextEncoder, captions: list[str], chunk: int = 256) -> TextEmbedding:
@@ -252,6 +267,8 @@ def save_cache(cache: LatentCache, directory: str | Path, inputs: dict) -> Path:
                "labels": cache.labels.contiguous()}
     if cache.text_states is not None:  # a cache for a U-Net without text has none
         tensors.update(text_states=cache.text_states.contiguous(), text_mask=cache.text_mask.contiguous())
+    if cache.variants is not None:
+        tensors["variants"] = cache.variants.contiguous()
     meta = {"format_version": CACHE_FORMAT, "latent_scale": cache.latent_scale, "count": len(cache),
             "latent_shape": list(cache.latents.shape[1:]), "captions": cache.captions, "inputs": inputs}
     atomic_write(directory / TENSORS_FILE, lambda tmp: save_file(tensors, str(tmp)))
@@ -270,4 +287,4 @@ def load_cache(directory: str | Path) -> LatentCache:
     mask = tensors.get("text_mask")
     return LatentCache(tensors["latents"], tensors["caption_ids"], tensors["labels"], meta["captions"],
                        tensors.get("text_states"), mask.bool() if mask is not None else None, meta["latent_scale"],
-                       directory)
+                       directory, tensors.get("variants"))

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+from common.captions import check_templates
 from common.data import DataConfig
 from common.text_encoder import TextEncoderConfig
 from common.training import OptimConfig, RunConfig
@@ -44,6 +45,8 @@ class TrainConfig:
         ``context_dim: 0`` for a U-Net without text, which then needs ``num_classes`` (the number of
         dataset labels).
     text: the text encoder; unused (never loaded) when ``model.context_dim`` is 0.
+    caption_templates: phrasings of each caption to train on as well, one drawn per item and step
+        (``["a {}", "{} emoji"]``; :mod:`common.captions`): a model that saw only "dog" fails on "a dog".
     """
 
     autoencoder: str = "runs/shapes32_quick"
@@ -55,3 +58,7 @@ class TrainConfig:
     data: DataConfig = field(default_factory=DataConfig)
     run: RunConfig = field(default_factory=lambda: RunConfig(out_dir="runs/diffusion"))
     sample: SampleConfig = field(default_factory=SampleConfig)
+    caption_templates: tuple[str, ...] = ()
+
+    def __post_init__(self) -> None:
+        check_templates(self.caption_templates, "caption_templates")

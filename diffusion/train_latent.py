@@ -103,7 +103,7 @@ def drop_conditions(caption_ids: Tensor | None, labels: Tensor | None, prob: flo
 
 def train_step(batch: dict, unet, cache: LatentCache, pipe: LatentDiffusion, cfg: TrainConfig, opt, accelerator):
     """One denoising update with condition dropout; returns (loss, whether it was finite, grad norm or None)."""
-    ids, labels = drop_conditions(batch["caption_id"] if cfg.model.context_dim else None,
+    ids, labels = drop_conditions(cache.phrasings(batch["caption_id"]) if cfg.model.context_dim else None,
                                   batch["label"] if cfg.model.num_classes else None, cfg.diffusion.cond_drop_prob)
     text = cache.text(ids) if ids is not None else None
     loss = training_loss(unet, pipe.schedule, cfg.diffusion, batch["latent"], text, labels).mean()
@@ -162,7 +162,7 @@ def main(argv: list[str] | None = None) -> None:
         text_config = cfg.text if text_encoder is not None else None  # class-only: a cache without text
         cache = load_or_build_cache(autoencoder_dir, cfg.data, text_config, cfg.cache_dir, autoencoder=autoencoder,
                                     text_encoder=text_encoder, device=device,
-                                    progress=cfg.run.progress and main_process)
+                                    progress=cfg.run.progress and main_process, templates=cfg.caption_templates)
     cache.text_to(device)
     accelerator.print(f"latent cache: {len(cache)} items, {len(cache.captions)} captions, latents "
                       f"{tuple(cache.latents.shape[1:])}, latent_scale {cache.latent_scale:.4f} ({cache.directory})")

@@ -25,8 +25,9 @@ from torch import Tensor
 from torch.utils.data import DataLoader, Dataset
 
 from autoencoder.model import VQGAN, Autoencoder
+from common.captions import add_phrasings, check_templates
 from common.checkpoint import CONFIG_FILE, WEIGHTS_FILE, CheckpointError, atomic_write
-from common.config import ConfigError, to_dict
+from common.config import to_dict
 from common.data import DataConfig, build_dataset
 from prior.text import TextEncoderConfig, fit_length, load_text_encoder
 
@@ -55,10 +56,7 @@ class TokensConfig:
     caption_templates: tuple[str, ...] = ()
 
     def __post_init__(self) -> None:
-        bad = [t for t in self.caption_templates if not isinstance(t, str) or t.count("{}") != 1]
-        if bad:
-            raise ConfigError(f"tokens.caption_templates: each template needs exactly one {{}} (the caption), "
-                              f"got {bad}")
+        check_templates(self.caption_templates, "tokens.caption_templates")
 
 
 class TokenData(NamedTuple):
@@ -184,11 +182,9 @@ def build_token_cache(path: Path, config: TokensConfig, dataset: Dataset, text: 
     tensors = {"tokens": tokens, "labels": labels,
                "caption_ids": torch.tensor([ids[c] for c in item_captions], dtype=torch.long)}
     if text is not None:
-        unique = len(captions)
-        captions += [template.format(caption) for template in config.caption_templates for caption in captions]
-        if config.caption_templates:
-            phrasings = 1 + len(config.caption_templates)
-            tensors["variants"] = (torch.arange(unique)[:, None] + unique * torch.arange(phrasings)[None]).contiguous()
+        captions, variants = add_phrasings(captions, config.caption_templates)
+        if variants is not None:
+            tensors["variants"] = variants
         encoder = load_text_encoder(text, device)
         parts = [encoder.encode(captions[i:i + 256]) for i in range(0, len(captions), 256)]
         longest = max(part.states.shape[1] for part in parts)

@@ -20,6 +20,7 @@ import torch
 
 from autoencoder.model import Autoencoder
 from common import training
+from common.captions import draw_phrasings
 from common.config import ConfigError
 from common.data import DataConfig
 from common.ema import EMA
@@ -89,9 +90,7 @@ def batch_condition(batch: dict, data: TokenData, kind: str) -> Condition:
     if kind == "class":
         return Condition(labels=batch["label"])
     if kind == "text":
-        ids = batch["caption"].to(data.text_states.device)
-        if data.variants is not None:  # one phrasing per item, from the global RNG (checkpointed: exact resume)
-            ids = data.variants[ids, torch.randint(data.variants.shape[1], ids.shape, device=ids.device)]
+        ids = draw_phrasings(batch["caption"].to(data.text_states.device), data.variants)
         return Condition(states=data.text_states[ids], mask=data.text_mask[ids])
     return Condition()
 

@@ -51,6 +51,11 @@ STUBS = {
         "vqmodel": {**autoencoder_scores(2000, 15.0),
                     "curve": [{"step": 1, "seconds": 1.0, "loss": 1.0, "rec": 0.9},
                               {"step": 50, "seconds": 20.0, "loss": 0.5, "rec": 0.4}]}},
+    "distribution_scores": lambda ctx, path: {
+        "command": f"python -m bench.distribution_scores {path}",
+        "scores": {"swd": {"score": 120.0, "counts": [32, 32]}}, "baseline": {"scores": {"swd": {"score": 30.0}}},
+        "stage1_floor": {"scores": {"swd": {"score": 125.0}}},
+        "within_stage1": {"scores": {"swd": {"score": 60.0}}, "floor": {"swd": {"score": 20.0}}}},
 }
 
 
@@ -75,7 +80,8 @@ def runs(tmp_path, monkeypatch) -> list[str]:
         monkeypatch.setattr(measure, name, stub)
     return ["--diffusion-run", make_run(tmp_path / "diffusion", pipeline=True),
             "--autoencoder-run", make_run(tmp_path / "ae", autoencoder=True),
-            "--prior-run", str(tmp_path / "no_prior")]
+            "--prior-run", str(tmp_path / "no_prior"), "--maskgit-run", make_run(tmp_path / "maskgit", pipeline=True),
+            "--emoji-runs", f"diffusion={tmp_path / 'diffusion'},MaskGIT={tmp_path / 'no_emoji_maskgit'}"]
 
 
 def test_quick_report_has_every_section_and_figure(runs, tmp_path):
@@ -84,12 +90,18 @@ def test_quick_report_has_every_section_and_figure(runs, tmp_path):
     text = (out / "BENCHMARKS.md").read_text()
     for heading in ("# Benchmarks", "## Speed against the peers", "## Sampler steps vs quality",
                     "## Autoencoder quality vs diffusers VQModel at equal wall time",
-                    "## Shapes prompt accuracy per generator", "## Training curves", "**Machine:**", "**Command:**"):
+                    "## Shapes prompt accuracy per generator", "## Training curves", "**Machine:**", "**Command:**",
+                    "## Emoji distribution scores", "### MaskGIT: "):
         assert heading in text
     assert "python -m bench.report --quick" in text and "--quick**: smoke-test" in text
     assert "| VQ-GAN vs taming-transformers | training step fp32" in text and "2.00x" in text
     assert "12.00x" in text and "5.00x" in text  # prior sampling and latent caching ratios
     assert "guidance 2.0 (the sweep's best)" in text  # ties go to the more diverse setting
+    # one table for every generator on the shapes stage 1, with the training each run logged
+    assert "| MaskGIT | 100 steps in 0.8 min | 2.0 | 75.0 % |" in text
+    scores = "| 100 steps in 0.8 min | 120.0 | 30.0 | 125.0 | 60.0 (20.0) | 32 |"
+    assert f"| diffusion | `{tmp_path / 'diffusion'}` {scores}" in text
+    assert f"`{tmp_path / 'no_emoji_maskgit'}` missing; train it with `make demo`" in text
     assert f"Not run: `{tmp_path / 'no_prior'}` missing; train it with `accelerate launch autoencoder/train.py" in text
     prior_command = "accelerate launch prior/train.py configs/prior/shapes32_quick.yaml run.out_dir="
     assert f"`{prior_command}{tmp_path / 'no_prior'}`" in text

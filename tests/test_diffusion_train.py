@@ -72,6 +72,22 @@ def test_resume_reproduces_the_uninterrupted_run(setup, capsys):
     assert all(torch.equal(unet_full[k], unet_split[k]) for k in unet_full), "EMA weights differ after resume"
 
 
+def test_caption_templates_train_and_resume_exactly(setup):
+    """A run with caption templates draws one phrasing per item and step from the checkpointed RNG: a resumed run
+    trains exactly like an uninterrupted one (its cache, with the phrasings, lives apart)."""
+    templated = ('caption_templates=["a {}", "{} please"]', f"cache_dir={setup / 'cache_templates'}")
+    train(setup, f"run.out_dir={setup / 'templates_full'}", "run.steps=4", *templated)
+    train(setup, f"run.out_dir={setup / 'templates_split'}", "run.steps=2", *templated)
+    train(setup, f"run.out_dir={setup / 'templates_split'}", "run.steps=4", *templated)
+    full = {m["step"]: m["loss"] for m in read_metrics(setup / "templates_full")}
+    split = {m["step"]: m["loss"] for m in read_metrics(setup / "templates_split")}
+    assert full[3] == split[3] and full[4] == split[4]
+    plain = {m["step"]: m["loss"] for m in read_metrics(setup / "full")}
+    assert full[2] != plain[2], "the phrasings change what the U-Net is conditioned on"
+    saved = yaml.safe_load((setup / "templates_full" / "config.yaml").read_text())
+    assert saved["caption_templates"] == ["a {}", "{} please"]
+
+
 def test_run_directory_is_complete_and_the_cache_is_shared(setup):
     run_dir = setup / "full"
     saved = yaml.safe_load((run_dir / "config.yaml").read_text())

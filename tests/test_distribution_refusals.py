@@ -140,3 +140,8 @@ def test_command_scores_a_pipeline(tmp_path, monkeypatch):
     floor, baseline = report["stage1_floor"]["scores"]["swd"], report["baseline"]["scores"]["swd"]
     assert "reconstructed by the pipeline's autoencoder" in report["stage1_floor"]["what"]
     assert floor["counts"] == baseline["counts"] and floor["score"] != baseline["score"]
+    within = report["within_stage1"]
+    assert within["scores"]["swd"]["counts"] == [4, 4] and within["floor"]["swd"]["counts"] == [4, 4]
+    # against the reconstructed training images, not the raw ones: both of its scores move
+    assert within["scores"]["swd"]["score"] != report["scores"]["swd"]["score"]
+    assert within["floor"]["swd"]["score"] != floor["score"]

@@ -90,3 +90,27 @@ def test_kl_autoencoder_caches_the_posterior_mean(tiny_parts, tmp_path):
     with torch.no_grad():
         mean = autoencoder.encode(images).mean
     torch.testing.assert_close(cache.latents, mean * cache.latent_scale, atol=1e-5, rtol=1e-5)
+
+
+def test_caption_templates_encode_phrasings_that_training_draws_from(tiny_parts):
+    """caption_templates: every caption is encoded in each phrasing too (another cache, saved and reloaded); the
+    null caption stays itself; ``phrasings`` draws one per item; without templates the ids pass unchanged."""
+    plain = build(tiny_parts)
+    templated = build(tiny_parts, templates=("a {}", "{} emoji"))
+    assert templated.directory != plain.directory and plain.variants is None
+    unique = len(plain.captions)
+    named = plain.captions[1:]
+    assert templated.captions == plain.captions + [f"a {c}" for c in named] + [f"{c} emoji" for c in named]
+    assert templated.variants[NULL_ID].tolist() == [NULL_ID] * 3, "the null condition has no phrasings"
+    assert [templated.captions[i] for i in templated.variants[1].tolist()] == [named[0], f"a {named[0]}",
+                                                                              f"{named[0]} emoji"]
+    assert torch.equal(load_cache(templated.directory).variants, templated.variants)
+    fresh = tiny_parts["text_encoder"].encode([f"a {named[0]}"])
+    cached = templated.text(torch.tensor([unique]))
+    torch.testing.assert_close(cached.states[:, :fresh.states.shape[1]], fresh.states, atol=1e-5, rtol=0)
+    ids = templated.caption_ids[:32]
+    torch.manual_seed(0)
+    drawn = templated.phrasings(ids)
+    assert all(d in templated.variants[i].tolist() for i, d in zip(ids.tolist(), drawn.tolist()))
+    assert len({int(d) for d in drawn}) > len({int(i) for i in ids}), "several phrasings are drawn"
+    assert torch.equal(plain.phrasings(ids), ids)
