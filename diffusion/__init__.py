@@ -13,6 +13,7 @@
 - ``diffusion.latent_diffusion``: the bundle (autoencoder + U-Net + text encoder or none + schedule) that
   saves and loads a pipeline directory; :mod:`pipelines` runs it.
 - ``diffusion.convert``: diffusers ``UNet2DConditionModel`` weights -> :class:`diffusion.unet.UNet`.
+- ``diffusion.stable_diffusion``: a diffusers Stable Diffusion folder read in place as the bundle.
 - ``diffusion.train_latent`` (its config: ``diffusion.train_config``) and ``diffusion.train_classifier``:
   the training scripts; ``diffusion.evaluate_shapes``: scores a shapes model.
 

@@ -159,7 +159,7 @@ class LatentDiffusion(nn.Module):
     def timesteps(self, steps: int, sampler: str) -> Tensor:
         """The sampling timesteps, in the style each sampler was matched to diffusers with."""
         style = "dpmsolver" if sampler == "dpmpp_2m" else "ddim"
-        return timesteps_for(self.schedule, steps, self.config.spacing, style=style)
+        return timesteps_for(self.schedule, steps, self.config.spacing, self.config.steps_offset, style=style)
 
     @torch.no_grad()
     def sample_latents(self, cond: TextEmbedding | None, uncond: TextEmbedding | None,
@@ -169,7 +169,7 @@ class LatentDiffusion(nn.Module):
                        known_latents: Tensor | None = None, class_labels: Tensor | None = None,
                        callback: Callback | None = None, classifier: NoisyLatentClassifier | None = None,
                        classifier_labels: Tensor | None = None, classifier_scale: float = 1.0,
-                       **sampler_options: Any) -> Tensor:
+                       noise: Tensor | None = None, **sampler_options: Any) -> Tensor:
         """Run a sampler from noise (or from noised ``init_latents``) to scaled latents (B, D, h, w).
 
         Args:
@@ -193,15 +193,20 @@ class LatentDiffusion(nn.Module):
                 moved to the U-Net's device. Works with any ``guidance``, text, classes or neither.
             classifier_labels: (B,) class ids of the classifier's attribute to steer towards.
             classifier_scale: the classifier guidance scale; 0 gives exactly the unguided samples.
+            noise: (B, D, h, w) start noise to use instead of a draw from ``generator`` (diffusers' ``latents=``).
             sampler_options: extra sampler options, e.g. ``eta`` for "ddim".
         """
         timesteps = self.timesteps(steps, sampler)
         device = self.device
+        if sampler == "ddim" and not self.config.set_alpha_to_one:  # Stable Diffusion's DDIM ends at t = 0
+            sampler_options.setdefault("final_alpha_bar", float(self.schedule.alpha_bar(0)))
         if init_latents is not None:
             if strength == 0:
                 return init_latents.to(device).clone()
             timesteps = img2img_timesteps(timesteps, strength)
-        x = torch.randn(shape, generator=generator, device=generator.device if generator else device).to(device)
+        if noise is None:
+            noise = torch.randn(shape, generator=generator, device=generator.device if generator else device)
+        x = noise.to(device, torch.float32)
         if init_latents is not None:  # SDEdit: noise the input to the first kept timestep
             start = torch.full((shape[0],), int(timesteps[0]), device=device)
             x = q_sample(self.schedule, init_latents.to(device).float(), start, x)

@@ -222,6 +222,9 @@ class DiffusionConfig(ScheduleConfig):
             pair the pipelines guide with: (class, "") and (null, prompt) each with probability p (1 - p),
             against (null, "") with p^2.
         spacing: how sampling picks its timesteps ("trailing" starts at T-1).
+        steps_offset: added to "leading" timesteps (diffusers' ``steps_offset``, 1 in Stable Diffusion).
+        set_alpha_to_one: DDIM's last step lands on the clean endpoint (alpha_bar 1); False lands it on
+            alpha_bar at t = 0, as Stable Diffusion's DDIM config does (diffusers' option of that name).
     """
 
     prediction: Prediction = "epsilon"
@@ -229,10 +232,15 @@ class DiffusionConfig(ScheduleConfig):
     snr_gamma: float = 5.0
     cond_drop_prob: float = 0.1
     spacing: Spacing = "trailing"
+    steps_offset: int = 0
+    set_alpha_to_one: bool = True
 
     def __post_init__(self) -> None:
         if not 0.0 <= self.cond_drop_prob < 1.0:
             raise ValueError(f"cond_drop_prob must be in [0, 1), got {self.cond_drop_prob}")
+        if self.steps_offset < 0 or (self.steps_offset and self.spacing != "leading"):
+            raise ValueError(f"steps_offset must be >= 0 and only shifts 'leading' spacing, got {self.steps_offset} "
+                             f"with spacing {self.spacing!r}")
         if self.zero_terminal_snr and self.prediction == "epsilon":
             raise ValueError("zero_terminal_snr needs prediction 'v' or 'x0': an epsilon network cannot "
                              "recover x0 from pure noise at the last timestep")

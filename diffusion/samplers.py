@@ -72,8 +72,10 @@ def _integrate(
     cond: dict[str, Any] | None,
     callback: Callback | None,
     step: StepFn,
+    step_last: bool = False,
 ) -> Tensor:
-    """Shared loop: denoise at each timestep, report, then ``step(i, x_t, x0_hat)``; the last step is x0_hat."""
+    """Shared loop: denoise at each timestep, report, then ``step(i, x_t, x0_hat)``; the last step is x0_hat
+    (the clean endpoint) unless ``step_last``."""
     out_dtype = x.dtype
     x = x.to(torch.promote_types(x.dtype, torch.float32))
     times = timesteps.detach().cpu().tolist()
@@ -82,7 +84,7 @@ def _integrate(
         x0_hat = denoiser(x, t_batch, **(cond or {})).to(x.dtype)
         if callback is not None:
             callback(i, x, x0_hat)
-        x = x0_hat if i == len(times) - 1 else step(i, x, x0_hat)
+        x = x0_hat if i == len(times) - 1 and not step_last else step(i, x, x0_hat)
     if not bool(torch.isfinite(x).all()):  # one check per call: NaN latents would decode to plausible garbage
         raise FloatingPointError(
             "sampling produced NaN/inf latents: the denoiser's predictions were not finite. Check the guidance "
@@ -201,20 +203,26 @@ def sample_ddim(
     generator: torch.Generator | None = None,
     callback: Callback | None = None,
     eta: float = 0.0,
+    final_alpha_bar: float = 1.0,
 ) -> Tensor:
     """DDIM sampling; ``eta`` 0 is the deterministic ODE sampler, 1 the DDPM-like stochastic one.
 
-    With eta > 0, one noise draw per step except the last. See the module docstring for the arguments.
+    With eta > 0, one noise draw per step except the last. ``final_alpha_bar`` < 1 makes the last step a DDIM
+    step to that alpha_bar instead of the clean endpoint (diffusers' ``set_alpha_to_one=False``: alpha_bar at
+    t = 0). See the module docstring for the other arguments.
     """
     if eta < 0:
         raise ValueError(f"eta must be >= 0, got {eta}")
+    if not 0.0 < final_alpha_bar <= 1.0:
+        raise ValueError(f"final_alpha_bar must be in (0, 1], got {final_alpha_bar}")
     alpha_bars = _alpha_bars(schedule, timesteps)
+    alpha_bars[-1] = final_alpha_bar
 
     def step(i: int, x_t: Tensor, x0_hat: Tensor) -> Tensor:
         noise = _randn_like(x_t, generator) if eta > 0 else None
         return ddim_step(x_t, x0_hat, alpha_bars[i], alpha_bars[i + 1], eta, noise)
 
-    return _integrate(denoiser, x, timesteps, cond, callback, step)
+    return _integrate(denoiser, x, timesteps, cond, callback, step, step_last=final_alpha_bar < 1.0)
 
 
 @torch.no_grad()

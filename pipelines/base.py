@@ -22,7 +22,9 @@ from tqdm.auto import tqdm
 from common.checkpoint import PIPELINE_FILE, CheckpointError, find_pipeline_dir, read_pipeline_json
 from common.images import tensor_to_pil
 from common.precision import PrecisionChoice, check_name, resolve_precision
+from diffusion.latent_diffusion import PIPELINE_KIND as TEXT_TO_IMAGE
 from diffusion.samplers import Callback
+from diffusion.stable_diffusion import is_diffusers_pipeline
 from pipelines.options import GenerationOptions, PipelineFacts, check_options, options_from_call
 
 PipelineT = TypeVar("PipelineT", bound="Pipeline")
@@ -62,7 +64,10 @@ def read_kind(directory: Path) -> tuple[str, dict[str, Any]]:
 
 
 def resolve(path: str | Path) -> tuple[Path, str, dict[str, Any]]:
-    """A pipeline directory given it or a training run directory holding ``pipeline/``, with its kind."""
+    """A pipeline directory given it or a training run directory holding ``pipeline/``, with its kind; a
+    diffusers Stable Diffusion folder is a text-to-image pipeline (:mod:`diffusion.stable_diffusion`)."""
+    if is_diffusers_pipeline(path):
+        return Path(path), TEXT_TO_IMAGE, {"text_encoder": {"name_or_path": str(Path(path) / "text_encoder")}}
     directory = find_pipeline_dir(path)  # its error names both training commands
     kind, meta = read_kind(directory)
     return directory, kind, meta

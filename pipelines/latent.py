@@ -27,6 +27,7 @@ from common.text_encoder import TextEmbedding
 from diffusion.classifier import NoisyLatentClassifier
 from diffusion.latent_diffusion import PIPELINE_KIND, LatentDiffusion, find_classifier_dir
 from diffusion.schedules import img2img_timesteps
+from diffusion.stable_diffusion import is_diffusers_pipeline, load_stable_diffusion
 from diffusion.unet import UNetConfig
 from pipelines.base import Pipeline, PipelineKindError, PipelineOutput, step_reporter, to_output
 from pipelines.inputs import ImageInput, image_size
@@ -123,6 +124,8 @@ class LatentPipeline(Pipeline):
 
     @classmethod
     def _load(cls: type[LatentT], directory: Path) -> LatentT:
+        if is_diffusers_pipeline(directory):
+            return cls(load_stable_diffusion(directory))
         return cls(LatentDiffusion.from_pretrained(directory))
 
     @property
@@ -251,6 +254,8 @@ class LatentPipeline(Pipeline):
         with step_reporter(self.steps_to_run(run, strength) * len(chunks), run.progress, run.callback) as callback:
             for rows in chunks:
                 shape, cond, uncond, inputs = chunk_inputs(rows)
+                if run.latents is not None:
+                    inputs["noise"] = given_noise(run.latents, rows, shape, count)
                 latents = self.sample(shape, run, cond, uncond, generator, callback, strength=strength, **inputs)
                 images = collect(images, self.finish(latents, run).images, rows, count)
         return PipelineOutput(images)
@@ -306,6 +311,20 @@ class LatentPipeline(Pipeline):
         if run.output_type == "latent":
             return PipelineOutput(latents)
         return to_output(self.model.decode(latents), run.output_type)
+
+
+def given_noise(latents: Tensor, rows: range, shape: tuple[int, ...], count: int) -> Tensor:
+    """The rows of the call's ``latents=`` for one chunk of ``shape``, refused unless the whole tensor is
+    (``count``, D, h, w) of finite numbers."""
+    expected = (count, *shape[1:])
+    if not isinstance(latents, Tensor) or tuple(latents.shape) != expected:
+        got = tuple(latents.shape) if isinstance(latents, Tensor) else type(latents).__name__
+        raise ValueError(f"latents has shape {got}, but this call samples {expected}: one (D, h, w) start noise per "
+                         f"image (prompts x num_images_per_prompt, latent channels, height and width / "
+                         f"the size_multiple of the autoencoder)")
+    if not bool(torch.isfinite(latents).all()):
+        raise ValueError("latents holds NaN/inf values; give finite start noise (e.g. torch.randn)")
+    return latents[rows.start:rows.stop]
 
 
 def chunk_steering(steering: dict[str, Any], rows: range, times: int) -> dict[str, Any]:

@@ -196,6 +196,8 @@ class GenerationOptions:
                                                "same noise on any device)", report=False)
     seed: int | None = option(None, "shorthand for generator=torch.Generator().manual_seed(seed)", integer=True,
                               minimum=0)
+    latents: Tensor | None = option(None, "the start noise (images, D, h, w), as diffusers' latents=: used instead "
+                                    "of a draw from the generator", only="diffusion", report=False)
     callback: Callback | None = option(None, "callback(step_index, latents, x0_hat) after each sampler step",
                                        only="diffusion", why="samples one token at a time and has no denoising "
                                        "steps to report; pass callback=None (progress=True shows a bar over the "

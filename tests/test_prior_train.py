@@ -100,7 +100,8 @@ def test_text_run_writes_a_complete_pipeline(autoencoder_dir, tmp_path):
     assert resolved["codebook_size"] == 32 and resolved["grid_size"] == 8 and resolved["text_dim"] == 384
     assert (run_dir / "samples" / "step_00000004.png").is_file() and (run_dir / "samples" / "final.png").is_file()
     meta = json.loads((run_dir / "pipeline" / "pipeline.json").read_text())
-    assert meta["text_encoder"] == {"name_or_path": "", "max_length": 0} and meta["prior"]["sampling"]["top_k"] == 8
+    assert meta["text_encoder"] == {"name_or_path": "", "max_length": 0, "tokenizer": ""}
+    assert meta["prior"]["sampling"]["top_k"] == 8
     pipeline = TokensToImage.from_pretrained(run_dir)
     images = pipeline(["a small red circle at the top left"], seed=0, progress=False, output_type="pt").images
     assert images.shape == (1, 3, 16, 16)

@@ -83,6 +83,20 @@ def test_ddim_eta_one_is_stochastic_and_right() -> None:
         run("ddim", SCHEDULE, timesteps_for(SCHEDULE, 5, "leading"), eta=-1.0)
 
 
+def test_ddim_final_alpha_bar_ends_one_step_short_of_clean() -> None:
+    """final_alpha_bar (diffusers' set_alpha_to_one=False) makes the last step a DDIM step to that noise level:
+    the result is the clean one plus sqrt(1 - final) of the predicted noise, exactly as a DDIM step."""
+    timesteps = timesteps_for(SCHEDULE, 20, "leading", 1)
+    clean = run("ddim", SCHEDULE, timesteps)
+    final = float(SCHEDULE.alpha_bar(0))
+    noisy = run("ddim", SCHEDULE, timesteps, final_alpha_bar=final)
+    assert 0 < (noisy - clean).abs().max().item() < 0.1 and torch.equal(run("ddim", SCHEDULE, timesteps), clean)
+    assert torch.equal(run("ddim", SCHEDULE, timesteps, final_alpha_bar=1.0), clean)
+    for bad in (0.0, 1.5):
+        with pytest.raises(ValueError, match="final_alpha_bar"):
+            run("ddim", SCHEDULE, timesteps, final_alpha_bar=bad)
+
+
 def test_dpmpp_2m_20_steps_is_close_to_ddim_500() -> None:
     """Regression guard for the second-order update (and for residual noise at the end, DF#5689)."""
     denoise = gaussian_denoiser(SCHEDULE, mu=0.5, std=1.0)
