@@ -86,5 +86,6 @@ def load_stable_diffusion(path: str | Path) -> LatentDiffusion:
     if vae_config.get("shift_factor") not in (None, 0, 0.0):
         raise CheckpointError(f"{folder / 'vae'}: shift_factor={vae_config['shift_factor']} is not supported")
     text = TextEncoderConfig(name_or_path=str(folder / "text_encoder"), tokenizer=str(folder / "tokenizer"))
-    return LatentDiffusion(autoencoder_convert.from_diffusers(folder / "vae"), unet_convert.from_diffusers(folder),
-                           TextEncoder(text), config, float(vae_config.get("scaling_factor", 0.18215)))
+    autoencoder = autoencoder_convert.from_diffusers(folder / "vae")
+    return LatentDiffusion(autoencoder, unet_convert.from_diffusers(folder / "unet"), TextEncoder(text), config,
+                           float(vae_config.get("scaling_factor", 0.18215)))
