@@ -11,6 +11,7 @@ Modules:
 - ``autoencoder.perceptual``: the LPIPS network, offline.
 - ``autoencoder.discriminator``: the PatchGAN discriminator.
 - ``autoencoder.convert``: import taming-transformers and diffusers weights.
+- ``autoencoder.export``: export as diffusers ``AutoencoderKL`` / ``VQModel``.
 - ``autoencoder.evaluate``: reconstruction metrics of a saved autoencoder (entry point).
 - ``autoencoder.train_config``: the stage 1 training config.
 - ``autoencoder.train``: the stage 1 training script (entry point).

@@ -14,13 +14,14 @@ from __future__ import annotations
 
 import sys
 import warnings
+from pathlib import Path
 
 import torch
 from torch.func import functional_call
 
-from autoencoder import losses
+from autoencoder import convert, losses
 from autoencoder.discriminator import PatchDiscriminator
-from autoencoder.model import build_autoencoder
+from autoencoder.model import COMPONENT_KIND, AutoencoderConfig, build_autoencoder
 from autoencoder.perceptual import PerceptualWeightsError, build_perceptual
 from autoencoder.quantizer import mark_micro_step
 from autoencoder.train_config import TrainConfig
@@ -28,7 +29,17 @@ from common import training
 from common.data import build_dataset
 from common.ema import EMA
 from common.images import save_grid
+from common.init_from import Component, init_weights
 from common.resume import resume_run
+
+
+def autoencoder_component(resolution: int) -> Component:
+    """What init_from loads: our autoencoder components, a diffusers VQModel / AutoencoderKL folder, or a
+    taming checkpoint (read at the config's ``model.resolution``)."""
+    def imported(path: Path) -> torch.nn.Module:
+        return convert.load_taming_checkpoint(path, resolution) if path.is_file() else convert.from_diffusers(path)
+
+    return Component("autoencoder", COMPONENT_KIND, AutoencoderConfig, importer=imported)
 
 
 def frozen_call(module: torch.nn.Module, x: torch.Tensor) -> torch.Tensor:
@@ -88,6 +99,7 @@ def main(argv: list[str] | None = None) -> None:
     out_dir = cfg.run.out_dir
 
     model, disc = build_autoencoder(cfg.model).train(), PatchDiscriminator(cfg.disc)
+    init_weights(model, cfg, autoencoder_component(cfg.model.resolution), cfg.model, accelerator.print)
     perceptual = build_perceptual(cfg.loss.perceptual, cfg.loss.perceptual_weights_path)
     if perceptual is not None:
         perceptual.to(accelerator.device)  # frozen: never wrapped in DDP

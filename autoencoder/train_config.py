@@ -8,13 +8,16 @@ from autoencoder.discriminator import DiscriminatorConfig
 from autoencoder.losses import LossConfig
 from autoencoder.model_config import AutoencoderConfig, check_data_resolution
 from common.data import DataConfig
+from common.init_from import InitFrom
 from common.training import OptimConfig, RunConfig
 
 
 @dataclass(frozen=True)
-class TrainConfig:
+class TrainConfig(InitFrom):
     """Everything an autoencoder run uses: the model, its discriminator, the losses, the optimizer
-    (one setting for both optimizers), the data and the run."""
+    (one setting for both optimizers), the data and the run. ``init_from`` starts the autoencoder (not the
+    discriminator) from a trained one (:mod:`common.init_from`): a run, pipeline or component directory, a
+    diffusers VQModel / AutoencoderKL folder or a taming ``.ckpt``."""
 
     model: AutoencoderConfig = field(default_factory=AutoencoderConfig)
     disc: DiscriminatorConfig = field(default_factory=DiscriminatorConfig)

@@ -93,3 +93,25 @@ def _loss_axis(axis, series: dict[str, Curve]) -> None:
         axis.yaxis.set_minor_formatter(NullFormatter())
     axis.grid(alpha=0.3)
     axis.legend()
+
+
+def data_growth(rows: list[dict], path: Path) -> Path:
+    """Start-up time, peak RSS, size on disk and loader speed against the number of images, one line per
+    source (``rows`` as :mod:`bench.data_growth` writes them)."""
+    panels = (("start-up (s)", (("first_index_s", "first index"), ("startup_s", "later start-up"))),
+              ("peak RSS of training (MB)", (("train_peak_rss_mb", ""),)),
+              ("on disk (MB)", (("cache_mb", "cache"), ("index_mb", "index"))),
+              ("samples/s", (("cache_samples_per_s", "cache loader"), ("image_samples_per_s", "image loader"))))
+    figure, axes = plt.subplots(1, len(panels), figsize=(4.0 * len(panels), 3.4))
+    for axis, (title, series) in zip(axes, panels):
+        for source in dict.fromkeys(r["source"] for r in rows):
+            mine = sorted((r for r in rows if r["source"] == source), key=lambda r: r["items"])
+            for key, name in series:
+                axis.plot([r["items"] for r in mine], [r[key] for r in mine], marker="o",
+                          label=f"{source} {name}".strip())
+        axis.set_xscale("log")
+        axis.set(xlabel="images", title=title)
+        axis.set_ylim(bottom=0)  # growth read against the whole value, not a zoomed-in band
+        axis.grid(alpha=0.3)
+        axis.legend(fontsize=7)
+    return _save(figure, path)

@@ -8,6 +8,8 @@
 - ``common.text_encoder``: the frozen Hugging Face text encoder: prompts -> token states and a padding mask.
 - ``common.captions``: caption templates: several phrasings of each training caption, one drawn per step.
 - ``common.data``: the built-in datasets (shapes, emoji, an image folder) behind one interface.
+- ``common.array_store``: arrays on disk read through memory maps, and unpadded fp16 text states, for the caches.
+- ``common.cache_build``: an encoded dataset's cache built by every process at once, each its share, resumably.
 - ``common.images``: PIL images <-> (3, H, W) tensors in [-1, 1], and image grids.
 - ``common.metrics``: image-quality metrics (PSNR, SSIM) on (B, 3, H, W) tensors in [-1, 1].
 - ``common.evaluation``: prompt faithfulness and diversity of a generator on the shapes data.
@@ -21,5 +23,7 @@
 - ``common.precision``: which floating-point precision to train and sample in (``precision: auto``).
 - ``common.progress``: the training progress bar, towards whichever limit ends the run.
 - ``common.ema``: exponential moving average of model weights.
+- ``common.init_from``: ``init_from=PATH``: a training run starts from a trained or imported component.
+- ``common.lora``: LoRA adapters through peft: the ``lora`` config section, the adapter file, attach/detach.
 - ``common.environment``: versions, build and machine of a result, and guards for newer torch APIs.
 """

@@ -14,6 +14,7 @@
   saves and loads a pipeline directory; :mod:`pipelines` runs it.
 - ``diffusion.convert``: diffusers ``UNet2DConditionModel`` weights -> :class:`diffusion.unet.UNet`.
 - ``diffusion.stable_diffusion``: a diffusers Stable Diffusion folder read in place as the bundle.
+- ``diffusion.export``: the U-Net and the noise process as diffusers ``UNet2DConditionModel`` / ``DDIMScheduler``.
 - ``diffusion.train_latent`` (its config: ``diffusion.train_config``) and ``diffusion.train_classifier``:
   the training scripts; ``diffusion.evaluate_shapes``: scores a shapes model.
 

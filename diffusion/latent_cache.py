@@ -16,10 +16,19 @@ no text embeddings, and no text encoder is loaded to build it.
 
 No flipped copies are stored: captions say "left" and "right".
 
-On disk, under ``cache_root/<key>/``: ``cache.safetensors`` (tensors) and ``meta.json`` (captions,
-latent_scale, what was encoded), written atomically, ``meta.json`` last. The key hashes the
-autoencoder's weights and config, the data config, a fingerprint of the dataset's items and the text
-encoder config, so a second run with the same inputs reuses the files and any change re-encodes.
+On disk, under ``cache_root/<key>/`` (layout and parallel build: :mod:`common.cache_build`):
+``latents.npy``, ``labels.npy``, ``caption_ids.npy``, the captions, ``variants.npy``, each distinct
+caption's (and phrasing's) text states unpadded in fp16, and ``meta.json`` (latent_scale, what was
+encoded), written last. Training memory-maps them, so a process holds the pages it reads, not the
+dataset, and only each batch goes to the GPU. The key hashes the autoencoder's weights and config, the
+data config, a fingerprint of the dataset's items and the text encoder config, so a second run with
+the same inputs reuses the files and any change re-encodes.
+
+Text states are stored, never encoded on the fly, even when captions are mostly unique. The rule:
+storing costs one encoding of each distinct text (U (1 + templates)), once per cache; on the fly costs
+one encoding per item drawn, N per epoch, in every run; a stored batch costs a gather from the page
+cache, far less than a text-encoder call (``bench.data_growth`` measures both per caption). So storing
+is slower only for a single run of fewer than U (1 + templates) / N epochs, which no training does.
 
 Shapes: N items, D latent channels, h w latent grid, U unique captions, L tokens, E text width.
 """
@@ -28,29 +37,28 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+from collections.abc import Iterator, Sequence
 from importlib import metadata
 from pathlib import Path
+from typing import Any
 
 import torch
-from safetensors.torch import load_file, save_file
 from torch import Tensor
-from torch.utils.data import DataLoader, Dataset
-from tqdm import tqdm
+from torch.utils.data import DataLoader, Dataset, Subset
 
 from autoencoder.model import VQGAN, Autoencoder
-from common.captions import add_phrasings, draw_phrasings
-from common.checkpoint import CONFIG_FILE, WEIGHTS_FILE, atomic_write
+from common.array_store import Processes, TextStore, read_json
+from common.cache_build import META_FILE, CacheSpec, build_cache, ensure_built, open_cache
+from common.checkpoint import CONFIG_FILE, WEIGHTS_FILE
 from common.config import to_dict
 from common.data import DataConfig, build_dataset
 from common.text_encoder import BUNDLED_PACKAGE, TextEmbedding, TextEncoder, TextEncoderConfig
 
 logger = logging.getLogger(__name__)
 
-CACHE_FORMAT = 1
+CACHE_FORMAT = 2  # 1: one safetensors file in RAM, text states padded fp32
 NULL_CAPTION = ""
 NULL_ID = 0  # caption id of the null condition in every cache
-TENSORS_FILE = "cache.safetensors"
-META_FILE = "meta.json"
 
 
 def resolve_autoencoder_dir(path: str | Path) -> Path:
@@ -89,28 +97,37 @@ def decode_latents(autoencoder: Autoencoder, latents: Tensor) -> Tensor:
 
 
 class LatentCache(Dataset):
-    """An encoded dataset; items are ``{"latent": (D, h, w), "caption_id": int, "label": int}``.
+    """An encoded dataset on disk; items are ``{"latent": (D, h, w), "caption_id": int, "label": int}``.
+
+    Every array is a memory map of the cache's files (:mod:`common.array_store`): a process holds the
+    pages it reads, not the dataset, and :meth:`text` pads the text states of each batch, on its device.
 
     Attributes:
         latents: (N, D, h, w) float32 scaled latents.
         caption_ids: (N,) int64 indices into ``captions``.
         labels: (N,) int64 dataset labels.
         captions: U unique captions; ``captions[NULL_ID]`` is "".
-        text_states: (U, L, E) float32 token states, zero at padding; None in a cache built without text.
-        text_mask: (U, L) bool, True for real tokens; None without text.
+        text_states: the captions' token states, unpadded fp16 (:class:`TextStore`); None in a cache built
+            without text.
         latent_scale: the factor the latents were multiplied by.
-        directory: where the cache lives on disk (None if it was never saved).
+        directory: where the cache lives on disk.
         variants: (U, 1 + templates) caption ids of each caption's phrasings; None without caption templates.
     """
 
-    def __init__(self, latents: Tensor, caption_ids: Tensor, labels: Tensor, captions: list[str],
-                 text_states: Tensor | None, text_mask: Tensor | None, latent_scale: float,
-                 directory: Path | None = None, variants: Tensor | None = None) -> None:
+    def __init__(self, latents: Tensor, caption_ids: Tensor, labels: Tensor, captions: Sequence[str],
+                 text_states: TextStore | None, latent_scale: float, directory: Path | None = None,
+                 variants: Tensor | None = None) -> None:
         if captions[NULL_ID] != NULL_CAPTION:
             raise ValueError(f"caption {NULL_ID} of a latent cache must be the empty (null) caption")
         self.latents, self.caption_ids, self.labels = latents, caption_ids, labels
-        self.captions, self.text_states, self.text_mask = captions, text_states, text_mask
+        self.captions, self.text_states = captions, text_states
         self.latent_scale, self.directory, self.variants = float(latent_scale), directory, variants
+
+    @property
+    def text_mask(self) -> Tensor | None:
+        """None in a cache without text, else each caption's token count (U,): masks are made per batch by
+        :meth:`text` (kept for callers that test for text)."""
+        return None if self.text_states is None else torch.from_numpy(self.text_states.lengths())
 
     def __len__(self) -> int:
         return self.latents.shape[0]
@@ -119,24 +136,26 @@ class LatentCache(Dataset):
         return {"latent": self.latents[index], "caption_id": self.caption_ids[index], "label": self.labels[index]}
 
     def text(self, caption_ids: Tensor) -> TextEmbedding:
-        """The cached embeddings of ``caption_ids`` (B,), on the device of the text tables."""
+        """The cached embeddings of ``caption_ids`` (B,) on their device: float32 states (B, L, E), zero at
+        padding, and mask (B, L), with L the longest of these captions (the U-Net's attention masks the rest).
+        The states were stored in fp16: within 2^-11 relative of a fresh fp32 encoding."""
         if self.text_states is None:
             raise ValueError(f"the latent cache {self.directory} holds no text embeddings: it was built for a U-Net "
                              f"without text (model.context_dim: 0)")
-        ids = caption_ids.to(self.text_states.device)
-        return TextEmbedding(self.text_states[ids], self.text_mask[ids])
+        return TextEmbedding(*self.text_states.gather(caption_ids))
 
     def text_to(self, device: torch.device | str) -> LatentCache:
-        """Move the (small) text tables to ``device``, where training gathers from them; returns self."""
-        if self.text_states is not None:
-            self.text_states, self.text_mask = self.text_states.to(device), self.text_mask.to(device)
-        if self.variants is not None:
-            self.variants = self.variants.to(device)
+        """Returns self and moves nothing: the text states stay on disk and :meth:`text` sends each batch's
+        to the batch's device (kept so that callers written for an in-memory cache work unchanged)."""
         return self
 
     def phrasings(self, caption_ids: Tensor) -> Tensor:
-        """One phrasing of each caption id (B,), drawn from the global RNG; the ids without caption templates."""
-        return draw_phrasings(caption_ids, self.variants)
+        """One phrasing of each caption id (B,), drawn from the global RNG on the ids' device (the same draw as
+        :func:`common.captions.draw_phrasings`); the ids themselves without caption templates."""
+        if self.variants is None:
+            return caption_ids
+        columns = torch.randint(self.variants.shape[1], caption_ids.shape, device=caption_ids.device)
+        return self.variants[caption_ids.cpu(), columns.cpu()].to(caption_ids.device)
 
 
 def cache_key(autoencoder_dir: str | Path, data: DataConfig, text: TextEncoderConfig | None,
@@ -181,7 +200,8 @@ def dataset_fingerprint(dataset: Dataset, probes: int = 4) -> str:
 def load_or_build_cache(autoencoder_path: str | Path, data: DataConfig, text: TextEncoderConfig | None,
                         cache_root: str | Path, *, autoencoder: Autoencoder | None = None,
                         text_encoder: TextEncoder | None = None, device: torch.device | str = "cpu",
-                        batch_size: int = 64, progress: bool = False, templates: tuple[str, ...] = ()) -> LatentCache:
+                        batch_size: int = 64, progress: bool = False, templates: tuple[str, ...] = (),
+                        accelerator: Any | None = None) -> LatentCache:
     """Return the cache for these inputs, encoding and saving it first if it does not exist yet.
 
     Args:
@@ -195,58 +215,55 @@ def load_or_build_cache(autoencoder_path: str | Path, data: DataConfig, text: Te
         batch_size: images per encoder call.
         progress: show a progress bar while encoding.
         templates: caption templates (:mod:`common.captions`) whose phrasings are encoded too; ignored without text.
+        accelerator: with an ``accelerate.Accelerator``, every one of its processes must call this at once:
+            each encodes its share of a missing cache (:mod:`common.cache_build`). Without, this process
+            encodes all of it (other processes wait, e.g. in ``accelerator.main_process_first()``).
     """
     autoencoder_dir = resolve_autoencoder_dir(autoencoder_path)
     dataset = build_dataset(data)
     templates = tuple(templates) if text is not None else ()
     key = cache_key(autoencoder_dir, data, text, dataset, templates)
     directory = Path(cache_root) / key[:20]
-    if (directory / META_FILE).is_file():
-        return load_cache(directory)
-    logger.info("encoding %s into a latent cache at %s", data.name, directory)
-    autoencoder = autoencoder if autoencoder is not None else Autoencoder.from_pretrained(autoencoder_dir)
-    if text is None:
-        text_encoder = None
-    elif text_encoder is None:
-        text_encoder = TextEncoder(text)
-    cache = encode_dataset(dataset, autoencoder.to(device).eval(),
-                           text_encoder.to(device) if text_encoder is not None else None, batch_size, progress,
-                           templates)
-    save_cache(cache, directory, {"key": key, "autoencoder": str(autoencoder_dir), "data": to_dict(data),
-                                  "text": to_dict(text) if text is not None else None, "templates": list(templates)})
-    cache.directory = directory
-    return cache
+    processes = Processes.of(accelerator)
+
+    def build() -> None:
+        logger.info("encoding %s into a latent cache at %s", data.name, directory)
+        model = autoencoder if autoencoder is not None else Autoencoder.from_pretrained(autoencoder_dir)
+        encoder = None if text is None else text_encoder if text_encoder is not None else TextEncoder(text)
+        inputs = {"key": key, "autoencoder": str(autoencoder_dir), "data": to_dict(data),
+                  "text": to_dict(text) if text is not None else None, "templates": list(templates)}
+        encode_dataset(dataset, directory, model.to(device).eval(), encoder.to(device) if encoder is not None else None,
+                       batch_size=batch_size, progress=progress, templates=templates, processes=processes,
+                       inputs=inputs)
+
+    ensure_built(directory, processes, build)
+    return load_cache(directory)
 
 
-def encode_dataset(dataset: Dataset, autoencoder: Autoencoder, text_encoder: TextEncoder | None,
-                   batch_size: int = 64, progress: bool = False, templates: tuple[str, ...] = ()) -> LatentCache:
-    """Encode every item of ``dataset`` (images in batches, each distinct caption and its ``templates``' phrasings
-    once unless ``text_encoder`` is None) on the models' device."""
+def encode_dataset(dataset: Dataset, directory: Path, autoencoder: Autoencoder, text_encoder: TextEncoder | None,
+                   *, batch_size: int = 64, progress: bool = False, templates: tuple[str, ...] = (),
+                   processes: Processes = Processes(), inputs: dict | None = None) -> None:
+    """Encode every item of ``dataset`` into the cache ``directory`` on the models' device: images in batches,
+    each distinct caption and its ``templates``' phrasings once unless ``text_encoder`` is None. Each of
+    ``processes`` encodes its share (:func:`common.cache_build.build_cache`)."""
     device = next(autoencoder.parameters()).device
-    latents, labels, captions = [], [], []
-    # its own generator: starting a loader draws a seed, which must not move the global RNG
-    loader = DataLoader(dataset, batch_size=batch_size, shuffle=False, num_workers=0, generator=torch.Generator())
-    for batch in tqdm(loader, desc="latent cache", disable=not progress, dynamic_ncols=True):
-        latents.append(encode_latents(autoencoder, batch["image"].to(device)).cpu())
-        labels.append(torch.as_tensor(batch["label"]).long())
-        captions.extend(batch["caption"])
-    latents_all = torch.cat(latents)
-    scale = 1.0 / float(latents_all.double().std())
-    unique = [NULL_CAPTION] + sorted(set(captions) - {NULL_CAPTION})
-    index = {caption: i for i, caption in enumerate(unique)}
-    texts, variants = add_phrasings(unique, templates if text_encoder is not None else ())
-    text = encode_captions(text_encoder, texts) if text_encoder is not None else None
-    return LatentCache((latents_all * scale).float(), torch.tensor([index[c] for c in captions], dtype=torch.long),
-                       torch.cat(labels), texts, text.states.cpu() if text is not None else None,
-                       text.mask.cpu() if text is not None else None, scale, variants=variants)
 
+    def items(indices: range) -> Iterator[tuple[Tensor, Tensor, list[str]]]:
+        # its own generator: starting a loader draws a seed, which must not move the global RNG
+        loader = DataLoader(Subset(dataset, indices), batch_size=batch_size, shuffle=False, num_workers=0,
+                            generator=torch.Generator())
+        for batch in loader:
+            yield (encode_latents(autoencoder, batch["image"].to(device)).cpu(),
+                   torch.as_tensor(batch["label"]).long(), list(batch["caption"]))
 
-def encode_captions(text_encoder: TextEncoder, captions: list[str], chunk: int = 256) -> TextEmbedding:
-    """Encode captions in chunks and pad them all to the longest (zero states, False mask)."""
-    parts = [text_encoder.encode(captions[i:i + chunk]) for i in range(0, len(captions), chunk)]
-    length = max(part.states.shape[1] for part in parts)
-    return TextEmbedding(torch.cat([pad_tokens(part, length).states for part in parts]),
-                         torch.cat([pad_tokens(part, length).mask for part in parts]))
+    def texts(captions: list[str]) -> tuple[Tensor, Tensor]:
+        embedding = text_encoder.encode(captions)
+        return embedding.states, embedding.mask
+
+    spec = CacheSpec("latents", items, lambda captions: [NULL_CAPTION] + sorted(set(captions) - {NULL_CAPTION}),
+                     texts if text_encoder is not None else None, templates, unit_variance=True)
+    build_cache(directory, len(dataset), spec, processes, {"format_version": CACHE_FORMAT, "inputs": inputs or {}},
+                progress)
 
 
 def pad_tokens(text: TextEmbedding, length: int) -> TextEmbedding:
@@ -260,31 +277,13 @@ def pad_tokens(text: TextEmbedding, length: int) -> TextEmbedding:
     return TextEmbedding(states, torch.nn.functional.pad(text.mask, (0, extra), value=False))
 
 
-def save_cache(cache: LatentCache, directory: str | Path, inputs: dict) -> Path:
-    """Write the tensors, then ``meta.json`` (its presence marks a complete cache), both atomically."""
-    directory = Path(directory)
-    tensors = {"latents": cache.latents.contiguous(), "caption_ids": cache.caption_ids.contiguous(),
-               "labels": cache.labels.contiguous()}
-    if cache.text_states is not None:  # a cache for a U-Net without text has none
-        tensors.update(text_states=cache.text_states.contiguous(), text_mask=cache.text_mask.contiguous())
-    if cache.variants is not None:
-        tensors["variants"] = cache.variants.contiguous()
-    meta = {"format_version": CACHE_FORMAT, "latent_scale": cache.latent_scale, "count": len(cache),
-            "latent_shape": list(cache.latents.shape[1:]), "captions": cache.captions, "inputs": inputs}
-    atomic_write(directory / TENSORS_FILE, lambda tmp: save_file(tensors, str(tmp)))
-    atomic_write(directory / META_FILE, lambda tmp: tmp.write_text(json.dumps(meta, indent=1) + "\n"))
-    return directory
-
-
 def load_cache(directory: str | Path) -> LatentCache:
-    """Read a cache written by :func:`save_cache`."""
+    """Open a cache written by :func:`encode_dataset`; its arrays stay on disk (memory maps)."""
     directory = Path(directory)
-    meta = json.loads((directory / META_FILE).read_text())
+    meta = read_json(directory / META_FILE)
     if meta.get("format_version") != CACHE_FORMAT:
         raise ValueError(f"{directory} holds latent cache format {meta.get('format_version')}, "
                          f"expected {CACHE_FORMAT}; delete it to re-encode")
-    tensors = load_file(str(directory / TENSORS_FILE))
-    mask = tensors.get("text_mask")
-    return LatentCache(tensors["latents"], tensors["caption_ids"], tensors["labels"], meta["captions"],
-                       tensors.get("text_states"), mask.bool() if mask is not None else None, meta["latent_scale"],
-                       directory, tensors.get("variants"))
+    stored = open_cache(directory)
+    return LatentCache(stored.rows, stored.caption_ids, stored.labels, stored.captions, stored.text, meta["scale"],
+                       directory, stored.variants)

@@ -32,10 +32,12 @@ from common.checkpoint import atomic_write, find_pipeline_dir
 from common.config import ConfigError
 from common.data import DataConfig
 from common.ema import EMA
+from common.init_from import Component, InitFrom, init_weights
 from common.resume import resume_run
 from common.text_encoder import TextEncoderConfig
 from common.training import OptimConfig, RunConfig
 from diffusion.classifier import (
+    COMPONENT_KIND,
     ClassifierConfig,
     NoisyLatentClassifier,
     attribute_classes,
@@ -49,6 +51,7 @@ from diffusion.latent_diffusion import TRAIN_DIFFUSION, read_pipeline_meta
 from diffusion.unet import UNetConfig
 
 EVAL_FILE = "eval.json"
+CLASSIFIER = Component("classifier", COMPONENT_KIND, ClassifierConfig)  # what init_from loads
 
 
 @dataclass(frozen=True)
@@ -61,9 +64,11 @@ class EvalConfig:
 
 
 @dataclass(frozen=True)
-class TrainConfig:
+class TrainConfig(InitFrom):
     """Everything a classifier run uses.
 
+    init_from: start from a trained classifier (:mod:`common.init_from`): a classifier run or component
+        directory of the same backbone, attribute and classes.
     diffusion: the diffusion run directory (holding ``pipeline/``) or a pipeline directory.
     cache_dir: parent directory of the latent caches.
     target: the attribute to predict: colour, shape, size, position (shapes) or label (any dataset).
@@ -170,6 +175,7 @@ def main(argv: list[str] | None = None) -> None:
 
     set_seed(cfg.run.seed, device_specific=True)  # initialization and stream depend on run.seed alone
     model = NoisyLatentClassifier(config).train()
+    init_weights(model, cfg, CLASSIFIER, config, accelerator.print)
     opt, sched = training.make_optimizer(model.parameters(), cfg.optim)
     model, opt, sched = accelerator.prepare(model, opt, sched)
     ema = EMA(accelerator.unwrap_model(model), cfg.run.ema_decay)

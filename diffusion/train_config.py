@@ -6,6 +6,8 @@ from dataclasses import dataclass, field
 
 from common.captions import check_templates
 from common.data import DataConfig
+from common.init_from import InitFrom
+from common.lora import LoraConfig, check_lora
 from common.text_encoder import TextEncoderConfig
 from common.training import OptimConfig, RunConfig
 from diffusion.objectives import DiffusionConfig
@@ -16,6 +18,12 @@ SHAPES_PROMPTS = (
     "a small yellow circle at the right", "a large purple square at the top right",
     "a small orange triangle at the left", "a large blue circle at the bottom right", "a small red square at the top",
 )
+
+
+# Diffusion settings that only shape the training loss: a fine-tune may change them (e.g. no condition
+# dropout, so that the null prompt of guidance keeps the base's meaning), not the process itself. As keyword
+# values that neutralise them, for comparing two processes.
+TRAINING_ONLY = dict(weighting="none", snr_gamma=0.0, cond_drop_prob=0.0)
 
 
 @dataclass(frozen=True)
@@ -35,8 +43,13 @@ class SampleConfig:
 
 
 @dataclass(frozen=True)
-class TrainConfig:
+class TrainConfig(InitFrom):
     """Everything a latent diffusion run uses.
+
+    init_from: start the U-Net from a trained one (:mod:`common.init_from`): a pipeline or run directory,
+        a ``unet`` component, or a diffusers U-Net / Stable Diffusion folder. From a pipeline, training
+        uses its latent scale, and ``autoencoder`` must be its autoencoder.
+    lora: train LoRA adapters on ``init_from``'s U-Net instead of the whole network (:mod:`common.lora`).
 
     autoencoder: a stage-1 run directory (holding ``autoencoder/``) or an autoencoder component directory.
     cache_dir: parent directory of the latent caches (one sub-directory per autoencoder/data/text combination).
@@ -59,6 +72,8 @@ class TrainConfig:
     run: RunConfig = field(default_factory=lambda: RunConfig(out_dir="runs/diffusion"))
     sample: SampleConfig = field(default_factory=SampleConfig)
     caption_templates: tuple[str, ...] = ()
+    lora: LoraConfig = field(default_factory=LoraConfig)
 
     def __post_init__(self) -> None:
         check_templates(self.caption_templates, "caption_templates")
+        check_lora(self.lora, self.init_from)

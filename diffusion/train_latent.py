@@ -16,6 +16,12 @@ Conditions: ``model.context_dim`` left out (or set to the text encoder's width) 
 and the saved pipeline has none (load it with ``pipelines.ClassToImage``). A class-conditional U-Net is
 saved with the names of the dataset's labels (shapes: their captions; a folder: its class
 sub-folders), so that the pipelines accept class names.
+
+Fine-tuning: ``init_from=PATH`` starts the U-Net from a trained one (:mod:`common.init_from`; a pipeline or
+run directory, a ``unet`` component, a diffusers U-Net or Stable Diffusion folder), at its pipeline's latent
+scale. ``lora.rank=8`` (with ``init_from``) trains LoRA adapters on its attention projections only
+(:mod:`common.lora`): ``run_dir/lora/`` then holds the adapter alone and ``run_dir/pipeline/`` the untouched
+base, which ``TextToImage.from_pretrained(run_dir).load_lora(run_dir)`` puts together.
 """
 from __future__ import annotations
 
@@ -33,15 +39,21 @@ from common.config import ConfigError
 from common.data import DataConfig, label_names
 from common.ema import EMA
 from common.images import save_grid
+from common.init_from import Component, check_same_autoencoder, init_weights, source_pipeline
+from common.lora import ADAPTER_DIR, add_adapters, save_adapter, trainable, without_adapters
 from common.resume import resume_run
 from common.text_encoder import TextEncoder
+from diffusion import convert
 from diffusion.latent_cache import NULL_ID, LatentCache, load_or_build_cache, resolve_autoencoder_dir
-from diffusion.latent_diffusion import LatentDiffusion
+from diffusion.latent_diffusion import LatentDiffusion, read_pipeline_meta
 from diffusion.objectives import drop_condition, training_loss
-from diffusion.train_config import SampleConfig, TrainConfig
-from diffusion.unet import NULL_CLASS, UNet, UNetConfig
+from diffusion.train_config import TRAINING_ONLY, SampleConfig, TrainConfig
+from diffusion.unet import COMPONENT_KIND, NULL_CLASS, UNet, UNetConfig
 from pipelines.loading import pipeline_for
 from pipelines.options import check_options, options_from_call
+
+# What init_from loads: our unet components, or a diffusers U-Net / Stable Diffusion folder through the importer.
+UNET = Component("unet", COMPONENT_KIND, UNetConfig, importer=convert.from_diffusers)
 
 
 def unet_config_for(model: UNetConfig, code_dim: int, text_width: int) -> UNetConfig:
@@ -101,12 +113,42 @@ def drop_conditions(caption_ids: Tensor | None, labels: Tensor | None, prob: flo
     return caption_ids, labels
 
 
+def build_unet(cfg: TrainConfig, autoencoder_dir, accelerator) -> UNet:
+    """The U-Net to train: fresh, or ``init_from``'s (whose stage 1 must be ``autoencoder``), with LoRA
+    adapters on it when ``lora.rank`` > 0 (everything else frozen)."""
+    unet = UNet(cfg.model)
+    if init_weights(unet, cfg, UNET, cfg.model, accelerator.print):
+        check_same_autoencoder(cfg.init_from, autoencoder_dir, "autoencoder")
+    if cfg.lora.enabled:
+        add_adapters(unet, cfg.lora)
+        count = sum(p.numel() for p in unet.parameters() if p.requires_grad)
+        accelerator.print(f"LoRA rank {cfg.lora.rank} on {', '.join(cfg.lora.targets)}: {count} trainable parameters")
+    return unet.train()
+
+
+def base_latent_scale(cfg: TrainConfig, cache: LatentCache, accelerator) -> float:
+    """The latent scale the U-Net trains at: ``init_from``'s pipeline's (a fine-tuned U-Net must keep seeing
+    latents at the scale it learned; the new data's own 1/std would shift them), else the cache's. A resumed
+    run whose source is gone reads the one its own pipeline recorded."""
+    sources = (cfg.init_from, cfg.run.out_dir) if cfg.init_from else ()
+    for pipeline in filter(None, map(source_pipeline, sources)):
+        diffusion, _, scale = read_pipeline_meta(pipeline)
+        if dataclasses.replace(diffusion, **TRAINING_ONLY) != dataclasses.replace(cfg.diffusion, **TRAINING_ONLY):
+            accelerator.print(f"warning: the diffusion process differs from {pipeline}'s, which init_from's U-Net "
+                              "was trained with; copy the diffusion section from its pipeline.json unless intended")
+        return scale
+    return cache.latent_scale
+
+
 def train_step(batch: dict, unet, cache: LatentCache, pipe: LatentDiffusion, cfg: TrainConfig, opt, accelerator):
     """One denoising update with condition dropout; returns (loss, whether it was finite, grad norm or None)."""
     ids, labels = drop_conditions(cache.phrasings(batch["caption_id"]) if cfg.model.context_dim else None,
                                   batch["label"] if cfg.model.num_classes else None, cfg.diffusion.cond_drop_prob)
     text = cache.text(ids) if ids is not None else None
-    loss = training_loss(unet, pipe.schedule, cfg.diffusion, batch["latent"], text, labels).mean()
+    latents = batch["latent"]
+    if pipe.latent_scale != cache.latent_scale:  # init_from's scale (base_latent_scale)
+        latents = latents * (pipe.latent_scale / cache.latent_scale)
+    loss = training_loss(unet, pipe.schedule, cfg.diffusion, latents, text, labels).mean()
     finite, norm = training.apply_update(loss, unet, opt, accelerator, cfg.optim.grad_clip)
     return loss, finite, norm
 
@@ -145,6 +187,18 @@ def grid_options(sample: SampleConfig) -> dict[str, Any]:
     return given
 
 
+def save_outputs(pipe: LatentDiffusion, cfg: TrainConfig) -> None:
+    """The run's ``pipeline/``; with LoRA, the adapter alone in ``lora/`` and the untouched base in ``pipeline/``
+    (load the two together with ``pipe.load_lora(run_dir)``)."""
+    out_dir = cfg.run.out_dir
+    if not cfg.lora.enabled:
+        pipe.save_pretrained(f"{out_dir}/pipeline")
+        return
+    save_adapter(pipe.unet, f"{out_dir}/{ADAPTER_DIR}", cfg.lora, "unet", cfg.init_from)
+    LatentDiffusion(pipe.autoencoder, without_adapters(pipe.unet), pipe.text_encoder, pipe.config, pipe.latent_scale,
+                    pipe.class_names).save_pretrained(f"{out_dir}/pipeline")
+
+
 def main(argv: list[str] | None = None) -> None:
     cfg = training.load_run_config(TrainConfig, argv, __doc__, "diffusion", "optim.lr=2e-4")
     check_conditions(cfg.model)  # before anything is loaded or written
@@ -158,11 +212,11 @@ def main(argv: list[str] | None = None) -> None:
     text_encoder = load_text_encoder(cfg, device)
     width = text_encoder.width if text_encoder is not None else 0
     cfg = dataclasses.replace(cfg, model=unet_config_for(cfg.model, autoencoder.config.code_dim, width))
-    with accelerator.main_process_first():  # the main process encodes, the others then read its files
-        text_config = cfg.text if text_encoder is not None else None  # class-only: a cache without text
-        cache = load_or_build_cache(autoencoder_dir, cfg.data, text_config, cfg.cache_dir, autoencoder=autoencoder,
-                                    text_encoder=text_encoder, device=device,
-                                    progress=cfg.run.progress and main_process, templates=cfg.caption_templates)
+    text_config = cfg.text if text_encoder is not None else None  # class-only: a cache without text
+    # every process encodes its share of a missing cache, then all read its files
+    cache = load_or_build_cache(autoencoder_dir, cfg.data, text_config, cfg.cache_dir, autoencoder=autoencoder,
+                                text_encoder=text_encoder, device=device, progress=cfg.run.progress and main_process,
+                                templates=cfg.caption_templates, accelerator=accelerator)
     cache.text_to(device)
     accelerator.print(f"latent cache: {len(cache)} items, {len(cache.captions)} captions, latents "
                       f"{tuple(cache.latents.shape[1:])}, latent_scale {cache.latent_scale:.4f} ({cache.directory})")
@@ -170,13 +224,14 @@ def main(argv: list[str] | None = None) -> None:
     # Loading models may or may not draw random numbers (and encoding only happens on a first run):
     # re-seed so the U-Net's initialization and the training stream depend on run.seed alone.
     set_seed(cfg.run.seed, device_specific=True)
-    unet = UNet(cfg.model).train()
-    opt, sched = training.make_optimizer(unet.parameters(), cfg.optim)
+    unet = build_unet(cfg, autoencoder_dir, accelerator)
+    opt, sched = training.make_optimizer(trainable(list(unet.parameters())), cfg.optim)
     unet, opt, sched = accelerator.prepare(unet, opt, sched)
     ema = EMA(accelerator.unwrap_model(unet), cfg.run.ema_decay)
     accelerator.register_for_checkpointing(ema)
     step = resume_run(accelerator, cfg, (opt,), (sched,))
-    pipe = LatentDiffusion(autoencoder, ema.shadow, text_encoder, cfg.diffusion, cache.latent_scale, class_names)
+    latent_scale = base_latent_scale(cfg, cache, accelerator)
+    pipe = LatentDiffusion(autoencoder, ema.shadow, text_encoder, cfg.diffusion, latent_scale, class_names)
 
     batches = training.make_loader(cache, cfg.run, accelerator, step)
     metrics, budget = training.MetricsLog(accelerator, out_dir, step), training.Budget(cfg.run, accelerator)
@@ -194,11 +249,11 @@ def main(argv: list[str] | None = None) -> None:
         if step % cfg.run.save_every == 0:
             training.save_training_state(accelerator, out_dir, step, cfg.run.keep_checkpoints)
             if main_process:
-                pipe.save_pretrained(f"{out_dir}/pipeline")
+                save_outputs(pipe, cfg)
     bar.close()
     training.save_training_state(accelerator, out_dir, step, cfg.run.keep_checkpoints)
     if main_process:
-        pipe.save_pretrained(f"{out_dir}/pipeline")
+        save_outputs(pipe, cfg)
         write_samples(pipe, cfg.sample, f"{out_dir}/samples/final.png")
         accelerator.print(f"done: {bar.summary()}; pipeline saved to {out_dir}/pipeline")
     training.end_run(accelerator)

@@ -28,7 +28,10 @@ Modules:
 - ``pipelines.text_to_image``, ``pipelines.image_to_image``, ``pipelines.tokens_to_image``,
   ``pipelines.token_editing``: the pipelines.
 - ``pipelines.inputs``: user images and masks -> tensors (ImageToImage, Inpaint).
+- ``pipelines.lora``: LoRA adapters on a pipeline's network (``pipe.load_lora(path, scale)``, ``unload_lora``).
 - ``pipelines.loading``: ``load_pipeline`` (the class for a directory), ``pipeline_for`` (for a bundle).
+- ``pipelines.export``: a latent diffusion pipeline as a diffusers Stable Diffusion folder
+  (``save_pretrained(path, format="diffusers")``, ``python -m pipelines.export``).
 - ``pipelines.generate``: the command line; ``pipelines.demo``: train both stages briefly and render a grid.
 """
 from pipelines.base import Pipeline, PipelineKindError, PipelineOutput

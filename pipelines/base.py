@@ -122,10 +122,20 @@ class Pipeline:
     def _load(cls: type[PipelineT], directory: Path) -> PipelineT:
         raise NotImplementedError
 
-    def save_pretrained(self, path: str | Path) -> Path:
-        """Write a pipeline directory that ``from_pretrained`` (and :func:`pipelines.load_pipeline`) reads:
-        ``pipeline.json`` and the bundle's component directories (``autoencoder/`` and ``unet/`` or ``prior/``;
-        the text encoder is referenced by name)."""
+    def save_pretrained(self, path: str | Path, format: str = "latentgen") -> Path:
+        """Write a pipeline directory that ``from_pretrained`` (and :func:`pipelines.load_pipeline`) reads.
+
+        ``format="latentgen"``: ``pipeline.json`` and the bundle's component directories (``autoencoder/`` and
+        ``unet/`` or ``prior/``; the text encoder is referenced by name). ``format="diffusers"``: a diffusers
+        Stable Diffusion folder (:func:`pipelines.export.export_diffusers`; latent diffusion with text only,
+        needs diffusers), which ``from_pretrained`` reads too.
+        """
+        from pipelines.export import FORMATS, export_diffusers  # light: diffusers is imported only to export
+
+        if format not in FORMATS:
+            raise ValueError(f"unknown format {format!r}; valid formats: {', '.join(map(repr, FORMATS))}")
+        if format == "diffusers":
+            return export_diffusers(self, path)
         return self.model.save_pretrained(path)
 
     def to(self: PipelineT, device: torch.device | str, precision: str | None = None) -> PipelineT:
@@ -174,6 +184,27 @@ class Pipeline:
 
     def __repr__(self) -> str:
         return f"{type(self).__name__}(device={self.device}, precision={self.requested_precision})"
+
+    def load_lora(self: PipelineT, path: str | Path, scale: float = 1.0) -> PipelineT:
+        """Put a LoRA adapter (its ``.safetensors`` file, its folder, or the training run that wrote ``lora/``)
+        on this pipeline's U-Net or prior at ``scale`` (1.0: as trained; 0.0: the base's images exactly),
+        replacing any adapter loaded before; returns the pipeline. See :mod:`pipelines.lora`.
+
+        Raises:
+            common.lora.AdapterError: the file is not an adapter, or does not fit this pipeline's network
+                (the message names the missing modules or mis-shaped tensors).
+        """
+        from pipelines.lora import load_lora  # peft is imported only by pipelines that use adapters
+
+        load_lora(self.model, path, scale)
+        return self
+
+    def unload_lora(self: PipelineT) -> PipelineT:
+        """Remove the loaded adapter; the network's weights are the base's again, bit for bit."""
+        from pipelines.lora import unload_lora
+
+        unload_lora(self.model)
+        return self
 
 
 def to_output(images: Tensor, output_type: str) -> PipelineOutput:

@@ -41,6 +41,7 @@ from PIL import Image
 
 from common.checkpoint import CheckpointError
 from common.images import make_grid
+from common.precision import CHOICES as PRECISIONS
 from diffusion.samplers import SAMPLERS
 from pipelines.base import Pipeline
 from pipelines.image_to_image import ImageToImage, Inpaint
@@ -104,6 +105,11 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                              "all prompts, or once per prompt")
     parser.add_argument("--scale", type=int, default=1, help="upscale the grid by this factor (nearest)")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--precision", default="auto", choices=("auto", *PRECISIONS),
+                        help="what the networks sample in (auto: bf16 only where the device runs it natively faster)")
+    parser.add_argument("--lora", default=None, help="a LoRA adapter to sample with: its .safetensors file, its "
+                        "folder, or the fine-tuning run that wrote lora/")
+    parser.add_argument("--lora-scale", type=float, default=1.0, help="adapter strength (0: the base's images)")
     parser.add_argument("--no-progress", action="store_true", help="hide the progress bar")
     args = parser.parse_args(argv)
     check_arguments(args)
@@ -121,9 +127,11 @@ def check_arguments(args: argparse.Namespace) -> None:
         fail("--classifier-label and --classifier-scale need --classifier")
     if "classifier" in given and not args.classifier_labels:
         fail("--classifier needs --classifier-label (the class to steer towards, e.g. red)")
+    if args.lora_scale != 1.0 and not args.lora:
+        fail("--lora-scale needs --lora (the adapter to scale)")
     if "classifier" in given and args.init_image:
         fail("--classifier works with text- and class-to-image pipelines, not with --init-image")
-    for name in ("path", "init_image", "mask", "classifier"):
+    for name in ("path", "init_image", "mask", "classifier", "lora"):
         value = given.get(name)
         if value and not Path(value).exists():
             fail(f"{'--' + name.replace('_', '-') if name != 'path' else 'path'} {value} does not exist")
@@ -222,7 +230,9 @@ def load(args: argparse.Namespace) -> Pipeline:
             fail(f"--init-image needs a text-to-image or token pipeline, and {args.path} holds a "
                  f"{type(pipe).__name__} pipeline")
         pipe = (Inpaint if args.mask else ImageToImage).from_pipe(pipe)
-    return pipe.to(args.device)
+    if args.lora:
+        pipe.load_lora(args.lora, scale=args.lora_scale)
+    return pipe.to(args.device, precision=args.precision)
 
 
 def call_arguments(pipe: Pipeline, args: argparse.Namespace) -> list[Any]:
@@ -268,7 +278,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
              f"--height/--width")
     path = write_grid(images, args)
     report = {"output": str(path), "path": str(args.path), "pipeline": type(pipe).__name__, "prompts": args.prompts,
-              **settings, "init_image": args.init_image, "mask": args.mask,
+              **settings, "init_image": args.init_image, "mask": args.mask, "precision": args.precision,
+              "lora": args.lora, "lora_scale": args.lora_scale if args.lora else None,
               "seconds": round(time.perf_counter() - start, 2)}
     print(path)
     print(json.dumps(report))

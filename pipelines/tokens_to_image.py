@@ -103,7 +103,16 @@ class TokensToImage(Pipeline):
 
     def options(self, given: dict[str, Any]) -> GenerationOptions:
         """The checked call options; for MaskGIT, ``num_inference_steps`` is its decoding steps T (the saved
-        default when left out), for an AR prior it is warned about and ignored."""
+        default when left out), for an AR prior it is warned about and ignored. A prior without a learned
+        null condition (imported from taming-transformers) refuses guidance."""
+        run = self._kind_options(given)
+        if not self.model.prior.config.null_condition and run.guidance_scale != 1.0:
+            raise ValueError(f"guidance_scale={run.guidance_scale}: this prior never learned a null condition (it was "
+                             "imported from taming-transformers), so classifier-free guidance has nothing to guide "
+                             "against; use guidance_scale=1 (its saved default) or leave it out")
+        return run
+
+    def _kind_options(self, given: dict[str, Any]) -> GenerationOptions:
         if self.model.kind != "maskgit":
             return super().options(given)
         rest = {name: value for name, value in given.items() if name != "num_inference_steps"}
@@ -268,6 +277,9 @@ class TokensToImage(Pipeline):
             if not bool(empty.all()):
                 raise ValueError("prompt: this prior is unconditional; pass \"\" prompts")
             return prior.null_prefix(len(prompts))
+        if kind == "class" and bool(empty.any()) and not prior.config.null_condition:
+            raise ValueError("prompt \"\": this class prior never learned a null condition (it was imported from "
+                             "taming-transformers); name a class (or give its id) for every prompt")
         if kind == "class":  # prompts name classes; "" rows get any class, which the null then replaces
             stand_in = next((n for n in self.model.class_names or [] if n is not None), None)
             named = [p or stand_in or "" for p in prompts]

@@ -13,6 +13,7 @@ Modules:
 - ``prior.maskgit_sampling``: MaskGIT's parallel decoding (cosine schedule, Gumbel-annealed confidence,
   fixed tokens, guidance in one batch).
 - ``prior.train``: the training script; ``prior.evaluate_shapes``: scores a shapes prior.
+- ``prior.convert``: imports taming-transformers' Net2NetTransformer checkpoints (GPT + VQ-GAN) as a pipeline.
 """
 from prior.sampling import SamplingConfig, filter_logits, sample_tokens
 from prior.token_prior import TokenPrior

@@ -3,36 +3,43 @@
 Shape vocabulary: M dataset items, N tokens per item (h * w, raster order), U unique captions,
 L text tokens (the longest caption's), D text width.
 
-The cache is one safetensors file named by a hash of everything it depends on: the autoencoder's
-weights and config, the data config, a fingerprint of the data itself (its length and first items, so
-a change to a dataset's code is noticed too) and the text encoder config. Each caption is encoded once;
-the file is written atomically, so an interrupted extraction leaves no cache behind.
+The cache is a directory ``tokens-<key>/`` named by a hash of everything it depends on: the
+autoencoder's weights and config, the data config, a fingerprint of the data itself (its length and
+first items, so a change to a dataset's code is noticed too) and the text encoder config. It holds
+memory-mapped arrays (tokens int32, labels, caption ids) and each distinct caption's text states once,
+unpadded fp16, cut or padded per batch to the prior's text slots; nothing in it is loaded into RAM or
+moved to a GPU whole. Every process of a multi-process run tokenises its share, and ``meta.json`` is
+written last, so an interrupted build leaves no cache behind and resumes from its finished shares
+(:mod:`common.cache_build`). Text states are stored rather than encoded on the fly for the reason
+given in :mod:`diffusion.latent_cache`.
 """
 from __future__ import annotations
 
 import hashlib
 import json
 import logging
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import NamedTuple
+from typing import Any, NamedTuple
 
+import numpy as np
 import torch
 from einops import rearrange
-from safetensors import safe_open
-from safetensors.torch import load_file, save_file
 from torch import Tensor
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import DataLoader, Dataset, Subset
 
 from autoencoder.model import VQGAN, Autoencoder
-from common.captions import add_phrasings, check_templates
-from common.checkpoint import CONFIG_FILE, WEIGHTS_FILE, CheckpointError, atomic_write
+from common.array_store import Processes, TextStore, read_json
+from common.cache_build import META_FILE, CacheSpec, build_cache, ensure_built, open_cache
+from common.captions import check_templates
+from common.checkpoint import CONFIG_FILE, WEIGHTS_FILE, CheckpointError
 from common.config import to_dict
 from common.data import DataConfig, build_dataset
-from prior.text import TextEncoderConfig, fit_length, load_text_encoder
+from prior.text import TextEncoderConfig, load_text_encoder
 
 logger = logging.getLogger(__name__)
-CACHE_FORMAT = 1
+CACHE_FORMAT = 2  # 1: one safetensors file read into RAM, text states padded fp32
 
 
 @dataclass(frozen=True)
@@ -60,15 +67,15 @@ class TokensConfig:
 
 
 class TokenData(NamedTuple):
-    """A cached, tokenised dataset."""
+    """A cached, tokenised dataset; every array is a memory map of the cache's files (:mod:`common.array_store`)."""
 
-    tokens: Tensor          # (M, N) int64 code indices
+    tokens: Tensor          # (M, N) int32 code indices
     labels: Tensor          # (M,) int64 dataset labels
     caption_ids: Tensor     # (M,) int64 index into ``captions``
-    captions: list[str]     # U unique captions, in first-seen order, then each template's phrasings of them
-    text_states: Tensor | None  # (U (1 + templates), L, D) float32, zero at padding; None without text
-    text_mask: Tensor | None    # (U, L) bool
+    captions: Sequence[str]  # U unique captions, in first-seen order, then each template's phrasings of them
+    text_states: TextStore | None  # each caption's token states, unpadded fp16; None without text
     variants: Tensor | None = None  # (U, 1 + templates) ids of each caption's phrasings; None: no templates
+    text_slots: int = 0     # text positions of each batch (cut or padded); 0: the batch's longest caption
 
     @property
     def num_classes(self) -> int:
@@ -77,13 +84,33 @@ class TokenData(NamedTuple):
     def class_names(self) -> list[str | None] | None:
         """Caption of each label (None for labels the data never shows) when labels and captions
         correspond one to one, else None."""
-        names: dict[int, int] = {}
-        for label, caption in zip(self.labels.tolist(), self.caption_ids.tolist()):
-            if names.setdefault(label, caption) != caption:
-                return None
-        if len(set(names.values())) != len(names):
+        pairs = np.unique(np.stack([self.labels.numpy(), self.caption_ids.numpy()], axis=1), axis=0)
+        if len(np.unique(pairs[:, 0])) != len(pairs) or len(np.unique(pairs[:, 1])) != len(pairs):
             return None
+        names = dict(pairs.tolist())
         return [self.captions[names[label]] if label in names else None for label in range(self.num_classes)]
+
+    def fit_text(self, slots: int) -> TokenData:
+        """This data with each batch's text states cut or zero-padded to ``slots`` positions (the prior's text
+        prefix); warns once when captions are longer (their tail is ignored)."""
+        if self.text_states is not None:
+            longer = int((self.text_states.lengths() > slots).sum())
+            if longer:
+                logger.warning("%d captions have more than %d text tokens; the rest is ignored by the prior "
+                               "(raise model.text_tokens to keep it)", longer, slots)
+        return self._replace(text_slots=slots)
+
+    def text(self, caption_ids: Tensor) -> tuple[Tensor, Tensor]:
+        """States (B, P, D) float32 and mask (B, P) of one phrasing of each caption id (B,), drawn from the global
+        RNG on the ids' device (as :func:`common.captions.draw_phrasings` draws), on that device; P is
+        ``text_slots`` (or the longest of these captions). The states were stored in fp16."""
+        if self.text_states is None:
+            raise ValueError("this token cache holds no text states: it was built without a text encoder")
+        ids = caption_ids
+        if self.variants is not None:
+            columns = torch.randint(self.variants.shape[1], ids.shape, device=ids.device)
+            ids = self.variants[ids.cpu(), columns.cpu()].to(ids.device)
+        return self.text_states.gather(ids, self.text_slots)
 
 
 class TokenDataset(Dataset):
@@ -96,7 +123,7 @@ class TokenDataset(Dataset):
         return len(self.data.tokens)
 
     def __getitem__(self, index: int) -> dict[str, Tensor]:
-        return {"tokens": self.data.tokens[index], "label": self.data.labels[index],
+        return {"tokens": self.data.tokens[index].long(), "label": self.data.labels[index],
                 "caption": self.data.caption_ids[index]}
 
 
@@ -131,22 +158,8 @@ def cache_key(autoencoder_dir: str | Path, data: DataConfig, text: TextEncoderCo
     return digest.hexdigest()[:20]
 
 
-@torch.no_grad()
-def extract_tokens(autoencoder: VQGAN, dataset: Dataset, batch_size: int, device: torch.device | str,
-                   num_workers: int = 0) -> tuple[Tensor, Tensor, list[str]]:
-    """Encode every item: returns tokens (M, N) int32, labels (M,) int64 and the M captions."""
-    autoencoder = autoencoder.to(device).eval()
-    tokens, labels, captions = [], [], []
-    for batch in DataLoader(dataset, batch_size=batch_size, shuffle=False, num_workers=num_workers):
-        indices = autoencoder.encode_to_indices(batch["image"].to(device))
-        tokens.append(rearrange(indices, "b h w -> b (h w)").to("cpu", torch.int32))
-        labels.append(torch.as_tensor(batch["label"], dtype=torch.long))
-        captions.extend(batch["caption"])
-    return torch.cat(tokens), torch.cat(labels), captions
-
-
 def load_or_build_tokens(config: TokensConfig, data: DataConfig, text: TextEncoderConfig | None = None,
-                         device: torch.device | str = "cpu") -> TokenData:
+                         device: torch.device | str = "cpu", accelerator: Any | None = None) -> TokenData:
     """Load the token cache for these settings, building it first if there is none.
 
     Args:
@@ -154,6 +167,9 @@ def load_or_build_tokens(config: TokensConfig, data: DataConfig, text: TextEncod
         data: the dataset to tokenise.
         text: the text encoder for text conditioning; None skips text encoding.
         device: where the encoders run.
+        accelerator: with an ``accelerate.Accelerator``, every one of its processes must call this at once:
+            each encodes its share of a missing cache (:mod:`common.cache_build`). Without, this process
+            encodes all of it.
     """
     # Building initialises models and data loaders from the global RNG; a run that builds the cache
     # must draw the same random numbers afterwards as one that finds it (exact resume).
@@ -161,45 +177,49 @@ def load_or_build_tokens(config: TokensConfig, data: DataConfig, text: TextEncod
         dataset = build_dataset(data)
         templates = config.caption_templates if text is not None else ()
         key = cache_key(config.autoencoder, data, text, data_fingerprint(dataset), templates)
-        path = Path(config.cache_dir) / f"tokens-{key}.safetensors"
-        if not path.is_file():
-            build_token_cache(path, config, dataset, text, device)
-    return read_token_cache(path)
+        directory = Path(config.cache_dir) / f"tokens-{key}"
+        processes = Processes.of(accelerator)
+        ensure_built(directory, processes,
+                     lambda: build_token_cache(directory, config, dataset, text, device, processes))
+    return read_token_cache(directory)
 
 
-def build_token_cache(path: Path, config: TokensConfig, dataset: Dataset, text: TextEncoderConfig | None,
-                      device: torch.device | str) -> Path:
-    """Tokenise ``dataset`` (and encode its unique captions) into the safetensors file ``path``."""
+def build_token_cache(directory: Path, config: TokensConfig, dataset: Dataset, text: TextEncoderConfig | None,
+                      device: torch.device | str, processes: Processes = Processes()) -> Path:
+    """Tokenise ``dataset`` (and encode its unique captions) into the cache ``directory``, each of ``processes``
+    its share (:func:`common.cache_build.build_cache`)."""
     autoencoder = Autoencoder.from_pretrained(config.autoencoder)
     if not isinstance(autoencoder, VQGAN):
         raise CheckpointError(f"{config.autoencoder} holds a {autoencoder.config.kind!r} autoencoder; the token "
                               "prior needs a vector-quantized one (kind: vq)")
-    logger.info("extracting tokens of %d items with %s into %s", len(dataset), config.autoencoder, path)
-    tokens, labels, item_captions = extract_tokens(autoencoder, dataset, config.batch_size, device,
-                                                   config.num_workers)
-    captions = list(dict.fromkeys(item_captions))
-    ids = {caption: i for i, caption in enumerate(captions)}
-    tensors = {"tokens": tokens, "labels": labels,
-               "caption_ids": torch.tensor([ids[c] for c in item_captions], dtype=torch.long)}
-    if text is not None:
-        captions, variants = add_phrasings(captions, config.caption_templates)
-        if variants is not None:
-            tensors["variants"] = variants
-        encoder = load_text_encoder(text, device)
-        parts = [encoder.encode(captions[i:i + 256]) for i in range(0, len(captions), 256)]
-        longest = max(part.states.shape[1] for part in parts)
-        parts = [fit_length(part.states.float().cpu(), part.mask.cpu(), longest) for part in parts]
-        tensors["text_states"] = torch.cat([s for s, _ in parts]).contiguous()
-        tensors["text_mask"] = torch.cat([m for _, m in parts]).contiguous()
-    atomic_write(path, lambda tmp: save_file(tensors, str(tmp), metadata={"captions": json.dumps(captions)}))
-    return path
+    autoencoder = autoencoder.to(device).eval()
+    encoder = load_text_encoder(text, device) if text is not None else None
+    logger.info("extracting tokens of %d items with %s into %s", len(dataset), config.autoencoder, directory)
+
+    @torch.no_grad()
+    def items(indices: range) -> Iterator[tuple[Tensor, Tensor, list[str]]]:
+        for batch in DataLoader(Subset(dataset, indices), batch_size=config.batch_size, shuffle=False,
+                                num_workers=config.num_workers):
+            codes = autoencoder.encode_to_indices(batch["image"].to(device))
+            yield (rearrange(codes, "b h w -> b (h w)").to("cpu", torch.int32),
+                   torch.as_tensor(batch["label"], dtype=torch.long), list(batch["caption"]))
+
+    def texts(captions: list[str]) -> tuple[Tensor, Tensor]:
+        embedding = encoder.encode(captions)
+        return embedding.states, embedding.mask
+
+    spec = CacheSpec("tokens", items, lambda captions: list(dict.fromkeys(captions)),
+                     texts if encoder is not None else None, config.caption_templates if encoder else ())
+    build_cache(directory, len(dataset), spec, processes, {"format_version": CACHE_FORMAT})
+    return directory
 
 
 def read_token_cache(path: str | Path) -> TokenData:
-    """Read a cache file written by :func:`build_token_cache`."""
-    with safe_open(str(path), framework="pt") as handle:
-        captions = json.loads(handle.metadata()["captions"])
-    tensors = load_file(str(path))
-    return TokenData(tokens=tensors["tokens"].long(), labels=tensors["labels"], caption_ids=tensors["caption_ids"],
-                     captions=captions, text_states=tensors.get("text_states"), text_mask=tensors.get("text_mask"),
-                     variants=tensors.get("variants"))
+    """Open a cache written by :func:`build_token_cache`; its arrays stay on disk (memory maps)."""
+    meta = read_json(Path(path) / META_FILE)
+    if meta.get("format_version") != CACHE_FORMAT:
+        raise CheckpointError(f"{path} holds token cache format {meta.get('format_version')}, expected "
+                              f"{CACHE_FORMAT}; delete it to tokenise again")
+    stored = open_cache(path)
+    return TokenData(tokens=stored.rows, labels=stored.labels, caption_ids=stored.caption_ids,
+                     captions=stored.captions, text_states=stored.text, variants=stored.variants)

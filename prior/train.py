@@ -7,6 +7,8 @@ weights and the data/text settings. Each step trains, with condition dropout, ne
 with pkeep input corruption (``model.kind: ar``) or masked-token prediction on a cosine-scheduled
 fraction of masked tokens (``model.kind: maskgit``). Everything is resumable: re-running the same command continues
 from ``run.out_dir``'s latest checkpoint. The EMA weights are saved as a pipeline in ``<out_dir>/pipeline``.
+``init_from=PATH`` starts from a trained prior; with ``lora.rank`` > 0 only LoRA adapters on its attention
+projections train, saved alone in ``<out_dir>/lora/`` beside the untouched base in ``<out_dir>/pipeline``.
 """
 from __future__ import annotations
 
@@ -14,17 +16,19 @@ import dataclasses
 import math
 import sys
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import torch
 
 from autoencoder.model import Autoencoder
 from common import training
-from common.captions import draw_phrasings
 from common.config import ConfigError
 from common.data import DataConfig
 from common.ema import EMA
 from common.images import save_grid
+from common.init_from import Component, InitFrom, check_same_autoencoder, init_weights
+from common.lora import ADAPTER_DIR, LoraConfig, add_adapters, check_lora, save_adapter, trainable, without_adapters
 from common.resume import resume_run
 from common.training import OptimConfig, RunConfig
 from pipelines import TokensToImage
@@ -32,14 +36,19 @@ from prior.losses import LossConfig, condition_dropout, corrupt_tokens, next_tok
 from prior.maskgit import build_prior, mask_tokens, masked_token_loss
 from prior.maskgit_sampling import MaskGITSampling
 from prior.sampling import SamplingConfig
-from prior.text import TextEncoderConfig, fit_length
+from prior.text import TextEncoderConfig
 from prior.token_cache import TokenData, TokenDataset, TokensConfig, load_or_build_tokens
 from prior.token_prior import TokenPrior
-from prior.transformer import Condition, PriorConfig, parameter_groups
+from prior.transformer import COMPONENT_KIND, Condition, PriorConfig, parameter_groups
+
+PRIOR = Component("prior", COMPONENT_KIND, PriorConfig)  # what init_from loads
 
 
 @dataclass(frozen=True)
-class TrainConfig:
+class TrainConfig(InitFrom):
+    """Everything a token prior run uses; ``init_from`` starts from a trained prior (:mod:`common.init_from`,
+    its stage 1 must be ``tokens.autoencoder``) and ``lora`` trains adapters on it (:mod:`common.lora`)."""
+
     model: PriorConfig = field(default_factory=PriorConfig)
     tokens: TokensConfig = field(default_factory=TokensConfig)
     text: TextEncoderConfig = field(default_factory=TextEncoderConfig)
@@ -49,6 +58,10 @@ class TrainConfig:
     optim: OptimConfig = field(default_factory=lambda: OptimConfig(lr=3e-4, betas=(0.9, 0.95), weight_decay=0.05))
     data: DataConfig = field(default_factory=DataConfig)
     run: RunConfig = field(default_factory=lambda: RunConfig(out_dir="runs/prior"))
+    lora: LoraConfig = field(default_factory=LoraConfig)
+
+    def __post_init__(self) -> None:
+        check_lora(self.lora, self.init_from)
 
 
 def resolve_model_config(config: PriorConfig, data: TokenData, codebook_size: int) -> PriorConfig:
@@ -90,8 +103,8 @@ def batch_condition(batch: dict, data: TokenData, kind: str) -> Condition:
     if kind == "class":
         return Condition(labels=batch["label"])
     if kind == "text":
-        ids = draw_phrasings(batch["caption"].to(data.text_states.device), data.variants)
-        return Condition(states=data.text_states[ids], mask=data.text_mask[ids])
+        states, mask = data.text(batch["caption"])  # one phrasing per item, fit to the prior's text slots
+        return Condition(states=states, mask=mask)
     return Condition()
 
 
@@ -135,24 +148,41 @@ def train_step(batch, model, data: TokenData, opt, accelerator, cfg: TrainConfig
     return terms.loss, finite, terms
 
 
+def build_model(cfg: TrainConfig, accelerator) -> torch.nn.Module:
+    """The prior to train: fresh or ``init_from``'s, with LoRA adapters on it when ``lora.rank`` > 0."""
+    model = build_prior(cfg.model)
+    if init_weights(model, cfg, PRIOR, cfg.model, accelerator.print):
+        check_same_autoencoder(cfg.init_from, Path(cfg.tokens.autoencoder), "tokens.autoencoder")
+    if cfg.lora.enabled:
+        add_adapters(model, cfg.lora)
+    return model.train()
+
+
+def save_outputs(bundle: TokenPrior, cfg: TrainConfig) -> None:
+    """The run's ``pipeline/``; with LoRA, the adapter alone in ``lora/`` and the untouched base in ``pipeline/``."""
+    out_dir = cfg.run.out_dir
+    if not cfg.lora.enabled:
+        bundle.save_pretrained(f"{out_dir}/pipeline")
+        return
+    save_adapter(bundle.prior, f"{out_dir}/{ADAPTER_DIR}", cfg.lora, "prior", cfg.init_from)
+    TokenPrior(bundle.autoencoder, without_adapters(bundle.prior), bundle.text_config, bundle.class_names,
+               bundle.sampling, bundle.maskgit).save_pretrained(f"{out_dir}/pipeline")
+
+
 def main(argv: list[str] | None = None) -> None:
     cfg = training.load_run_config(TrainConfig, argv, __doc__, "prior", "optim.lr=3e-4")
     check_kind_settings(cfg)  # before the accelerator, which creates the run directory
     accelerator = training.make_accelerator(cfg.run)
     out_dir, kind = cfg.run.out_dir, cfg.model.condition
     text = cfg.text if kind == "text" else None
-    with accelerator.main_process_first():  # the main process builds the cache, the others read it
-        data = load_or_build_tokens(cfg.tokens, cfg.data, text, accelerator.device)
+    # every process tokenises its share of a missing cache, then all read it
+    data = load_or_build_tokens(cfg.tokens, cfg.data, text, accelerator.device, accelerator=accelerator)
     autoencoder = Autoencoder.from_pretrained(cfg.tokens.autoencoder).to(accelerator.device)
     cfg = dataclasses.replace(cfg, model=resolve_model_config(cfg.model, data, autoencoder.config.codebook_size))
-    if data.text_states is not None:  # cut or pad the cached states to the prior's text slots, once
-        states, mask = fit_length(data.text_states, data.text_mask, cfg.model.text_tokens)
-        variants = data.variants.to(accelerator.device) if data.variants is not None else None
-        data = data._replace(text_states=states.to(accelerator.device), text_mask=mask.to(accelerator.device),
-                             variants=variants)
+    data = data.fit_text(cfg.model.text_tokens)  # each batch's text states cut or padded to the prior's slots
 
-    model = build_prior(cfg.model).train()
-    opt, sched = training.make_optimizer(parameter_groups(model, cfg.optim.weight_decay), cfg.optim)
+    model = build_model(cfg, accelerator)
+    opt, sched = training.make_optimizer(trainable(parameter_groups(model, cfg.optim.weight_decay)), cfg.optim)
     model, opt, sched = accelerator.prepare(model, opt, sched)
     ema = EMA(accelerator.unwrap_model(model), cfg.run.ema_decay)
     accelerator.register_for_checkpointing(ema)
@@ -180,7 +210,7 @@ def main(argv: list[str] | None = None) -> None:
     bar.close()
     training.save_training_state(accelerator, out_dir, step, cfg.run.keep_checkpoints)
     if accelerator.is_main_process:
-        bundle.save_pretrained(f"{out_dir}/pipeline")
+        save_outputs(bundle, cfg)
         write_samples(bundle, preview, f"{out_dir}/samples/final.png")
         accelerator.print(f"done: {bar.summary()}; pipeline saved to {out_dir}/pipeline")
     training.end_run(accelerator)

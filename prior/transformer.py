@@ -54,6 +54,11 @@ class PriorConfig:
             forward (less memory, about one more forward pass of time); decoding and eval mode ignore it.
         kind: "ar" (this GPT, one token per step) or "maskgit" (:class:`prior.maskgit.MaskGIT`, a
             bidirectional transformer decoding all tokens in a few parallel steps).
+        gelu: the MLP's GELU: "tanh" (the approximation ours train with) or "exact" (the erf form of
+            taming-transformers' minGPT, which imported weights need to reproduce its logits).
+        null_condition: whether the null condition (class id 0, ``null_text``) was learned; False for
+            priors imported from taming-transformers, which never saw one, so classifier-free guidance
+            and "" prompts are refused (see :mod:`prior.convert`).
     """
 
     codebook_size: int = 0
@@ -70,6 +75,9 @@ class PriorConfig:
     dropout: float = 0.0
     gradient_checkpointing: bool = False  # off by default, so config.json files saved before it load unchanged
     kind: Literal["ar", "maskgit"] = "ar"  # "ar" by default, so config.json files saved before it load unchanged
+    # these two default to what trained priors are, so config.json files saved before them load unchanged
+    gelu: Literal["tanh", "exact"] = "tanh"
+    null_condition: bool = True
 
     # Upper bounds of the sizes that allocate memory or build modules, each far beyond any real model.
     LIMITS: ClassVar[dict[str, int]] = {
@@ -229,7 +237,8 @@ class Block(nn.Module):
         self.norm1 = nn.LayerNorm(config.width)
         self.attn = Attention(config.width, heads=config.heads, qkv_bias=True)
         self.norm2 = nn.LayerNorm(config.width)
-        self.mlp = nn.Sequential(nn.Linear(config.width, hidden), nn.GELU(approximate="tanh"),
+        gelu = nn.GELU(approximate="tanh" if config.gelu == "tanh" else "none")
+        self.mlp = nn.Sequential(nn.Linear(config.width, hidden), gelu,
                                  nn.Linear(hidden, config.width))
         self.drop = nn.Dropout(config.dropout)
 

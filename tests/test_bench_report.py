@@ -132,3 +132,38 @@ def test_a_failing_measurement_is_reported_not_fatal(runs, tmp_path, monkeypatch
     assert "**autoencoder vs taming failed:** `RuntimeError: taming is not installed`" in text
     assert "## Failures" in text and "U-Net vs diffusers" in text and "## Training curves" in text
     assert "## Sampler steps" not in text
+
+
+def growth_row(source: str, items: int, rss: float) -> dict:
+    return {"source": source, "items": items, "first_index_s": items / 5e4, "startup_s": items / 1e5,
+            "cache_build_s": items / 1e3, "build_peak_rss_mb": 900.0, "startup_with_cache_s": items / 9e4,
+            "train_peak_rss_mb": rss, "cache_mb": items / 100, "index_mb": items / 1e4,
+            "image_samples_per_s": 1500.0, "cache_samples_per_s": 30000.0, "encode_ms_per_caption": 0.5,
+            "read_ms_per_caption": 0.002}
+
+
+def test_data_growth_section_renders_the_json_of_bench_data_growth(runs, tmp_path, monkeypatch):
+    from bench.data_growth import goals
+
+    monkeypatch.setattr(measure, "other_busy_cores", lambda seconds=2.0: 0.0)  # not under test: 2 s per call
+
+    rows = [growth_row(s, n, rss) for s in ("folder", "webdataset") for n, rss in ((1_000, 500.0), (10_000, 510.0),
+                                                                                 (100_000, 520.0 if s == "folder"
+                                                                                  else 700.0))]
+    path = tmp_path / "growth.json"
+    path.write_text(json.dumps({"command": "python -m bench.data_growth --sizes 1000 10000 100000", "device": "cuda",
+                                "text": "bundled", "resolution": 32, "batch_size": 64, "rows": rows,
+                                "goals": goals(rows)}))
+    out = tmp_path / "docs"
+    assert report.main(["--quick", "--out", str(out), "--sections", "growth", "--data-growth", str(path), *runs]) == 0
+    text = (out / "BENCHMARKS.md").read_text()
+    assert "## Data growth" in text and "`python -m bench.data_growth --sizes 1000 10000 100000`" in text
+    assert "| folder | 100,000 | 2.00 s | 1.00 s | 100.00 s | 1.11 s | 520 MB | 900 MB | 1000.0 MB |" in text
+    assert "- **folder:** start-up at 100,000 images 1.00 s (goal < 5 s: met); peak RSS 2.0 % from 10,000" in text
+    assert "- **webdataset:**" in text and "37.3 % from 10,000 images (goal within 20.0 %: missed)" in text
+    assert (out / "data_growth.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and "](data_growth.png)" in text
+    missing = tmp_path / "none.json"
+    assert report.main(["--quick", "--out", str(out), "--sections", "growth", "--data-growth", str(missing),
+                        *runs]) == 0
+    assert f"_Not run: `{missing}` missing; measure it with `python -m bench.data_growth" in (
+        out / "BENCHMARKS.md").read_text()

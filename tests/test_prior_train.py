@@ -130,15 +130,16 @@ def test_caption_templates_add_phrasings_that_training_draws_from(autoencoder_di
     templated = load_or_build_tokens(config, data, text)
     unique = len(plain.captions)
     assert plain.variants is None and len(list(tmp_path.glob("tokens-*"))) == 2, "templates are another cache"
-    assert templated.captions == plain.captions + [f"a {c}" for c in plain.captions]
+    assert templated.captions == list(plain.captions) + [f"a {c}" for c in plain.captions]
     assert templated.variants.tolist() == [[i, i + unique] for i in range(unique)]
-    length = plain.text_states.shape[1]  # the templated phrasings are longer: the originals get more padding
-    torch.testing.assert_close(templated.text_states[:unique, :length], plain.text_states)
-    assert not templated.text_states[:unique, length:].any()
+    every = torch.arange(unique)  # the captions themselves: stored the same with or without templates
+    assert all(torch.equal(a, b) for a, b in zip(templated.text_states.gather(every), plain.text_states.gather(every)))
     batch = {"caption": templated.caption_ids[:16], "label": templated.labels[:16]}
     torch.manual_seed(0)
-    states = batch_condition(batch, templated, "text").states
-    rows = [[templated.text_states[v] for v in templated.variants[c]] for c in batch["caption"].tolist()]
+    states = batch_condition(batch, templated.fit_text(20), "text").states
+    assert states.shape == (16, 20, 32), "fit to the prior's text slots"
+    rows = [[templated.text_states.gather(torch.tensor([v]), 20)[0][0] for v in templated.variants[c]]
+            for c in batch["caption"].tolist()]
     chosen = [next(k for k, s in enumerate(row) if torch.equal(s, states[i])) for i, row in enumerate(rows)]
     assert set(chosen) == {0, 1}, "both phrasings are drawn"
     with pytest.raises(ConfigError, match="exactly one"):

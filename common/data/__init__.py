@@ -8,7 +8,16 @@ Modules (the dataset modules are imported when a dataset is built, not with this
 - ``common.data.dataset_config``: ``DataConfig`` and ``DataError`` (re-exported here).
 - ``common.data.shapes``: the procedural shapes dataset, its captions and scorer.
 - ``common.data.emoji``: Noto Color Emoji glyphs.
-- ``common.data.folder``: a folder of images, optionally with class sub-folders.
+- ``common.data.folder``: a folder of images, optionally with class sub-folders (its index:
+  ``common.data.folder_index``).
+- ``common.data.shards``: local webdataset ``.tar`` shards (the img2dataset layout).
+- ``common.data.hf_disk``: a Hugging Face ``datasets`` dataset saved on local disk.
+- ``common.data.decoding`` and ``common.data.index_store``: what those three share (decoding only on
+  read, skipping what fails then; indexes built once under a lock and reused).
+
+The sources read from disk are map-style, so the training stream
+(:class:`common.training.StreamSampler`) gives each process and loader worker a disjoint part of
+every epoch and resumes at the exact sample from the checkpointed step.
 """
 from __future__ import annotations
 
@@ -21,7 +30,12 @@ __all__ = ["DataConfig", "DataError", "build_dataset", "label_names"]
 
 
 def build_dataset(config: DataConfig) -> Dataset:
-    """Instantiate the dataset a ``DataConfig`` names."""
+    """Instantiate the dataset a ``DataConfig`` names.
+
+    Raises:
+        ConfigError: ``data.path`` is missing for a source read from disk, or an ``hf``-only key is set for another.
+    """
+    _check_keys(config)
     if config.name == "shapes":
         from common.data.shapes import ShapesDataset
 
@@ -30,19 +44,43 @@ def build_dataset(config: DataConfig) -> Dataset:
         from common.data.emoji import EmojiDataset
 
         return EmojiDataset(config.resolution, split=config.split, augment=config.augment, seed=config.seed)
-    if not config.path:
-        raise ConfigError("data.path is empty: the folder dataset needs data.path=/path/to/images")
+    if config.name == "webdataset":
+        from common.data.shards import ShardDataset
+
+        return ShardDataset(config.path, config.resolution)
+    if config.name == "hf":
+        from common.data.hf_disk import HFDiskDataset
+
+        return HFDiskDataset(config.path, config.resolution, image_column=config.image_column,
+                             caption_column=config.caption_column, label_column=config.label_column,
+                             split=config.split)
     from common.data.folder import FolderDataset
 
     return FolderDataset(config.path, config.resolution)
+
+
+_PATH_EXAMPLES = {"folder": "data.path=/path/to/images", "webdataset": "data.path=/data/{00000..00009}.tar",
+                  "hf": "data.path=/path/saved/with/save_to_disk"}
+_HF_KEYS = ("image_column", "caption_column", "label_column")
+
+
+def _check_keys(config: DataConfig) -> None:
+    """Refuse a source read from disk without ``data.path``, and ``hf``-only keys given to another source."""
+    if config.name in _PATH_EXAMPLES and not config.path:
+        raise ConfigError(f"data.path is empty: the {config.name} dataset needs {_PATH_EXAMPLES[config.name]}")
+    if config.name != "hf":
+        default = DataConfig()
+        changed = [f"data.{key}" for key in _HF_KEYS if getattr(config, key) != getattr(default, key)]
+        if changed:
+            raise ConfigError(f"{', '.join(changed)} only apply to data.name=hf, not {config.name}: remove them")
 
 
 def label_names(config: DataConfig) -> list[str] | None:
     """The name of each label (index = label) of the dataset ``config`` names, where labels have names.
 
     shapes: the caption of each label (``ShapeSpec.from_label(label).caption``); folder: its class
-    sub-folders, when every image sits in one; otherwise (emoji, a folder without classes) None.
-    Nothing is rendered or decoded.
+    sub-folders, when every image sits in one; hf: the names of a ``ClassLabel`` label column;
+    otherwise (emoji, a folder without classes, webdataset) None. Nothing is rendered or decoded.
     """
     if config.name == "shapes":
         from common.data.shapes import NUM_LABELS, ShapeSpec
@@ -52,4 +90,9 @@ def label_names(config: DataConfig) -> list[str] | None:
         from common.data.folder import folder_classes
 
         return folder_classes(config.path) or None
+    if config.name == "hf" and config.path and config.label_column:
+        from common.data.hf_disk import load_saved
+
+        feature = load_saved(config.path, config.split).features.get(config.label_column)
+        return list(getattr(feature, "names", None) or []) or None
     return None

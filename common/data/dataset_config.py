@@ -17,19 +17,29 @@ class DataError(ValueError):
 class DataConfig:
     """Which images to train or evaluate on.
 
-    name: ``shapes`` (procedural), ``emoji`` (Noto Color Emoji glyphs) or ``folder`` (``path``).
+    name: ``shapes`` (procedural), ``emoji`` (Noto Color Emoji glyphs), ``folder`` (an image folder),
+        ``webdataset`` (local ``.tar`` shards, the img2dataset layout) or ``hf`` (a Hugging Face
+        ``datasets`` dataset saved with ``save_to_disk``); the last three read ``path``.
     resolution: square side in pixels.
-    split: ``train`` or ``heldout`` (the fixed evaluation split), or ``all``.
+    split: ``train`` or ``heldout`` (the fixed evaluation split), or ``all``. ``hf``: a saved
+        ``DatasetDict`` is read at its ``train`` split, or ``test``/``validation`` for ``heldout``.
     size: number of items of the procedural ``shapes`` dataset (its stream is infinite).
     seed: seed of the procedural data and of the augmentations.
-    path: image folder for ``folder``.
+    path: ``folder``: the image folder; ``hf``: the folder ``save_to_disk`` wrote; ``webdataset``: the
+        shards, as a brace pattern (``/data/{00000..00099}.tar``), a glob, a folder of ``.tar`` files,
+        or several of these joined with ``::``.
     augment: captioned augmentations (emoji: background colours), train split only.
+    image_column, caption_column: ``hf``: the columns holding the image and its caption.
+    label_column: ``hf``: the column holding an integer class label ("" = every label is 0).
     """
 
-    name: Literal["shapes", "emoji", "folder"] = "shapes"
+    name: Literal["shapes", "emoji", "folder", "webdataset", "hf"] = "shapes"
     resolution: int = 32
     split: Literal["train", "heldout", "all"] = "train"
     size: int = 10_000
     seed: int = 0
     path: str = ""
     augment: bool = False
+    image_column: str = "image"
+    caption_column: str = "text"
+    label_column: str = ""
