@@ -10,6 +10,12 @@ options. Every tensor maps onto exactly one of ours; leftovers on either side ar
 
 Class embeddings: diffusers indexes its table by label, ours by ``label + 1`` with row 0 the null
 class, so the imported table gets a zero row 0 in front ("no class" adds nothing).
+
+Pooled text (our ``pooled_context``): a ``class_embed_type="projection"`` U-Net whose projection reads
+``cross_attention_dim`` features and whose config carries ``"_latentgen_pooled_text": true`` (written by
+:mod:`diffusion.export`; diffusers ignores keys that start with "_"). Its ``class_labels`` are then the
+masked mean of the text states. A projection U-Net without that mark feeds some other vector through
+``class_labels`` (an image embedding, ...), which we cannot know, so it is refused.
 """
 from __future__ import annotations
 
@@ -52,8 +58,13 @@ HANDLED = {
     "addition_embed_type_num_heads", "upcast_attention",  # upcasting only changes fp16 rounding
 }
 
+# The config mark of a U-Net whose class_labels are the pooled text (see the module doc).
+POOLED_MARK = "_latentgen_pooled_text"
+
 # (pattern, replacement) pairs applied in order to every key (up-level indices are remapped first).
 RULES = (
+    (r"^class_embedding\.linear_1\.", "encoder.context_embed.0."),  # the pooled-text projection, before the table
+    (r"^class_embedding\.linear_2\.", "encoder.context_embed.2."),
     (r"^conv_in\.", "encoder.conv_in."),
     (r"^time_embedding\.", "encoder.time_embed."),
     (r"^class_embedding\.", "encoder.class_embed."),
@@ -108,6 +119,7 @@ def unet_config_from_diffusers(diffusers_config: Mapping[str, Any]) -> UNetConfi
         CheckpointError: naming every option this U-Net cannot represent.
     """
     config = {k: v for k, v in diffusers_config.items() if not k.startswith("_")}
+    pooled = _pooled_text(diffusers_config, config)
     problems = [f"{key}={config[key]!r} (only {default!r} is supported)" for key, default in REQUIRED_DEFAULTS.items()
                 if key in config and not _is_default(key, config[key], default)]
     unknown = sorted(k for k in config
@@ -137,8 +149,23 @@ def unet_config_from_diffusers(diffusers_config: Mapping[str, Any]) -> UNetConfi
         transformer_depth=depth, context_dim=context_dim, num_classes=config.get("num_class_embeds") or 0,
         dropout=float(config.get("dropout", 0.0)), norm_eps=float(config.get("norm_eps", 1e-5)),
         use_linear_projection=bool(config.get("use_linear_projection", False)),
-        timestep_freq_shift=float(config.get("freq_shift", 0)), **heads,
+        timestep_freq_shift=float(config.get("freq_shift", 0)), pooled_context=pooled, **heads,
     )
+
+
+def _pooled_text(diffusers_config: Mapping[str, Any], config: dict[str, Any]) -> bool:
+    """Whether the U-Net adds the pooled text (our mark, a projection of ``cross_attention_dim`` features); if so,
+    its projection options leave ``config`` (they are read here, not refused)."""
+    width = config.get("projection_class_embeddings_input_dim")
+    if diffusers_config.get(POOLED_MARK) is not True or config.get("class_embed_type") != "projection":
+        return False
+    if width != config.get("cross_attention_dim"):
+        raise CheckpointError(f"{POOLED_MARK} with projection_class_embeddings_input_dim={width} != "
+                              f"cross_attention_dim={config.get('cross_attention_dim')}: the pooled text has the "
+                              "text states' width")
+    for key in ("class_embed_type", "projection_class_embeddings_input_dim", "num_class_embeds"):
+        config.pop(key, None)  # diffusers ignores num_class_embeds beside a projection
+    return True
 
 
 def convert_diffusers_unet(state_dict: Mapping[str, Tensor], config: UNetConfig) -> dict[str, Tensor]:

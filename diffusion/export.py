@@ -15,8 +15,13 @@ What diffusers cannot represent:
   diffusers always adds a class, so classifier-free guidance against the null class is lost.
 - A U-Net without text (``context_dim=0``): diffusers' cross-attention blocks require a
   ``cross_attention_dim`` and the U-Net importer reads no other middle block, so it is refused.
-- ``pooled_context``, ``mid_attention=False``, and level widths that are not multiples of 32
-  (diffusers has one GroupNorm group count, 32) are refused by name.
+- ``pooled_context`` (the masked mean of the text states, through Linear -> SiLU -> Linear, added to
+  the time embedding) is diffusers' ``class_embed_type="projection"``, marked for our importer
+  (:data:`diffusion.convert.POOLED_MARK`): call the exported U-Net with ``class_labels`` = that mean.
+  StableDiffusionPipeline passes no ``class_labels``, so it cannot run such a U-Net (warned). Beside
+  class labels (one diffusers class embedding) it is refused.
+- ``mid_attention=False``, and level widths that are not multiples of 32 (diffusers has one GroupNorm
+  group count, 32) are refused by name.
 """
 from __future__ import annotations
 
@@ -33,6 +38,7 @@ from diffusion.convert import (
     MID_BLOCK,
     PLAIN_DOWN,
     PLAIN_UP,
+    POOLED_MARK,
     convert_diffusers_unet,
     unet_config_from_diffusers,
 )
@@ -66,9 +72,8 @@ def unet_config_to_diffusers(config: UNetConfig, sample_size: int | None = None)
     if not config.context_dim:
         problems.append("context_dim=0 (a U-Net without text: diffusers' cross-attention blocks need a "
                         "cross_attention_dim)")
-    if config.pooled_context:
-        problems.append("pooled_context=True (the pooled text added to the time embedding; StableDiffusionPipeline "
-                        "has no such input)")
+    if config.pooled_context and config.num_classes:
+        problems.append("pooled_context=True beside num_classes (diffusers' U-Net has one class embedding)")
     if not config.mid_attention:
         problems.append("mid_attention=False (the importer reads only UNetMidBlock2DCrossAttn)")
     if any(width % 32 for width in widths):
@@ -88,6 +93,8 @@ def unet_config_to_diffusers(config: UNetConfig, sample_size: int | None = None)
         "freq_shift": int(shift) if float(shift).is_integer() else shift,
         "use_linear_projection": config.use_linear_projection, "num_class_embeds": config.num_classes or None,
         **({"sample_size": sample_size} if sample_size else {}),
+        **({"class_embed_type": "projection", "projection_class_embeddings_input_dim": config.context_dim,
+            POOLED_MARK: True} if config.pooled_context else {}),
     }
 
 
@@ -95,7 +102,7 @@ def check_round_trip(config: UNetConfig, imported: UNetConfig) -> None:
     """Refuse an export that the importer would read as another network (a bug, not a user error)."""
     fields = ("in_channels", "out_channels", "block_channels", "layers_per_block", "attention_levels", "mid_attention",
               "transformer_depth", "context_dim", "num_classes", "norm_eps", "use_linear_projection",
-              "timestep_freq_shift")
+              "timestep_freq_shift", "pooled_context")
     differ = [name for name in fields if getattr(imported, name) != getattr(config, name)]
     attended = [w for w, a in zip(config.block_channels, config.attention_levels) if a] + [config.block_channels[-1]]
     if [imported.heads(w) for w in attended] != [config.heads(w) for w in attended]:
@@ -116,7 +123,9 @@ def unet_to_diffusers(unet: UNet, sample_size: int | None = None) -> nn.Module:
     config = unet_config_to_diffusers(unet.config, sample_size)
     try:
         check_round_trip(unet.config, unet_config_from_diffusers(config))
-        peer = build_on_meta(diffusers.UNet2DConditionModel, config)
+        peer = build_on_meta(diffusers.UNet2DConditionModel, {k: v for k, v in config.items() if k != POOLED_MARK})
+        if POOLED_MARK in config:
+            peer.register_to_config(**{POOLED_MARK: True})  # saved in config.json; diffusers' loader skips it
         names = key_map(peer.state_dict(), lambda state: convert_diffusers_unet(state, unet.config),
                         "UNet2DConditionModel export")
     except CheckpointError as error:  # the importer's strict name and shape check

@@ -53,8 +53,8 @@ from common.text_encoder import TextEmbedding, TextEncoder, TextEncoderConfig
 from diffusion.guidance import classifier_free, classifier_guided, inpainting
 from diffusion.latent_cache import decode_latents, encode_latents, pad_tokens
 from diffusion.objectives import Denoiser, DiffusionConfig, drop_condition, training_loss  # noqa: F401 (re-exported)
-from diffusion.samplers import Callback, get_sampler
-from diffusion.schedules import img2img_timesteps, q_sample, timesteps_for
+from diffusion.samplers import SIGMA_SPACING_SAMPLERS, Callback, get_sampler
+from diffusion.schedules import SigmaSpacing, img2img_timesteps, q_sample, sigma_timesteps, timesteps_for
 from diffusion.unet import NULL_CLASS, UNet
 
 if TYPE_CHECKING:  # annotations only; diffusion.classifier does not import this module
@@ -156,9 +156,17 @@ class LatentDiffusion(nn.Module):
         height, width = (ae.resolution if side is None else side for side in (height, width))
         return batch, ae.code_dim, height // factor, width // factor
 
-    def timesteps(self, steps: int, sampler: str) -> Tensor:
-        """The sampling timesteps, in the style each sampler was matched to diffusers with."""
-        style = "dpmsolver" if sampler == "dpmpp_2m" else "ddim"
+    def timesteps(self, steps: int, sampler: str, sigma_spacing: SigmaSpacing = "default") -> Tensor:
+        """The sampling timesteps: the model's timestep spacing in the style each sampler was matched to
+        diffusers with, or float timesteps at Karras / exponentially spaced noise levels
+        (:func:`diffusion.schedules.sigma_timesteps`; only for :data:`SIGMA_SPACING_SAMPLERS`)."""
+        if sigma_spacing != "default":
+            if sampler not in SIGMA_SPACING_SAMPLERS:
+                raise ValueError(f"sigma_spacing={sigma_spacing!r} applies to the samplers "
+                                 f"{', '.join(SIGMA_SPACING_SAMPLERS)}, not {sampler!r}: DDPM and DDIM step on the "
+                                 "training timestep grid (for DDIM with eta 0 on these noise levels use 'euler')")
+            return sigma_timesteps(self.schedule, steps, sigma_spacing)
+        style = "dpmsolver" if sampler in ("dpmpp_2m", "unipc") else "ddim"
         return timesteps_for(self.schedule, steps, self.config.spacing, self.config.steps_offset, style=style)
 
     @torch.no_grad()
@@ -194,9 +202,10 @@ class LatentDiffusion(nn.Module):
             classifier_labels: (B,) class ids of the classifier's attribute to steer towards.
             classifier_scale: the classifier guidance scale; 0 gives exactly the unguided samples.
             noise: (B, D, h, w) start noise to use instead of a draw from ``generator`` (diffusers' ``latents=``).
-            sampler_options: extra sampler options, e.g. ``eta`` for "ddim".
+            sampler_options: extra sampler options, e.g. ``eta`` for "ddim", ``order`` for "unipc", and
+                ``sigma_spacing`` ("default", "karras" or "exponential"; see :meth:`timesteps`).
         """
-        timesteps = self.timesteps(steps, sampler)
+        timesteps = self.timesteps(steps, sampler, sampler_options.pop("sigma_spacing", "default"))
         device = self.device
         if sampler == "ddim" and not self.config.set_alpha_to_one:  # Stable Diffusion's DDIM ends at t = 0
             sampler_options.setdefault("final_alpha_bar", float(self.schedule.alpha_bar(0)))

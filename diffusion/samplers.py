@@ -31,7 +31,7 @@ from __future__ import annotations
 
 import difflib
 import math
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import torch
@@ -283,12 +283,119 @@ def sample_euler(
     return _integrate(denoiser, x, timesteps, cond, callback, step)
 
 
+def _unipc_weights(ratios: list[float], h: float, rows: int) -> list[float]:
+    """UniPC's rho: solve R rho = b with R[i][k] = r_k^i (r = ``ratios`` + [1]) and b_i = i! phi_{i+1}(h) / B(h).
+
+    The phi_k are the exponential integrators' phi functions at -h, built by the recursion h phi_{k+1} =
+    h phi_k / (-h) - 1 / k! from h phi_1 = e^(-h) - 1; B(h) = e^(-h) - 1 is the "bh2" choice (Zhao et al.
+    2023, §3.3). Only the first ``rows`` rows and columns are used (the predictor drops the last).
+    """
+    h_phi, factorial, b = math.expm1(-h) / -h - 1.0, 1.0, []
+    for i in range(1, rows + 1):
+        b.append(h_phi * factorial / math.expm1(-h))
+        factorial *= i + 1
+        h_phi = h_phi / -h - 1.0 / factorial
+    points = torch.tensor((ratios + [1.0])[:rows], dtype=torch.float64)
+    matrix = torch.stack([points**i for i in range(rows)])
+    return torch.linalg.solve(matrix, torch.tensor(b, dtype=torch.float64)).tolist()
+
+
+def unipc_step(
+    x: Tensor,
+    x0_hat: Tensor,
+    alpha_bar_t: float,
+    alpha_bar_s: float,
+    earlier: Sequence[tuple[Tensor, float]] = (),
+    x0_next: Tensor | None = None,
+) -> Tensor:
+    """One UniPC step t -> s in data prediction with B(h) = e^(-h) - 1 (Zhao et al. 2023, "UniPC", Alg. 1-2).
+
+    ``earlier`` holds (x0_hat, alpha_bar) of the previous steps, newest first; p = len(earlier) + 1 is the order.
+    Without ``x0_next`` this is the predictor UniP-p; with it (the x0_hat at s) the corrector UniC-p, which
+    redoes the same step with that new evaluation to give a better x_s (order p + 1, no extra network call).
+
+    1. h = lambda_s - lambda_t; r_k = (lambda_k - lambda_t) / h; D_k = (x0_k - x0_hat) / r_k.
+    2. base (= DDIM, DPM-Solver++ 1st order): (sig_s / sig_t) x_t + a_s (1 - e^(-h)) x0_hat.
+    3. predictor: x_s = base - a_s B(h) sum_k rho_k D_k, rho from the first p - 1 rows of
+       :func:`_unipc_weights` (p = 2: rho = 1/2).
+    4. corrector: x_s = base - a_s B(h) (sum_k rho_k D_k + rho_p (x0_next - x0_hat)), rho from all p rows
+       (p = 1: rho = 1/2).
+    """
+    lambda_t = _half_log_snr(alpha_bar_t)
+    h = _half_log_snr(alpha_bar_s) - lambda_t
+    decay = math.sqrt((1.0 - alpha_bar_s) / (1.0 - alpha_bar_t))
+    x_s = decay * x + (math.sqrt(alpha_bar_s) * -math.expm1(-h)) * x0_hat
+    ratios = [(_half_log_snr(alpha_bar) - lambda_t) / h for _, alpha_bar in earlier]
+    if x0_next is None:
+        if not earlier:
+            return x_s
+        weights = [0.5] if len(earlier) == 1 else _unipc_weights(ratios, h, len(earlier))
+        differences = [(x0 - x0_hat) / r for (x0, _), r in zip(earlier, ratios)]
+    else:
+        weights = [0.5] if not earlier else _unipc_weights(ratios, h, len(earlier) + 1)
+        differences = [(x0 - x0_hat) / r for (x0, _), r in zip(earlier, ratios)] + [x0_next - x0_hat]
+    correction = sum(weight * difference for weight, difference in zip(weights, differences))
+    return x_s - (math.sqrt(alpha_bar_s) * math.expm1(-h)) * correction
+
+
+@torch.no_grad()
+def sample_unipc(
+    denoiser: DenoiserFn,
+    x: Tensor,
+    schedule: NoiseSchedule,
+    timesteps: Tensor,
+    *,
+    cond: dict[str, Any] | None = None,
+    generator: torch.Generator | None = None,
+    callback: Callback | None = None,
+    order: int = 2,
+) -> Tensor:
+    """UniPC (bh2): a multistep predictor of ``order`` whose every step is corrected with the next evaluation.
+
+    Matches diffusers' UniPCMultistepScheduler(solver_type="bh2", predict_x0=True, lower_order_final=True,
+    final_sigmas_type="zero", solver_order=order) given its timesteps (``timesteps_for(..., style=
+    "dpmsolver")``, or :func:`diffusion.schedules.sigma_timesteps`). The order ramps up over the first
+    steps and down over the last (step i of N uses min(order, i + 1, N - i)). ``order`` 2 suits guided
+    sampling, 3 unguided (diffusers' advice). The callback sees each step's input before its correction.
+    Deterministic; ``generator`` is unused. See the module docstring for the other arguments.
+    """
+    if isinstance(order, bool) or order not in (1, 2, 3):
+        raise ValueError(f"UniPC order must be 1, 2 or 3, got {order!r}")
+    alpha_bars = _alpha_bars(schedule, timesteps, floor=MIN_ALPHA_BAR)
+    count = len(alpha_bars) - 1
+    x0s: list[Tensor] = []  # the x0_hat of the last `order` steps, oldest first: the multistep memory
+    previous: list[Tensor] = []  # the last step's corrected input
+
+    def earlier(j: int, p: int) -> list[tuple[Tensor, float]]:
+        """(x0_hat, alpha_bar) of the p - 1 steps before step j, newest first, when x0s ends at step j."""
+        return [(x0s[-1 - k], alpha_bars[j - k]) for k in range(1, p)]
+
+    def step(i: int, x_t: Tensor, x0_hat: Tensor) -> Tensor:
+        if previous:  # correct x_t with x0_hat, redoing the last step at that step's order
+            p = min(order, i, count - i + 1)
+            x_t = unipc_step(previous[0], x0s[-1], alpha_bars[i - 1], alpha_bars[i], earlier(i - 1, p), x0_hat)
+        x0s.append(x0_hat)
+        p = min(order, i + 1, count - i)
+        x_s = unipc_step(x_t, x0_hat, alpha_bars[i], alpha_bars[i + 1], earlier(i, p))
+        del x0s[:-order]
+        previous[:] = [x_t]
+        return x_s
+
+    return _integrate(denoiser, x, timesteps, cond, callback, step)
+
+
 SAMPLERS: dict[str, Sampler] = {
     "ddpm": sample_ddpm,
     "ddim": sample_ddim,
     "dpmpp_2m": sample_dpmpp_2m,
     "euler": sample_euler,
+    "unipc": sample_unipc,
 }
+
+# The samplers that take Karras / exponential sigma spacings (diffusers' use_karras_sigmas /
+# use_exponential_sigmas). DDPM and DDIM step on the training timestep grid, as diffusers' DDPMScheduler and
+# DDIMScheduler do (neither has sigma spacings); DDIM with eta = 0 is the Euler integrator: use "euler".
+SIGMA_SPACING_SAMPLERS: tuple[str, ...] = ("dpmpp_2m", "euler", "unipc")
 
 
 def get_sampler(name: str) -> Sampler:

@@ -29,6 +29,9 @@ from torch import Tensor
 ScheduleKind = Literal["linear", "scaled_linear", "cosine"]
 Spacing = Literal["leading", "trailing", "linspace"]
 TimestepStyle = Literal["ddim", "dpmsolver"]
+SigmaSpacing = Literal["default", "karras", "exponential"]
+SIGMA_SPACINGS: tuple[str, ...] = ("default", "karras", "exponential")
+KARRAS_RHO = 7.0  # Karras et al. 2022, eq. 5: rho = 7 puts more steps at low noise; diffusers and k-diffusion use it
 
 
 @dataclass(frozen=True, eq=False)  # eq=False: tensors have no boolean equality; identity is enough
@@ -310,3 +313,76 @@ def img2img_timesteps(timesteps: Tensor, strength: float) -> Tensor:
     if kept == 0:
         raise ValueError(f"strength {strength} keeps none of the {len(timesteps)} steps; raise it or add steps")
     return timesteps[len(timesteps) - kept :]
+
+
+def karras_sigmas(sigma_min: float, sigma_max: float, steps: int, rho: float = KARRAS_RHO) -> Tensor:
+    """The N noise levels of Karras et al. 2022, eq. 5: linear in sigma^(1/rho), from sigma_max down to sigma_min.
+
+    sigma_i = (sigma_max^(1/rho) + i / (N - 1) (sigma_min^(1/rho) - sigma_max^(1/rho)))^rho, i = 0..N-1
+    (N = 1 gives sigma_max alone). Returns (N,) float64, descending.
+    """
+    ramp = torch.linspace(0.0, 1.0, steps, dtype=torch.float64)
+    low, high = sigma_min ** (1.0 / rho), sigma_max ** (1.0 / rho)
+    return (high + ramp * (low - high)) ** rho
+
+
+def exponential_sigmas(sigma_min: float, sigma_max: float, steps: int) -> Tensor:
+    """N noise levels equally spaced in log sigma, i.e. in DPM-Solver's lambda, from sigma_max to sigma_min."""
+    return torch.linspace(math.log(sigma_max), math.log(sigma_min), steps, dtype=torch.float64).exp()
+
+
+def timestep_of_sigma(schedule: NoiseSchedule, sigmas: Tensor) -> Tensor:
+    """The float timesteps whose noise level is ``sigmas``: the inverse of :meth:`NoiseSchedule.alpha_bar`.
+
+    alpha_bar interpolates sigma linearly between integer timesteps, so t = j + (sigma - sigma_j) /
+    (sigma_{j+1} - sigma_j) with sigma_j <= sigma <= sigma_{j+1}, and ``schedule.alpha_bar(t)`` gives back
+    1 / (1 + sigma^2) to float64 rounding (diffusers' ``_sigma_to_t`` interpolates log sigma instead, which
+    gives a timestep whose own alpha_bar is not the one it stands for).
+
+    Args:
+        schedule: a schedule with finite sigmas (no zero terminal SNR).
+        sigmas: (N,) noise levels in [sigma_0, sigma_{T-1}].
+
+    Returns:
+        (N,) float64 timesteps in [0, T-1].
+    """
+    table = schedule.sigmas
+    sigmas = sigmas.to(torch.float64)
+    if bool((sigmas < table[0]).any() | (sigmas > table[-1]).any()):
+        raise ValueError(f"sigmas must lie in the schedule's range [{table[0].item():.6g}, {table[-1].item():.6g}]")
+    low = (torch.searchsorted(table, sigmas, right=True) - 1).clamp(0, schedule.num_steps - 2)
+    return low + (sigmas - table[low]) / (table[low + 1] - table[low])
+
+
+def sigma_timesteps(schedule: NoiseSchedule, steps: int, spacing: SigmaSpacing) -> Tensor:
+    """N float timesteps at Karras or exponentially spaced noise levels over the schedule's whole range.
+
+    The N noise levels run from sigma_max = sigma_{T-1} to sigma_min = sigma_0 (as diffusers'
+    ``use_karras_sigmas`` / ``use_exponential_sigmas`` in DPMSolverMultistepScheduler and UniPC, and
+    EulerDiscreteScheduler with ``linspace`` spacing); every sampler steps from the last one to the clean
+    endpoint. Each noise level becomes the float timestep that has it (:func:`timestep_of_sigma`), so the
+    samplers, the denoiser and the network all see the same noise level. diffusers instead calls the
+    network at that timestep rounded (DPM-Solver, UniPC; truncated for exponential) while stepping with
+    the unrounded sigma: same noise levels, network times that differ by up to half a training step.
+
+    Args:
+        schedule: the schedule; a zero-terminal-SNR one is refused (sigma_{T-1} is infinite).
+        steps: N, between 1 and T.
+        spacing: ``"karras"`` (rho = 7) or ``"exponential"`` (equal steps in log sigma).
+
+    Returns:
+        (N,) float64, strictly descending, from T-1 to 0.
+    """
+    if spacing not in ("karras", "exponential"):
+        raise ValueError(f"unknown sigma spacing {spacing!r}; valid: 'karras', 'exponential' (or 'default': the "
+                         "model's timestep spacing, from timesteps_for)")
+    if isinstance(steps, bool) or not isinstance(steps, int) or not 1 <= steps <= schedule.num_steps:
+        raise ValueError(f"steps must be a whole number in [1, {schedule.num_steps}], got {steps!r}")
+    sigma_min, sigma_max = schedule.sigmas[0].item(), schedule.sigmas[-1].item()
+    if not math.isfinite(sigma_max):
+        raise ValueError(f"{spacing} sigma spacing needs a finite largest noise level, and this zero-terminal-SNR "
+                         "schedule's is infinite; use sigma_spacing='default' with 'trailing' timestep spacing")
+    make = karras_sigmas if spacing == "karras" else exponential_sigmas
+    sigmas = make(sigma_min, sigma_max, steps).clamp(sigma_min, sigma_max)
+    sigmas[0], sigmas[-1] = sigma_max, sigma_min if steps > 1 else sigma_max  # ends exactly at t = T-1 and 0: the
+    return timestep_of_sigma(schedule, sigmas)  # power and exp round trips leave them 1e-16 off the table

@@ -23,7 +23,8 @@ pipeline. What diffusers cannot hold is refused or warned about by :mod:`autoenc
 - A VQ latent space exports as a ``VQModel``: ``StableDiffusionPipeline`` decodes only with an
   ``AutoencoderKL``, so decode its ``output_type="latent"`` with ``VQModel.decode`` (which snaps to the
   codebook, as ours does).
-- Class labels (a class + text U-Net) are not passed by ``StableDiffusionPipeline``: call the U-Net.
+- Class labels (a class + text U-Net), and the pooled prompt of a ``pooled_context`` U-Net (its
+  ``class_labels``), are not passed by ``StableDiffusionPipeline``: call the U-Net.
 - Token priors (AR GPT, MaskGIT) have no diffusers pipeline; only their autoencoder exports
   (:func:`autoencoder.export.to_diffusers`).
 """
@@ -118,6 +119,10 @@ def _warn_about_diffusers_pipeline(model: LatentDiffusion) -> None:
     if model.autoencoder.config.kind == "vq":
         logger.warning("the latent space is a VQ autoencoder's: vae/ is a VQModel, which StableDiffusionPipeline "
                        "cannot decode with; decode its output_type='latent' / scaling_factor with VQModel.decode")
+    if model.unet.config.pooled_context:
+        logger.warning("the U-Net adds the pooled prompt to its time embedding: StableDiffusionPipeline passes no "
+                       "class_labels, so call the exported UNet2DConditionModel with class_labels = the masked mean "
+                       "of encoder_hidden_states (diffusion.unet.pooled)")
     if model.unet.config.num_classes:
         logger.warning("the U-Net is class-conditional: StableDiffusionPipeline passes no class_labels; call the "
                        "exported UNet2DConditionModel with class_labels")

@@ -6,6 +6,7 @@
     python -m pipelines.generate runs/emoji32_maskgit "dog face" --init-image in.png --mask mask.png   # tokens
     python -m pipelines.generate runs/shapes32_diffusion "a small circle" --guidance 1 \
         --classifier runs/shapes32_classifier --classifier-label red --classifier-scale 3
+    python -m pipelines.generate --from-png grid.png -o again.png     # the same grid again, bit for bit
 
 The grid has one row per prompt and one column per image (``-n``). The output path is printed, then
 one JSON line with every setting that produced it (the seed included: one is drawn when --seed is
@@ -18,6 +19,12 @@ passed, so the pipeline's default applies. Bad arguments print one ``error:`` li
 before any model is loaded where they can be seen from the command line (the ``-o`` path, ``--device``),
 and so do failures while generating and writing (out of memory, disk full); the grid is written to a
 temporary file beside ``-o`` and renamed, so a failed write leaves any earlier file there untouched.
+
+A PNG grid carries every setting in its ``parameters`` text chunk (:mod:`pipelines.png_info`: the prompts,
+the options, the layout, and the pipeline's directory and weights hash). ``--from-png IMAGE.png`` reads
+it and makes the same image again (a grid of this command, a demo grid, or one image saved by the web
+app), bit for bit on the same machine; ``--path`` points to the pipeline when it has moved, and a
+pipeline whose files hash differently is refused.
 """
 from __future__ import annotations
 
@@ -40,13 +47,13 @@ import torch
 from PIL import Image
 
 from common.checkpoint import CheckpointError
-from common.images import make_grid
 from common.precision import CHOICES as PRECISIONS
 from diffusion.samplers import SAMPLERS
 from pipelines.base import Pipeline
 from pipelines.image_to_image import ImageToImage, Inpaint
 from pipelines.loading import load_pipeline
 from pipelines.options import GenerationOptions, check_options, options_from_call
+from pipelines.png_info import Layout, Parameters, call, identify, png_bytes, read_parameters, regenerate, render
 from pipelines.text_to_image import ClassToImage
 
 OPTION_FLAGS = {f.name: f.metadata["cli"] for f in dataclasses.fields(GenerationOptions) if f.metadata["cli"]}
@@ -186,20 +193,25 @@ def check_device(name: str) -> None:
         fail(f"--device {name}: this command runs on cpu, cuda or mps")
 
 
-def write_grid(images: Any, args: argparse.Namespace) -> Path:
-    """Encode the grid in memory, then write it beside ``-o`` and rename it into place (atomic: a failed write
-    leaves no partial file and any earlier one untouched). Disk full is an error with the space needed."""
-    grid = make_grid(images * 2 - 1, args.num_images)
-    if args.scale > 1:
-        grid = grid.resize((grid.width * args.scale, grid.height * args.scale), Image.NEAREST)
+def encode(image: Image.Image, parameters: Parameters, output: str) -> bytes:
+    """The file's bytes: a PNG with the ``parameters`` chunk, or any other format PIL writes (no settings)."""
+    kind = Image.registered_extensions()[Path(output).suffix.lower()]
+    if kind == "PNG":
+        return png_bytes(image, parameters)
     data = io.BytesIO()
-    path = Path(args.output)
-    grid.save(data, format=Image.registered_extensions()[path.suffix.lower()])
+    image.save(data, format=kind)
+    return data.getvalue()
+
+
+def write_file(data: bytes, output: str) -> Path:
+    """Write beside ``-o`` and rename into place (atomic: a failed write leaves no partial file and any
+    earlier one untouched). Disk full is an error with the space needed."""
+    path = Path(output)
     path.parent.mkdir(parents=True, exist_ok=True)
     partial = path.with_name(f".{path.name}.{os.getpid()}.partial")
     try:
         with open(partial, "wb") as handle:
-            handle.write(data.getbuffer())
+            handle.write(data)
             handle.flush()
             os.fsync(handle.fileno())
         os.replace(partial, path)
@@ -207,7 +219,7 @@ def write_grid(images: Any, args: argparse.Namespace) -> Path:
         partial.unlink(missing_ok=True)
         if error.errno in (errno.ENOSPC, errno.EDQUOT):
             free = shutil.disk_usage(path.parent).free
-            fail(f"-o {path}: the disk is full: the grid needs {data.tell():,} bytes and {free:,} are free in "
+            fail(f"-o {path}: the disk is full: the grid needs {len(data):,} bytes and {free:,} are free in "
                  f"{path.parent}; free some space or choose another -o (nothing was written)")
         fail(f"-o {path}: cannot write the grid ({error.strerror}); choose another -o (nothing was written)")
     return path
@@ -235,20 +247,30 @@ def load(args: argparse.Namespace) -> Pipeline:
     return pipe.to(args.device, precision=args.precision)
 
 
-def call_arguments(pipe: Pipeline, args: argparse.Namespace) -> list[Any]:
-    """The pipeline call's positional arguments: prompts (or class labels), and the input image and mask."""
+def recorded_prompts(pipe: Pipeline, args: argparse.Namespace) -> list[Any]:
+    """The call's prompts, or the class labels of a class pipeline (ids and names, checked)."""
     if isinstance(pipe, ClassToImage):
         labels = [as_label(p) for p in args.prompts]
         if pipe.class_names is None and not all(isinstance(label, int) for label in labels):
             fail(f"{args.path} holds a class-conditional pipeline without class names: prompts must be class ids "
                  f"in [0, {pipe.num_classes}), got {args.prompts}")
-        return [labels]
-    positional: list[Any] = [args.prompts]
-    if args.init_image:
-        positional.append(Image.open(args.init_image))
-        if args.mask:
-            positional.append(Image.open(args.mask))
-    return positional
+        return labels
+    return list(args.prompts)
+
+
+def absolute(value: str | None) -> str | None:
+    """A path for the parameters chunk, absolute so that ``--from-png`` finds it from any folder."""
+    return None if value is None else str(Path(value).resolve())
+
+
+def parameters_of(pipe: Pipeline, args: argparse.Namespace, settings: dict[str, Any]) -> Parameters:
+    """Everything that makes the grid: what ``--from-png`` reads back from the PNG (size: filled in after)."""
+    options = dict(settings)
+    if isinstance(options.get("classifier"), str):
+        options["classifier"] = absolute(options["classifier"])
+    return Parameters(identify(args.path), type(pipe).__name__, recorded_prompts(pipe, args), options, (0, 0),
+                      Layout(columns=args.num_images, scale=args.scale), absolute(args.init_image),
+                      absolute(args.mask), args.precision, absolute(args.lora), args.lora_scale)
 
 
 def as_label(text: str) -> int | str:
@@ -260,27 +282,64 @@ def as_label(text: str) -> int | str:
 
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:
+    argv = sys.argv[1:] if argv is None else list(argv)
+    if any(arg == "--from-png" or arg.startswith("--from-png=") for arg in argv):
+        return main_from_png(argv)
     args = parse_args(argv)
     if args.seed is None:
         args.seed = random.randrange(2**31)
     start = time.perf_counter()
-    options = call_options(args)
     try:
         pipe = load(args)
-        images = pipe(*call_arguments(pipe, args), **options).images
-        with warnings.catch_warnings():  # the call warned already
-            warnings.simplefilter("ignore")
-            settings = pipe.options(options).report(pipe.facts)
+        settings = pipe.options(call_options(args)).report(pipe.facts)  # checked once; warns about ignored ones
+        parameters = parameters_of(pipe, args, settings)
+        images = call(pipe, parameters, progress=not args.no_progress)
     except (ValueError, TypeError, CheckpointError, OSError) as error:
         fail_option(error)
     except torch.OutOfMemoryError:
         fail(f"out of memory on {args.device} while generating; lower --chunk-size (images made at once), or "
              f"--height/--width")
-    path = write_grid(images, args)
+    parameters = dataclasses.replace(parameters, size=(images[0].height, images[0].width))
+    path = write_file(encode(render(images, parameters), parameters, args.output), args.output)
     report = {"output": str(path), "path": str(args.path), "pipeline": type(pipe).__name__, "prompts": args.prompts,
               **settings, "init_image": args.init_image, "mask": args.mask, "precision": args.precision,
               "lora": args.lora, "lora_scale": args.lora_scale if args.lora else None,
               "seconds": round(time.perf_counter() - start, 2)}
+    print(path)
+    print(json.dumps(report))
+    return report
+
+
+def main_from_png(argv: list[str]) -> dict[str, Any]:
+    """``--from-png IMAGE.png``: make a PNG's image again from its ``parameters`` chunk."""
+    parser = ArgumentParser(prog="python -m pipelines.generate --from-png",
+                            description="Make a PNG written by latentgen again, from the settings inside it.")
+    parser.add_argument("--from-png", required=True, metavar="IMAGE.png", help="a PNG written by latentgen")
+    parser.add_argument("--path", default=None, help="the pipeline to use when it has moved (its files must hash "
+                        "as recorded)")
+    parser.add_argument("-o", "--output", default=None, help="output PNG path (default: IMAGE.again.png)")
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--no-progress", action="store_true", help="hide the progress bar")
+    args = parser.parse_args(argv)
+    source = Path(args.from_png)
+    if not source.is_file():
+        fail(f"--from-png {source} does not exist")
+    if args.path is not None and not Path(args.path).exists():
+        fail(f"--path {args.path} does not exist")
+    output = args.output or str(source.with_name(f"{source.stem}.again.png"))
+    if Path(output).suffix.lower() != ".png":
+        fail(f"-o {output}: --from-png writes a PNG; end the name with .png")
+    check_output(output)
+    check_device(args.device)
+    try:
+        image, parameters = regenerate(read_parameters(source), args.path, args.device, not args.no_progress)
+    except (ValueError, TypeError, CheckpointError, OSError) as error:
+        fail(str(error))
+    except torch.OutOfMemoryError:
+        fail(f"out of memory on {args.device} while generating; try another --device")
+    path = write_file(png_bytes(image, parameters), output)
+    report = {"output": str(path), "from_png": str(source), "path": parameters.pipeline.path,
+              "pipeline": parameters.task, "prompts": parameters.prompts, **parameters.options}
     print(path)
     print(json.dumps(report))
     return report

@@ -189,7 +189,7 @@ def test_unrepresentable_options_are_named(text_encoder, tmp_path):
         unet_config_to_diffusers(dataclasses.replace(TINY_UNET, block_channels=(16, 32)))
     with pytest.raises(ExportError, match=r"context_dim=0 \(a U-Net without text"):
         unet_config_to_diffusers(dataclasses.replace(TINY_UNET, context_dim=0))
-    with pytest.raises(ExportError, match=r"pooled_context=True .*; mid_attention=False"):
+    with pytest.raises(ExportError, match=r"unsupported mid_attention=False"):
         unet_config_to_diffusers(dataclasses.replace(TINY_UNET, pooled_context=True, mid_attention=False))
     with pytest.raises(ExportError, match=r"code_dim=2 != z_channels=4"):
         diffusers_config(dataclasses.replace(TINY_KL, code_dim=2))
@@ -236,3 +236,27 @@ def test_command_line_exports_a_run_directory(exported, tmp_path, capsys):
     assert json.loads((tmp_path / "sd" / "model_index.json").read_text())["unet"][1] == "UNet2DConditionModel"
     with pytest.raises(SystemExit, match="error: .*pipeline.json"):
         export.main([str(tmp_path / "nothing"), str(tmp_path / "sd2")])
+
+
+def test_pooled_text_exports_as_a_marked_projection(text_encoder, tmp_path):
+    """The demo's U-Net adds the pooled prompt: diffusers computes it with class_labels = the masked mean."""
+    from diffusion.convert import from_diffusers
+    from diffusion.unet import pooled
+
+    unet = randomized(UNet(dataclasses.replace(TINY_UNET, pooled_context=True)), seed=3)
+    unet_to_diffusers(unet, 8).save_pretrained(tmp_path / "unet")
+    peer = diffusers.UNet2DConditionModel.from_pretrained(tmp_path / "unet").eval()
+    x, t = torch.randn(2, 4, 8, 8, generator=torch.Generator().manual_seed(0)), torch.tensor([10, 700])
+    text = text_encoder.encode(["a dog", "a cat on a mat"])
+    with torch.no_grad():
+        expected = unet(x, t, context=text.states, context_mask=text.mask)
+        got = peer(x, t, encoder_hidden_states=text.states, encoder_attention_mask=text.mask,
+                   class_labels=pooled(text.states, text.mask)).sample
+        back = from_diffusers(tmp_path / "unet")(x, t, context=text.states, context_mask=text.mask)
+    assert (got - expected).abs().max().item() <= TOLERANCE and torch.equal(back, expected)
+    config = json.loads((tmp_path / "unet" / "config.json").read_text())
+    del config["_latentgen_pooled_text"]  # someone else's projection U-Net: its class_labels are unknown
+    with pytest.raises(Exception, match="class_embed_type='projection'"):
+        unet_config_from_diffusers(config)
+    with pytest.raises(ExportError, match="pooled_context=True beside num_classes"):
+        unet_config_to_diffusers(dataclasses.replace(TINY_UNET, pooled_context=True, num_classes=3))
