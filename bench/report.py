@@ -262,26 +262,51 @@ def best(results: list[dict]) -> dict:
 
 
 def samplers_section(report: Report, sweeps: dict[str, list[dict]]) -> None:
+    """Prompt accuracy per sampler, sigma spacing and step count against DDPM: from ``<out>/sampler_table.json``
+    (``python -m bench.sampler_table``, measured apart) when it is there, else measured here."""
     ctx, path = report.ctx, report.ctx.args.diffusion_run
     report.lines += ["## Sampler steps vs quality", ""]
-    if report.missing("diffusion", path, "pipeline"):
-        return
-    guidance, why = 4.0, "the evaluator's default: no guidance sweep ran"
-    if "latent diffusion" in sweeps:
-        guidance, why = best(sweeps["latent diffusion"])["guidance"], "the sweep's best"
-    result = report.attempt("sampler steps", lambda: measure.sampler_steps(ctx, path, guidance))
+    saved = ctx.out / "sampler_table.json"
+    if saved.is_file():
+        result = report.attempt("sampler table", lambda: json.loads(saved.read_text()))
+        source = f"measured apart by {code(result['command'])}, read from `{saved}`" if result else ""
+    else:
+        if report.missing("diffusion", path, "pipeline"):
+            return
+        guidance, why = 4.0, "the evaluator's default: no guidance sweep ran"
+        if "latent diffusion" in sweeps:
+            guidance, why = best(sweeps["latent diffusion"])["guidance"], "the sweep's best"
+        result = report.attempt("sampler steps", lambda: {"why": why, **measure.sampler_steps(ctx, path, guidance)})
+        source = ctx.machine_tag
     if not result:
         return
-    rows = result["results"] + [result["reference"]]
-    report.lines += [f"DPM-Solver++(2M) at {', '.join(str(r['steps']) for r in result['results'])} steps against "
-                     f"{result['reference']['sampler'].upper()} at {result['reference']['steps']} steps on `{path}`, "
-                     f"guidance {guidance} ({why}), {rows[0]['prompts']} prompts x "
-                     f"{rows[0]['samples_per_prompt']} samples, same seeds ({ctx.machine_tag}).", ""]
-    report.lines += table(["sampler", "steps", "accuracy", "colour", "shape", "position", "diversity", "s / image",
-                           "command"], [[r["sampler"], r["steps"], *sweep_row(r)[1:5], *sweep_row(r)[6:],
-                                         code(r["command"])] for r in rows])
-    figure = plots.sampler_steps(result["results"], result["reference"], ctx.out / "sampler_steps.png")
+    rows, reference = result["results"], result["reference"]
+    steps = sorted({r["steps"] for r in rows})
+    report.lines += [f"Shapes prompt accuracy of each sampler and sigma spacing at {', '.join(map(str, steps))} "
+                     f"steps (model evaluations: one batched guided call each) against {reference['sampler'].upper()} "
+                     f"at {reference['steps']} steps on `{reference['run_dir']}`, guidance {reference['guidance']} "
+                     f"({result['why']}), {reference['prompts']} prompts x {reference['samples_per_prompt']} samples, "
+                     f"same seeds ({source}). In brackets: the difference to {reference['sampler'].upper()} in points.",
+                     ""]
+    report.lines += table(["sampler", "sigma spacing", *(f"{n} steps" for n in steps)], sampler_rows(rows, reference))
+    report.lines += table(["reference", "steps", "accuracy", "colour", "shape", "position", "diversity"],
+                          [[reference["sampler"], reference["steps"], *sweep_row(reference)[1:5],
+                            sweep_row(reference)[6]]])
+    report.lines += [f"Commands: each cell is {code(rows[0]['command'])} with its `--sampler`, `--sigma-spacing` and "
+                     f"`--steps`; the reference is {code(reference['command'])}.", ""]
+    figure = plots.sampler_steps(rows, reference, ctx.out / "sampler_steps.png")
     report.lines += [f"![sampler steps vs accuracy]({figure.name})", ""]
+
+
+def sampler_rows(rows: list[dict], reference: dict) -> list[list[str]]:
+    """One table row per sampler and sigma spacing: the accuracy at each step count and its gap to the reference."""
+    cells: dict[tuple[str, str], dict[int, str]] = {}
+    for r in rows:
+        gap = 100 * (r["accuracy"] - reference["accuracy"])
+        cells.setdefault((r["sampler"], r.get("sigma_spacing", "default")), {})[r["steps"]] = (
+            f"{percent(r['accuracy'])} ({gap:+.1f})")
+    steps = sorted({r["steps"] for r in rows})
+    return [[sampler, spacing, *(by_steps.get(n, "") for n in steps)] for (sampler, spacing), by_steps in cells.items()]
 
 
 def autoencoder_section(report: Report) -> None:

@@ -36,6 +36,7 @@ from common.evaluation import evaluate_shapes, finite_number, number_list, whole
 from diffusion.classifier import NoisyLatentClassifier
 from diffusion.latent_diffusion import TRAIN_DIFFUSION, find_classifier_dir
 from diffusion.samplers import SAMPLERS
+from diffusion.schedules import SIGMA_SPACINGS
 from pipelines.latent import LatentPipeline
 from pipelines.loading import load_pipeline
 from pipelines.text_to_image import ClassToImage
@@ -69,6 +70,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                         help="comma-separated guidance scales, e.g. 0,1,2,4,8 (overrides --guidance)")
     parser.add_argument("--steps", type=count, default=20, help="sampling steps")
     parser.add_argument("--sampler", default="dpmpp_2m", choices=sorted(SAMPLERS))
+    parser.add_argument("--sigma-spacing", default="default", choices=SIGMA_SPACINGS,
+                        help="noise levels to step through (karras, exponential: dpmpp_2m, euler, unipc only)")
     parser.add_argument("--prompts", type=count, default=32, help="number of fixed evaluation prompts")
     parser.add_argument("--samples", type=count, default=4, help="samples per prompt")
     parser.add_argument("--seed", type=int, default=0, help="sampling seed")
@@ -126,6 +129,8 @@ def evaluate(pipe: LatentPipeline, args: argparse.Namespace, guidance: float,
     by_class = isinstance(pipe, ClassToImage)  # class-only: the prompts are class names
     options = dict(num_inference_steps=args.steps, guidance_scale=guidance, guidance_rescale=args.rescale,
                    sampler=args.sampler, progress=False, output_type="latent")
+    if args.sigma_spacing != "default":
+        options["sigma_spacing"] = args.sigma_spacing
     if args.negative:
         options["negative_prompt"] = args.negative
 
@@ -141,7 +146,8 @@ def evaluate(pipe: LatentPipeline, args: argparse.Namespace, guidance: float,
     scores = evaluate_shapes(generate, num_prompts=args.prompts, samples_per_prompt=args.samples, seed=args.seed,
                              batch_size=args.batch_size)
     settings = {"run_dir": str(args.run_dir), "condition": "class" if by_class else "text", "guidance": guidance,
-                "steps": args.steps, "sampler": args.sampler, "rescale": args.rescale, "negative": args.negative,
+                "steps": args.steps, "sampler": args.sampler, "sigma_spacing": args.sigma_spacing,
+                "rescale": args.rescale, "negative": args.negative,
                 "seed": args.seed}
     if classifier is not None:
         attribute = classifier.config.attribute

@@ -14,6 +14,7 @@ and ends with a summary of the output paths and timings. Each training stage run
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import shutil
 import subprocess
@@ -26,6 +27,7 @@ import torch
 from common.data import DataConfig, build_dataset
 from common.images import save_grid
 from pipelines import TextToImage
+from pipelines.png_info import Layout, Parameters, call, identify, recorded_options, render, save_png
 
 CONFIGS = Path(__file__).resolve().parents[1] / "configs"
 PROMPTS = ("a dog", "dog face", "cat face", "red apple", "rocket", "grinning face", "snowman", "ghost")
@@ -86,12 +88,17 @@ def train_diffusion(out: Path, autoencoder_run: Path, minutes: float, precision:
 
 
 def render_prompts(out: Path, diffusion_run: Path, prompts: list[str], per_prompt: int, seed: int) -> dict[str, str]:
-    """Assemble the text-to-image pipeline, save it, and sample a grid: one row per prompt."""
+    """Assemble the text-to-image pipeline, save it, and sample a grid: one row per prompt. The PNG carries
+    its settings (``python -m pipelines.generate --from-png`` makes it again)."""
     pipe = TextToImage.from_pretrained(diffusion_run)
     pipeline_dir = pipe.save_pretrained(out / "pipeline")
-    result = pipe(prompts, num_images_per_prompt=per_prompt, seed=seed, output_type="pt")
-    grid = save_grid(result.images * 2 - 1, out / "text_to_image.png", columns=per_prompt, scale=3,
-                     row_labels=prompts)
+    given = dict(num_images_per_prompt=per_prompt, seed=seed)
+    options = recorded_options(given, pipe.options(given).report(pipe.facts))
+    parameters = Parameters(identify(pipeline_dir), type(pipe).__name__, list(prompts), options, (0, 0),
+                            Layout(columns=per_prompt, scale=3, labels=True))
+    images = call(pipe, parameters, progress=True)
+    parameters = dataclasses.replace(parameters, size=(images[0].height, images[0].width))
+    grid = save_png(render(images, parameters), out / "text_to_image.png", parameters)
     (out / "text_to_image_prompts.json").write_text(json.dumps({"rows": prompts, "seed": seed}, indent=1))
     print(f"text-to-image grid: {grid} (rows: {', '.join(repr(p) for p in prompts)})")
     return {"pipeline": str(pipeline_dir), "text_to_image": str(grid)}

@@ -39,7 +39,6 @@ import shutil
 import sys
 import tempfile
 import time
-import warnings
 from pathlib import Path
 from typing import Any, NoReturn
 
@@ -53,7 +52,17 @@ from pipelines.base import Pipeline
 from pipelines.image_to_image import ImageToImage, Inpaint
 from pipelines.loading import load_pipeline
 from pipelines.options import GenerationOptions, check_options, options_from_call
-from pipelines.png_info import Layout, Parameters, call, identify, png_bytes, read_parameters, regenerate, render
+from pipelines.png_info import (
+    Layout,
+    Parameters,
+    call,
+    identify,
+    png_bytes,
+    read_parameters,
+    recorded_options,
+    regenerate,
+    render,
+)
 from pipelines.text_to_image import ClassToImage
 
 OPTION_FLAGS = {f.name: f.metadata["cli"] for f in dataclasses.fields(GenerationOptions) if f.metadata["cli"]}
@@ -263,9 +272,8 @@ def absolute(value: str | None) -> str | None:
     return None if value is None else str(Path(value).resolve())
 
 
-def parameters_of(pipe: Pipeline, args: argparse.Namespace, settings: dict[str, Any]) -> Parameters:
+def parameters_of(pipe: Pipeline, args: argparse.Namespace, options: dict[str, Any]) -> Parameters:
     """Everything that makes the grid: what ``--from-png`` reads back from the PNG (size: filled in after)."""
-    options = dict(settings)
     if isinstance(options.get("classifier"), str):
         options["classifier"] = absolute(options["classifier"])
     return Parameters(identify(args.path), type(pipe).__name__, recorded_prompts(pipe, args), options, (0, 0),
@@ -291,8 +299,9 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     start = time.perf_counter()
     try:
         pipe = load(args)
-        settings = pipe.options(call_options(args)).report(pipe.facts)  # checked once; warns about ignored ones
-        parameters = parameters_of(pipe, args, settings)
+        given = call_options(args)
+        settings = pipe.options(given).report(pipe.facts)  # checked once; warns about the options it ignores
+        parameters = parameters_of(pipe, args, recorded_options(given, settings))
         images = call(pipe, parameters, progress=not args.no_progress)
     except (ValueError, TypeError, CheckpointError, OSError) as error:
         fail_option(error)

@@ -20,7 +20,8 @@ import torch
 from torch import Tensor
 
 from diffusion.classifier import NoisyLatentClassifier
-from diffusion.samplers import Callback, get_sampler
+from diffusion.samplers import SIGMA_SPACING_SAMPLERS, Callback, get_sampler
+from diffusion.schedules import SIGMA_SPACINGS
 
 OUTPUT_TYPES = ("pil", "pt", "latent")
 
@@ -145,7 +146,8 @@ WHY_NOT = {
 
 
 def option(default: Any, help: str, *, cli: str | None = None, only: str | None = None, elsewhere: str = "refuse",
-           integer: bool = False, minimum: float | None = None, maximum: float = math.inf, sampler: str | None = None,
+           integer: bool = False, minimum: float | None = None, maximum: float = math.inf,
+           sampler: str | tuple[str, ...] | None = None,
            why: str | None = None, report: bool = True) -> Any:
     """A :class:`GenerationOptions` field whose metadata drives the checks, the CLI flag and the docs.
 
@@ -158,7 +160,7 @@ def option(default: Any, help: str, *, cli: str | None = None, only: str | None 
         elsewhere: what a pipeline without that role does with a value other than the default:
             "refuse" (ValueError) or "warn" (UserWarning, the value is ignored).
         integer, minimum, maximum: the value's bounds (None values are not checked).
-        sampler: the sampler the option is passed to (``sample_latents(**sampler_options)``).
+        sampler: the sampler (or samplers) the option is passed to (``sample_latents(**sampler_options)``).
         why: the refusal's reason when it is not the role's :data:`WHY_NOT`.
         report: whether :meth:`GenerationOptions.report` lists it (False: how to run, not what to make).
     """
@@ -182,6 +184,11 @@ class GenerationOptions:
                           elsewhere="warn")
     eta: float = option(0.0, "DDIM's eta: 0 deterministic, 1 DDPM-like", cli="--eta", only="diffusion",
                         elsewhere="warn", minimum=0.0, sampler="ddim")
+    sigma_spacing: str = option("default", "the noise levels the sampler steps through: 'default' (the model's "
+                                "timestep spacing), 'karras' (Karras et al. 2022, rho 7) or 'exponential' (even in "
+                                "log sigma); diffusers' use_karras_sigmas / use_exponential_sigmas",
+                                cli="--sigma-spacing", only="diffusion", elsewhere="warn",
+                                sampler=SIGMA_SPACING_SAMPLERS)
     negative_prompt: str | list[str] | None = option(None, "replaces the null prompt \"\" in guidance's "
                                                      "unconditional branch; one, or one per prompt",
                                                      cli="--negative", only="text")
@@ -233,7 +240,7 @@ class GenerationOptions:
 
     def sampler_options(self) -> dict[str, Any]:
         """The options of the sampler in use (fields with ``sampler=`` metadata), for ``sample_latents``."""
-        return {f.name: getattr(self, f.name) for f in fields(self) if f.metadata["sampler"] == self.sampler}
+        return {f.name: getattr(self, f.name) for f in fields(self) if self.sampler in option_samplers(f)}
 
     def report(self, facts: PipelineFacts) -> dict[str, Any]:
         """The settings that made a call's images, JSON-ready: the checked options the pipeline uses
@@ -250,6 +257,12 @@ class GenerationOptions:
     def given(self) -> dict[str, Any]:
         """The options that differ from their defaults, in field order."""
         return {f.name: getattr(self, f.name) for f in fields(self) if not _is_default(f, getattr(self, f.name))}
+
+
+def option_samplers(f: dataclasses.Field) -> tuple[str, ...]:
+    """The samplers an option is passed to (none for an option that is not a sampler's)."""
+    wanted = f.metadata["sampler"]
+    return () if wanted is None else (wanted,) if isinstance(wanted, str) else tuple(wanted)
 
 
 def _is_default(f: dataclasses.Field, value: Any) -> bool:
@@ -323,11 +336,15 @@ def check_options(options: GenerationOptions, facts: PipelineFacts | None = None
 def _check_values(options: GenerationOptions) -> None:
     """The checks that are more than bounds: names, callables, and options that need one another."""
     get_sampler(options.sampler)  # the one check of sampler names
+    if options.sigma_spacing not in SIGMA_SPACINGS:
+        raise ValueError(f"sigma_spacing must be one of {', '.join(map(repr, SIGMA_SPACINGS))}, "
+                         f"got {options.sigma_spacing!r}")
     for name, value in options.given().items():
-        wanted = fields(GenerationOptions)[OPTION_NAMES.index(name)].metadata["sampler"]
-        if wanted is not None and wanted != options.sampler:
-            raise ValueError(f"{name}={value!r} is an option of sampler {wanted!r}, and the sampler is "
-                             f"{options.sampler!r}; pass sampler={wanted!r} or leave {name} out")
+        wanted = option_samplers(fields(GenerationOptions)[OPTION_NAMES.index(name)])
+        if wanted and options.sampler not in wanted:
+            which = f"sampler {wanted[0]!r}" if len(wanted) == 1 else f"samplers {', '.join(map(repr, wanted))}"
+            raise ValueError(f"{name}={value!r} is an option of {which}, and the sampler is {options.sampler!r}; "
+                             f"pass sampler={wanted[0]!r} or leave {name} out")
     _check_randomness(options)
     if options.callback is not None and not callable(options.callback):
         raise TypeError(f"callback must be callable as callback(step_index, latents, x0_hat), got {options.callback!r}")

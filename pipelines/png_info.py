@@ -44,7 +44,7 @@ from common.images import label_rows, make_grid, pil_to_tensor
 from pipelines.base import Pipeline, resolve
 from pipelines.image_to_image import ImageToImage, Inpaint
 from pipelines.loading import load_pipeline
-from pipelines.text_to_image import ClassToImage
+from pipelines.options import GenerationOptions
 
 FORMAT = "latentgen.parameters/1"
 KEY = "parameters"
@@ -282,11 +282,9 @@ def regenerate(parameters: Parameters, path: str | Path | None = None, device: s
     return render(images, parameters), dataclasses.replace(parameters, pipeline=identity)
 
 
-def task_of(pipe: Pipeline) -> str:
-    """The task name recorded for a pipeline."""
-    return type(pipe).__name__
-
-
-def prompts_of(pipe: Pipeline, prompts: list[Any]) -> list[Any]:
-    """Prompts as recorded: ClassToImage's labels stay ids or names, anything else is text."""
-    return list(prompts) if isinstance(pipe, ClassToImage) else [str(p) for p in prompts]
+def recorded_options(given: dict[str, Any], report: dict[str, Any]) -> dict[str, Any]:
+    """The options to record for a call: its report (defaults resolved) over the options given, so that one
+    the report leaves out but the pipeline uses (a MaskGIT prior's ``num_inference_steps``) is kept too;
+    how the call ran (``progress``, ``output_type``, ...) is not recorded."""
+    kept = {f.name for f in dataclasses.fields(GenerationOptions) if f.metadata["report"]}
+    return {**{name: value for name, value in given.items() if name in kept}, **report}

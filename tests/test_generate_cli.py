@@ -63,7 +63,7 @@ def test_other_pipelines_img2img_and_inpainting(dirs, tmp_path, capsys):
 
 
 @pytest.mark.parametrize("args, message", [
-    (["--sampler", "plms"], "--sampler 'plms' is unknown; valid samplers: ddim, ddpm, dpmpp_2m, euler"),
+    (["--sampler", "plms"], "--sampler 'plms' is unknown; valid samplers: ddim, ddpm, dpmpp_2m, euler, unipc"),
     (["--height", "15"], "height=15 is not a multiple of 4"),
     (["--steps", "0"], "--steps: num_inference_steps must be >= 1, got 0"),
     (["-n", "0"], "--num-images and --scale must be >= 1"),
@@ -131,4 +131,4 @@ def test_the_real_command_exits_2_without_a_traceback(dirs):
     result = subprocess.run(command, cwd=REPO, capture_output=True, text=True, timeout=120)
     assert result.returncode == 2 and "Traceback" not in result.stderr
     assert result.stderr.strip().splitlines() == ["error: --sampler 'plms' is unknown; valid samplers: ddim, ddpm, "
-                                                   "dpmpp_2m, euler"]
+                                                   "dpmpp_2m, euler, unipc"]

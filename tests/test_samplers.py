@@ -50,7 +50,7 @@ def steps_for(name: str, schedule: NoiseSchedule, spacing: str = "linspace") -> 
     """DDPM needs the full chain; the ODE samplers get 50 steps in their diffusers style."""
     if name == "ddpm":
         return timesteps_for(schedule, 1000, spacing)  # type: ignore[arg-type]
-    style = "dpmsolver" if name == "dpmpp_2m" else "ddim"
+    style = "dpmsolver" if name in ("dpmpp_2m", "unipc") else "ddim"
     return timesteps_for(schedule, 50, spacing, style=style)  # type: ignore[arg-type]
 
 
@@ -160,8 +160,8 @@ def test_img2img_starts_at_a_later_timestep(name: str) -> None:
 
 
 def test_registry_and_validation() -> None:
-    assert set(SAMPLERS) == {"ddpm", "ddim", "dpmpp_2m", "euler"} and get_sampler("ddpm") is sample_ddpm
-    with pytest.raises(ValueError, match="ddim, ddpm, dpmpp_2m, euler"):
+    assert set(SAMPLERS) == {"ddpm", "ddim", "dpmpp_2m", "euler", "unipc"} and get_sampler("ddpm") is sample_ddpm
+    with pytest.raises(ValueError, match="ddim, ddpm, dpmpp_2m, euler, unipc"):
         get_sampler("plms")
     with pytest.raises(ValueError, match="strictly descending"):
         sample_ddim(gaussian_denoiser(SCHEDULE), noise(), SCHEDULE, torch.tensor([10, 20]))
