@@ -1,7 +1,8 @@
 # Two entry points: `make demo` (the main job on the built-in data) and `make test` (the linter, then the
 # test suite: the command CI runs). `make lint` runs the linter alone (ruff, configured in pyproject.toml).
 # Both are idempotent: they create .venv, install latentgen with its dev extras at the tested versions
-# of constraints.txt, and fetch Debian's emoji font when it is missing and we are root.
+# of constraints.txt, and fetch Debian's emoji font when it is missing and we are root (`make test` also
+# fetches Debian's chromium and chromium-driver, the headless browser of the web app's test).
 # `make install CONSTRAINTS=` (or `export CONSTRAINTS=`) installs without the pins, in a fresh .venv.
 PYTHON ?= python3
 CONSTRAINTS ?= constraints.txt
@@ -10,7 +11,7 @@ PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 EMOJI_FONT := /usr/share/fonts/truetype/noto/NotoColorEmoji.ttf
 
-.PHONY: demo lint test test-slow install fonts constraints
+.PHONY: demo lint test test-slow install fonts browser constraints
 
 demo: install fonts
 	$(PY) -m pipelines.demo $(ARGS)
@@ -19,7 +20,7 @@ demo: install fonts
 lint: install
 	$(PY) -m ruff check .
 
-test: lint fonts
+test: lint fonts browser
 	$(PY) -m pytest -q $(ARGS)
 
 test-slow: install fonts
@@ -53,4 +54,15 @@ fonts:
 		apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq fonts-noto-color-emoji >/dev/null; \
 	else \
 		echo "MISSING: the emoji dataset needs Debian's fonts-noto-color-emoji: run 'sudo apt-get install fonts-noto-color-emoji'"; \
+	fi
+
+# tests/test_app_browser.py drives the web app in Debian's chromium through its chromedriver (and skips,
+# saying why, without them).
+browser:
+	@if command -v chromium >/dev/null && command -v chromedriver >/dev/null; then :; \
+	elif [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null; then \
+		echo "installing Debian's chromium and chromium-driver for the web app's browser test"; \
+		apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium chromium-driver >/dev/null; \
+	else \
+		echo "MISSING: the web app's browser test needs chromium and chromedriver: run 'sudo apt-get install chromium chromium-driver' (it skips without them)"; \
 	fi

@@ -245,20 +245,14 @@ def guidance_sweep(ctx: Context, kind: str, path: str) -> dict:
 
 
 def sampler_steps(ctx: Context, path: str, guidance: float) -> dict:
-    """DPM-Solver++(2M) at each step count and DDPM at its reference count, same prompts and seeds."""
+    """Every sampler and sigma spacing at each step count, and DDPM at its reference count, same prompts and
+    seeds (:func:`bench.sampler_table.table`; ``python -m bench.sampler_table`` measures the same apart)."""
+    from bench import sampler_table
+
     settings = ctx.profile["samplers"]
-    module, pipe = _shapes_evaluator("diffusion", path, ctx.device)
-
-    def score(sampler: str, steps: int) -> dict:
-        argv = [path, "--guidance", str(guidance), "--steps", str(steps), "--sampler", sampler, "--prompts",
-                str(settings["prompts"]), "--samples", str(settings["samples"]), f"--device={ctx.device}"]
-        result = module.evaluate(pipe, module.parse_args(argv), guidance)
-        ctx.log(f"  {sampler} {steps} steps: accuracy {result['accuracy']:.3f} in {result['seconds']:.0f} s")
-        return {**result, "command": shlex.join(["python", "-m", "diffusion.evaluate_shapes", *argv,
-                                                 *ctx.threads_flag()])}
-
-    return {"results": [score("dpmpp_2m", steps) for steps in settings["steps"]],
-            "reference": score("ddpm", settings["ddpm_steps"])}
+    score = sampler_table.scorer(path, ctx.device, ctx.threads_flag(), ctx.log)
+    return sampler_table.table(score, guidance, prompts=settings["prompts"], samples=settings["samples"],
+                               steps=settings["steps"], ddpm_steps=settings["ddpm_steps"])
 
 
 def autoencoder_quality(ctx: Context, path: str) -> dict:

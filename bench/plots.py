@@ -46,10 +46,16 @@ def guidance_sweep(sweeps: dict[str, list[dict]], path: Path) -> Path:
 
 
 def sampler_steps(results: list[dict], reference: dict | None, path: Path) -> Path:
-    """Accuracy against the number of sampling steps; the reference sampler is a dashed line."""
-    figure, axis = plt.subplots(figsize=(5.2, 3.4))
-    steps = [r["steps"] for r in results]
-    axis.plot(steps, [r["accuracy"] for r in results], marker="o", label=results[0]["sampler"] if results else "")
+    """Accuracy against the number of sampling steps, one line per sampler and sigma spacing; the reference
+    sampler is a dashed line."""
+    figure, axis = plt.subplots(figsize=(6.4, 4.0))
+    lines: dict[str, list[dict]] = {}
+    for r in results:
+        spacing = r.get("sigma_spacing", "default")
+        lines.setdefault(r["sampler"] + ("" if spacing == "default" else f" {spacing}"), []).append(r)
+    for label, rows in lines.items():
+        axis.plot([r["steps"] for r in rows], [r["accuracy"] for r in rows], marker="o", label=label, alpha=0.8)
+    steps = sorted({r["steps"] for r in results})
     if reference is not None:
         axis.axhline(reference["accuracy"], color="grey", linestyle="--",
                      label=f"{reference['sampler']} {reference['steps']} steps")
@@ -58,7 +64,7 @@ def sampler_steps(results: list[dict], reference: dict | None, path: Path) -> Pa
     axis.xaxis.set_minor_locator(NullLocator())
     axis.set(xlabel="sampling steps", ylabel="prompt accuracy", ylim=(-0.02, 1.02), title="Sampler steps vs accuracy")
     axis.grid(alpha=0.3)
-    axis.legend(loc="lower right")
+    axis.legend(loc="lower right", fontsize="small")
     return _save(figure, path)
 
 

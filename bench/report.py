@@ -281,13 +281,12 @@ def samplers_section(report: Report, sweeps: dict[str, list[dict]]) -> None:
     if not result:
         return
     rows, reference = result["results"], result["reference"]
-    steps = sorted({r["steps"] for r in rows})
+    steps, name = sorted({r["steps"] for r in rows}), reference["sampler"].upper()
     report.lines += [f"Shapes prompt accuracy of each sampler and sigma spacing at {', '.join(map(str, steps))} "
-                     f"steps (model evaluations: one batched guided call each) against {reference['sampler'].upper()} "
-                     f"at {reference['steps']} steps on `{reference['run_dir']}`, guidance {reference['guidance']} "
-                     f"({result['why']}), {reference['prompts']} prompts x {reference['samples_per_prompt']} samples, "
-                     f"same seeds ({source}). In brackets: the difference to {reference['sampler'].upper()} in points.",
-                     ""]
+                     f"steps (model evaluations: one batched guided call each) against {name} at {reference['steps']} "
+                     f"steps on `{reference.get('run_dir', path)}`, guidance {reference['guidance']} "
+                     f"({result['why']}), {reference['prompts']} prompts x {reference['samples_per_prompt']} "
+                     f"samples, same seeds ({source}). In brackets: the difference to {name} in points.", ""]
     report.lines += table(["sampler", "sigma spacing", *(f"{n} steps" for n in steps)], sampler_rows(rows, reference))
     report.lines += table(["reference", "steps", "accuracy", "colour", "shape", "position", "diversity"],
                           [[reference["sampler"], reference["steps"], *sweep_row(reference)[1:5],

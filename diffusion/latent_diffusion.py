@@ -217,7 +217,8 @@ class LatentDiffusion(nn.Module):
             noise = torch.randn(shape, generator=generator, device=generator.device if generator else device)
         x = noise.to(device, torch.float32)
         if init_latents is not None:  # SDEdit: noise the input to the first kept timestep
-            start = torch.full((shape[0],), int(timesteps[0]), device=device)
+            # .item(): an int for the model's timesteps, a float for sigma spacings (int() would truncate it)
+            start = torch.full((shape[0],), timesteps[0].item(), device=device)
             x = q_sample(self.schedule, init_latents.to(device).float(), start, x)
         denoiser = self._guided_denoiser(cond, uncond, guidance, rescale, class_labels)
         if classifier is not None:  # inside inpainting, which must see the final x0 estimate

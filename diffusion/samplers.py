@@ -16,7 +16,8 @@ Every sampler has the signature
     sample_X(denoiser, x, schedule, timesteps, *, cond=None, generator=None, callback=None, **options)
 
 where ``x`` is the latent at ``timesteps[0]`` (pure noise for txt2img, a noised latent for img2img),
-``timesteps`` is descending (from :func:`diffusion.schedules.timesteps_for`; float timesteps work too),
+``timesteps`` is descending (from :func:`diffusion.schedules.timesteps_for`; float timesteps work too, e.g.
+the Karras / exponential noise levels of :func:`diffusion.schedules.sigma_timesteps`),
 and ``callback(i, x_t, x0_hat)`` sees each step's input and prediction. Every sampler ends at zero
 noise: the last step returns the last x0_hat itself. Random numbers come only from ``generator``, one
 draw of x's shape per stochastic step, in step order; a CPU generator gives the same images on any

@@ -33,6 +33,10 @@ Modules:
 - ``pipelines.export``: a latent diffusion pipeline as a diffusers Stable Diffusion folder
   (``save_pretrained(path, format="diffusers")``, ``python -m pipelines.export``).
 - ``pipelines.generate``: the command line; ``pipelines.demo``: train both stages briefly and render a grid.
+- ``pipelines.png_info``: the settings inside every PNG written (a ``parameters`` chunk) and the call that
+  makes its image again (``python -m pipelines.generate --from-png IMAGE.png``).
+- ``pipelines.app``: the local web app (``python -m pipelines.app RUN_OR_PIPELINE_DIR``, gradio, an optional
+  extra); ``pipelines.app_calls``: its controls, requests and files, without gradio.
 """
 from pipelines.base import Pipeline, PipelineKindError, PipelineOutput
 from pipelines.image_to_image import ImageToImage, Inpaint

@@ -147,7 +147,7 @@ WHY_NOT = {
 
 def option(default: Any, help: str, *, cli: str | None = None, only: str | None = None, elsewhere: str = "refuse",
            integer: bool = False, minimum: float | None = None, maximum: float = math.inf,
-           sampler: str | tuple[str, ...] | None = None,
+           sampler: str | tuple[str, ...] | None = None, choices: tuple[str, ...] | None = None,
            why: str | None = None, report: bool = True) -> Any:
     """A :class:`GenerationOptions` field whose metadata drives the checks, the CLI flag and the docs.
 
@@ -161,12 +161,13 @@ def option(default: Any, help: str, *, cli: str | None = None, only: str | None 
             "refuse" (ValueError) or "warn" (UserWarning, the value is ignored).
         integer, minimum, maximum: the value's bounds (None values are not checked).
         sampler: the sampler (or samplers) the option is passed to (``sample_latents(**sampler_options)``).
+        choices: the valid values of a text option (checked; the app offers them), or None.
         why: the refusal's reason when it is not the role's :data:`WHY_NOT`.
         report: whether :meth:`GenerationOptions.report` lists it (False: how to run, not what to make).
     """
     return field(default=default, metadata=dict(help=help, cli=cli, only=only, elsewhere=elsewhere, integer=integer,
                                                  minimum=minimum, maximum=maximum, sampler=sampler, why=why,
-                                                 report=report))
+                                                 report=report, choices=choices))
 
 
 @dataclass(frozen=True)
@@ -188,7 +189,7 @@ class GenerationOptions:
                                 "timestep spacing), 'karras' (Karras et al. 2022, rho 7) or 'exponential' (even in "
                                 "log sigma); diffusers' use_karras_sigmas / use_exponential_sigmas",
                                 cli="--sigma-spacing", only="diffusion", elsewhere="warn",
-                                sampler=SIGMA_SPACING_SAMPLERS)
+                                sampler=SIGMA_SPACING_SAMPLERS, choices=SIGMA_SPACINGS)
     negative_prompt: str | list[str] | None = option(None, "replaces the null prompt \"\" in guidance's "
                                                      "unconditional branch; one, or one per prompt",
                                                      cli="--negative", only="text")
@@ -336,9 +337,10 @@ def check_options(options: GenerationOptions, facts: PipelineFacts | None = None
 def _check_values(options: GenerationOptions) -> None:
     """The checks that are more than bounds: names, callables, and options that need one another."""
     get_sampler(options.sampler)  # the one check of sampler names
-    if options.sigma_spacing not in SIGMA_SPACINGS:
-        raise ValueError(f"sigma_spacing must be one of {', '.join(map(repr, SIGMA_SPACINGS))}, "
-                         f"got {options.sigma_spacing!r}")
+    for f in fields(options):
+        if f.metadata["choices"] and getattr(options, f.name) not in f.metadata["choices"]:
+            raise ValueError(f"{f.name} must be one of {', '.join(map(repr, f.metadata['choices']))}, "
+                             f"got {getattr(options, f.name)!r}")
     for name, value in options.given().items():
         wanted = option_samplers(fields(GenerationOptions)[OPTION_NAMES.index(name)])
         if wanted and options.sampler not in wanted:

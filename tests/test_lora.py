@@ -157,7 +157,7 @@ def test_generate_cli_samples_with_an_adapter(root, tmp_path):
     zero = generate.main([*args, "-o", str(tmp_path / "zero.png"), "--lora", str(root / "run"), "--lora-scale", "0"])
     assert adapted["lora"] == str(root / "run") and zero["lora_scale"] == 0 and plain["lora"] is None
     assert plain["precision"] == "fp32"
-    pixels = {name: torch.from_numpy(np.asarray(Image.open(tmp_path / f"{name}.png"))) for name in ("plain", "lora",
+    pixels = {name: torch.from_numpy(np.array(Image.open(tmp_path / f"{name}.png"))) for name in ("plain", "lora",
                                                                                                      "zero")}
     assert not torch.equal(pixels["plain"], pixels["lora"]) and torch.equal(pixels["plain"], pixels["zero"])
     with pytest.raises(SystemExit):
