@@ -17,6 +17,7 @@ Options that change the process and that we do not model (``trained_betas``, ``c
 from __future__ import annotations
 
 import json
+import logging
 from pathlib import Path
 from typing import Any
 
@@ -26,6 +27,8 @@ from common.text_encoder import TextEncoder, TextEncoderConfig
 from diffusion import convert as unet_convert
 from diffusion.latent_diffusion import LatentDiffusion
 from diffusion.objectives import DiffusionConfig
+
+logger = logging.getLogger(__name__)
 
 INDEX_FILE = "model_index.json"
 SCHEDULES = {"linear": "linear", "scaled_linear": "scaled_linear", "squaredcos_cap_v2": "cosine"}
@@ -58,12 +61,22 @@ def diffusion_config_from_scheduler(config: dict[str, Any]) -> DiffusionConfig:
     if problems:
         raise CheckpointError(f"cannot run this scheduler config ({config.get('_class_name', 'scheduler')}): "
                               + "; ".join(problems))
+    _warn_about_sigma_spacing(config)
     return DiffusionConfig(
         schedule=SCHEDULES[schedule], num_steps=int(config.get("num_train_timesteps", 1000)),
         beta_start=float(config.get("beta_start", 0.0001)), beta_end=float(config.get("beta_end", 0.02)),
         zero_terminal_snr=bool(config.get("rescale_betas_zero_snr", False)), prediction=PREDICTIONS[prediction],
         spacing=spacing, steps_offset=int(config.get("steps_offset", 0)) if spacing == "leading" else 0,
         set_alpha_to_one=bool(config.get("set_alpha_to_one", True)))
+
+
+def _warn_about_sigma_spacing(config: dict[str, Any]) -> None:
+    """A sigma spacing is a sampling option of ours, not part of the noise process: say how to ask for it."""
+    for key, spacing in (("use_karras_sigmas", "karras"), ("use_exponential_sigmas", "exponential")):
+        if config.get(key):
+            logger.warning("the scheduler config sets %s, which the pipelines do not apply by default: pass "
+                           "sigma_spacing=%r (CLI: --sigma-spacing %s) to sample on those noise levels",
+                           key, spacing, spacing)
 
 
 def _read_json(path: Path) -> dict[str, Any]:

@@ -85,3 +85,10 @@ def test_the_cli_and_load_pipeline_run_the_folder(folder, tmp_path, capsys):
     assert (tmp_path / "grid.png").is_file()
     settings = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     assert settings["seed"] == 0
+
+
+def test_a_sigma_spacing_in_the_scheduler_config_is_named_not_dropped(caplog):
+    config = dict(SD_SCHEDULER, use_karras_sigmas=True)
+    with caplog.at_level("WARNING", logger="diffusion.stable_diffusion"):
+        assert diffusion_config_from_scheduler(config) == diffusion_config_from_scheduler(SD_SCHEDULER)
+    assert "use_karras_sigmas" in caplog.text and "sigma_spacing='karras'" in caplog.text
