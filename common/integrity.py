@@ -42,12 +42,17 @@ class UnverifiedWeightsWarning(UserWarning):
     """A component saved before weights hashes were recorded: it loads, unchecked."""
 
 
-def full_sha256(path: Path) -> str:
-    """SHA-256 of the whole file (what ``sha256sum`` prints)."""
-    digest = hashlib.sha256()
+def update_with_file(digest: Any, path: Path) -> None:
+    """Feed the whole file at ``path`` to a hashlib ``digest``, a chunk at a time."""
     with open(path, "rb") as handle:
         while chunk := handle.read(_CHUNK):
             digest.update(chunk)
+
+
+def full_sha256(path: Path) -> str:
+    """SHA-256 of the whole file (what ``sha256sum`` prints)."""
+    digest = hashlib.sha256()
+    update_with_file(digest, path)
     return digest.hexdigest()
 
 

@@ -52,6 +52,7 @@ from common.cache_build import META_FILE, CacheSpec, build_cache, ensure_built, 
 from common.checkpoint import CONFIG_FILE, WEIGHTS_FILE
 from common.config import to_dict
 from common.data import DataConfig, build_dataset
+from common.integrity import update_with_file
 from common.text_encoder import BUNDLED_PACKAGE, TextEmbedding, TextEncoder, TextEncoderConfig
 
 logger = logging.getLogger(__name__)
@@ -169,9 +170,7 @@ def cache_key(autoencoder_dir: str | Path, data: DataConfig, text: TextEncoderCo
     digest = hashlib.sha256()
     if dataset is not None:
         digest.update(dataset_fingerprint(dataset).encode())
-    with open(autoencoder_dir / WEIGHTS_FILE, "rb") as handle:
-        for block in iter(lambda: handle.read(1 << 20), b""):
-            digest.update(block)
+    update_with_file(digest, autoencoder_dir / WEIGHTS_FILE)
     package = None
     if text is not None and not text.name_or_path:  # the bundled model changes only with its package version
         try:

@@ -41,6 +41,7 @@ import torch
 from PIL import Image, PngImagePlugin
 
 from common.images import label_rows, make_grid, pil_to_tensor
+from common.integrity import update_with_file
 from pipelines.base import Pipeline, resolve
 from pipelines.image_to_image import ImageToImage, Inpaint
 from pipelines.loading import load_pipeline
@@ -162,9 +163,7 @@ def weights_hash(directory: Path) -> str:
             digest = hashlib.sha256()
             for path in files:
                 digest.update(path.relative_to(directory).as_posix().encode() + b"\0")
-                with open(path, "rb") as handle:
-                    for block in iter(lambda: handle.read(1 << 20), b""):
-                        digest.update(block)
+                update_with_file(digest, path)
             _HASHES[key] = digest.hexdigest()[:HASH_DIGITS]
         return _HASHES[key]
 
