@@ -1,17 +1,25 @@
 """Evaluate a trained autoencoder on a dataset split and print JSON.
 
     python -m autoencoder.evaluate RUN_DIR --data emoji --split heldout
+    python -m autoencoder.evaluate RUN_DIR --data webdataset --path '/data/{00000..00099}.tar' heldout_fraction=0.05
+    python -m autoencoder.evaluate RUN_DIR --data hf --path /data/saved image_column=img caption_column=txt
 
-RUN_DIR is a training run (its ``autoencoder/`` component is used) or a component directory.
+RUN_DIR is a training run (its ``autoencoder/`` component is used) or a component directory. The data
+are any the training configs accept, built by the same front door (:func:`common.data.build_dataset`):
+the flags set the common fields, and ``key=value`` arguments (or ``data.key=value``) any other field of
+``DataConfig``. ``--split heldout`` of a source without a held-out split is refused with the setting
+that gives it one (scores on training images would pass for held-out ones).
 Reports PSNR, SSIM, LPIPS (null when the VGG weights are not available: never a made-up number),
 the fraction of the codebook used on the split, and the code perplexity.
 """
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import sys
 from pathlib import Path
+from typing import get_args, get_type_hints
 
 import torch
 from torch import Tensor
@@ -19,8 +27,8 @@ from torch import Tensor
 from autoencoder.model import Autoencoder, AutoencoderOutput, KLAutoencoder
 from autoencoder.perceptual import PerceptualWeightsError, build_perceptual
 from common.checkpoint import CONFIG_FILE, WEIGHTS_FILE, CheckpointError
-from common.config import ConfigError
-from common.data import DataConfig, DataError, build_dataset
+from common.config import ConfigError, load_config
+from common.data import DataConfig, DataError, build_dataset, has_heldout, no_heldout_message
 from common.metrics import codebook_stats, psnr, ssim
 
 
@@ -95,26 +103,40 @@ def _scores(model: Autoencoder, dataset, batch_size: int, perceptual: torch.nn.M
     return result
 
 
+def data_config(args: argparse.Namespace, resolution: int) -> DataConfig:
+    """The DataConfig of the flags and the ``key=value`` settings (checked like a training config's ``data``)."""
+    settings = [setting.removeprefix("data.") for setting in args.data_settings]
+    flags = {"name": args.data, "resolution": resolution, "split": args.split, "path": args.path, "size": args.size}
+    bad = [s for s in settings if "=" not in s or s.split("=", 1)[0] in flags]
+    if bad:
+        raise ConfigError(f"data settings {bad}: each must be key=value with a key other than {', '.join(flags)} "
+                          "(set those with --data, --resolution, --split, --path, --size)")
+    return dataclasses.replace(load_config(DataConfig, None, settings), **flags)
+
+
 def main(argv: list[str] | None = None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("run_dir")
-    parser.add_argument("--data", default="emoji", choices=["shapes", "emoji", "folder"])
-    parser.add_argument("--split", default="heldout", choices=["train", "heldout", "all"])
-    parser.add_argument("--path", default="", help="image folder for --data folder")
+    parser.add_argument("--data", default="emoji", choices=get_args(get_type_hints(DataConfig)["name"]))
+    parser.add_argument("--split", default="heldout", choices=get_args(get_type_hints(DataConfig)["split"]))
+    parser.add_argument("--path", default="", help="data.path: the image folder, shards or saved hf dataset")
     parser.add_argument("--resolution", type=int, default=0, help="default: the model's training resolution")
     parser.add_argument("--size", type=int, default=1000, help="number of images for --data shapes")
     parser.add_argument("--lpips-weights", default="", help="path to vgg16-397923af.pth, if not in the torch cache")
-    args = parser.parse_args(argv)
-    if args.data == "folder" and not args.path:
-        parser.error("--data folder needs --path /path/to/images")
+    parser.add_argument("data_settings", nargs="*", metavar="key=value",
+                        help="other data settings (DataConfig fields): heldout_fraction=0.05, heldout_path=..., "
+                             "image_column=..., caption_column=..., label_column=...")
+    args = parser.parse_intermixed_args(argv)  # key=value settings may follow the flags
     try:  # a wrong directory or data option ends with its message, not a traceback
         model = Autoencoder.from_pretrained(component_dir(args.run_dir)).eval()
-        resolution = args.resolution or model.config.resolution
-        data = DataConfig(name=args.data, resolution=resolution, split=args.split, path=args.path, size=args.size)
+        data = data_config(args, args.resolution or model.config.resolution)
+        if data.split == "heldout" and not has_heldout(data):
+            raise ConfigError(f"--split heldout: {no_heldout_message(data)}; or pass --split all")
         scores = evaluate(model, data, lpips_weights=args.lpips_weights)
     except (CheckpointError, ConfigError, DataError, FileNotFoundError) as error:
         raise SystemExit(f"error: {error}") from None
-    result = {"run": str(args.run_dir), "data": args.data, "split": args.split, "resolution": resolution, **scores}
+    result = {"run": str(args.run_dir), "data": args.data, "split": args.split, "resolution": data.resolution,
+              **scores}
     print(json.dumps(result, indent=2))
     return result
 

@@ -2,6 +2,7 @@
 
     python -m bench.data_growth --out docs/data_growth.json                     # 1k, 10k, 100k images (long)
     python -m bench.data_growth --sizes 200 1000 --out /tmp/growth.json --text none   # smoke test
+    python -m bench.data_growth --sizes 10000 100000 --cache synthetic --out /tmp/rss.json  # memory, quickly
 
 For each size N the script generates N small images with (distinct) captions, once as an image folder
 (``metadata.jsonl``) and once as webdataset ``.tar`` shards, then measures, each in a fresh process:
@@ -9,7 +10,10 @@ For each size N the script generates N small images with (distinct) captions, on
 - first index: constructing the dataset with no index yet (:mod:`common.data.index_store` builds it);
 - start-up: constructing it again with the index: what every later run pays;
 - cache build: ``load_or_build_cache`` encoding every image (a random tiny VQ autoencoder, weights do not
-  change the cost) and every caption (the bundled text encoder, or none with ``--text none``);
+  change the cost) and every caption (the bundled text encoder, or none with ``--text none``). With
+  ``--cache synthetic`` no model runs: random latents and text states of the same shapes (text lengths
+  from the word count) go through the same cache writer, so every later figure (start-up, RSS, loader
+  speed) reads a cache like the encoded one, minutes sooner; only the build time is not an encoder's;
 - training process: constructing the dataset, opening the cache and drawing ``--batches`` batches of
   the training stream (latents, one phrasing per item, text states padded per batch): its peak RSS
   (``resource.getrusage``) and samples/s. The text encoder, which a training script loads whatever the
@@ -47,6 +51,7 @@ SOURCES = ("folder", "webdataset")
 COLOURS = {"red": (220, 40, 40), "green": (40, 180, 60), "blue": (40, 80, 220), "yellow": (230, 210, 40),
            "white": (240, 240, 240), "black": (20, 20, 20)}
 SHARD_ITEMS = 10_000
+TEXT_WIDTH = 384  # the bundled MiniLM's, the width of a synthetic cache's text states
 STARTUP_GOAL_S, RSS_GOAL = 5.0, 0.20
 
 
@@ -57,6 +62,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--resolution", type=int, default=32, help="image side in pixels")
     parser.add_argument("--text", choices=("bundled", "none"), default="bundled",
                         help="text encoder of the cache: the bundled MiniLM, or none (a class-only cache)")
+    parser.add_argument("--cache", choices=("encoded", "synthetic"), default="encoded",
+                        help="encode the cache with the models, or write random rows of the same shapes (fast)")
     parser.add_argument("--batch-size", type=int, default=64)
     parser.add_argument("--batches", type=int, default=50, help="batches the training process draws")
     parser.add_argument("--workers", type=int, default=2, help="DataLoader workers of the image loader")
@@ -154,6 +161,8 @@ def run_worker(task: dict[str, Any]) -> dict[str, Any]:
     result: dict[str, Any] = {"dataset_seconds": time.perf_counter() - start, "items": len(dataset)}
     if task["mode"] == "images":
         result["samples_per_s"] = _image_rate(dataset, task)
+    elif task["mode"] == "synthetic":
+        result.update(_synthetic_cache(dataset, data, task))
     elif task["mode"] in ("build", "train", "text"):
         result.update(_cache_task(data, task))
     result["peak_rss_mb"], result["anon_rss_mb"] = peak_rss_mb(), anon_rss_mb()
@@ -172,6 +181,42 @@ def _image_rate(dataset, task: dict[str, Any]) -> float:
     for _, batch in zip(range(task["batches"]), batches):
         seen += len(batch["image"])
     return seen / (time.perf_counter() - start)
+
+
+def _synthetic_cache(dataset, data, task: dict[str, Any]) -> dict[str, Any]:
+    """Write the cache that ``build`` encodes, where ``load_or_build_cache`` looks for it, with random latents
+    (the autoencoder's shape) and random text states (TEXT_WIDTH wide, word count + 4 tokens) in its rows."""
+    import torch
+
+    from autoencoder.model import Autoencoder
+    from common.array_store import Processes
+    from common.cache_build import CacheSpec, build_cache, ensure_built
+    from common.text_encoder import TextEncoderConfig
+    from diffusion.latent_cache import CACHE_FORMAT, NULL_CAPTION, cache_key, encode_latents, resolve_autoencoder_dir
+
+    start = time.perf_counter()
+    autoencoder_dir = resolve_autoencoder_dir(task["autoencoder"])
+    text = TextEncoderConfig() if task["text"] == "bundled" else None
+    directory = Path(task["cache_root"]) / cache_key(autoencoder_dir, data, text, dataset)[:20]
+    shape = encode_latents(Autoencoder.from_pretrained(autoencoder_dir).eval(), dataset[0]["image"][None]).shape[1:]
+    generator = torch.Generator().manual_seed(0)
+
+    def items(indices: range):
+        for first in range(indices.start, indices.stop, 256):
+            chunk = range(first, min(first + 256, indices.stop))
+            yield (torch.randn((len(chunk), *shape), generator=generator),
+                   torch.tensor([dataset.label(i) for i in chunk]), [dataset.caption(i) for i in chunk])
+
+    def texts(captions: list[str]):
+        lengths = torch.tensor([len(c.split()) + 4 if c else 2 for c in captions])
+        states = torch.randn((len(captions), int(lengths.max()), TEXT_WIDTH), generator=generator)
+        return states, torch.arange(states.shape[1])[None] < lengths[:, None]
+
+    spec = CacheSpec("latents", items, lambda captions: [NULL_CAPTION] + sorted(set(captions) - {NULL_CAPTION}),
+                     texts if text is not None else None, unit_variance=True)
+    meta = {"format_version": CACHE_FORMAT, "inputs": {"synthetic": True}}
+    ensure_built(directory, Processes(), lambda: build_cache(directory, len(dataset), spec, Processes(), meta))
+    return {"cache_seconds": time.perf_counter() - start, "cache_dir": str(directory)}
 
 
 def _cache_task(data, task: dict[str, Any]) -> dict[str, Any]:
@@ -258,7 +303,7 @@ def measure_source(source: str, path: Path, count: int, scratch: Path, args: arg
             "autoencoder": str(autoencoder), "cache_root": str(state / "cache")}
     first = measure({**task, "mode": "index"}, env)
     later = measure({**task, "mode": "index"}, env)
-    build = measure({**task, "mode": "build"}, env)
+    build = measure({**task, "mode": "synthetic" if args.cache == "synthetic" else "build"}, env)
     train = measure({**task, "mode": "train"}, env)
     images = measure({**task, "mode": "images"}, env)
     text = measure({**task, "mode": "text"}, env)
@@ -308,10 +353,11 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         if not args.scratch:
             shutil.rmtree(scratch, ignore_errors=True)
     command = ["python", "-m", "bench.data_growth", "--sizes", *map(str, args.sizes), "--text", args.text,
+               *(["--cache", "synthetic"] if args.cache == "synthetic" else []),
                "--batch-size", str(args.batch_size), "--batches", str(args.batches), "--workers", str(args.workers),
                "--device", args.device]
-    return {"command": " ".join(command), "device": args.device, "text": args.text, "resolution": args.resolution,
-            "batch_size": args.batch_size, "rows": rows, "goals": goals(rows)}
+    return {"command": " ".join(command), "device": args.device, "text": args.text, "cache": args.cache,
+            "resolution": args.resolution, "batch_size": args.batch_size, "rows": rows, "goals": goals(rows)}
 
 
 def table(result: dict[str, Any]) -> str:

@@ -4,11 +4,19 @@ The caches of encoded datasets (:mod:`diffusion.latent_cache`, :mod:`prior.token
 dataset; this module keeps what grows on disk:
 
 - fixed-shape rows (latents, code indices, labels, caption ids): one ``.npy`` file each, opened as a
-  memory map (:func:`open_tensor`), so a process holds only the pages it reads, and the pages are the
-  operating system's file cache, shared by every process and loader worker on the machine;
+  memory-mapped tensor (:func:`open_tensor`), the wide rows as one whose row reads are copied from
+  the file (:func:`open_rows`);
 - strings: one UTF-8 byte array and end offsets (:class:`StoredStrings`);
 - text token states, unpadded (:class:`TextStore`): each text's (L_u, E) rows one after another in
   fp16, gathered and padded per batch to the batch's longest text (or to a fixed number of slots).
+
+Why training reads rows with ``os.pread`` (:class:`RowReader`) rather than from the memory map: a page
+fault maps the kernel's fault-around window (64 KiB by default) of the file into the process, so the
+random rows of a training stream grow its resident set by up to 64 KiB each: 3,200 random rows of a
+1 GB cache raised RSS by 200 MB, with or without ``madvise(MADV_RANDOM)``, and a container's memory
+limit counts those pages. A copied row lives in the batch and is freed with it; the file's pages
+stay in the shared page cache, outside every process. Whole-array uses (statistics, slices) still
+go through the map.
 
 fp16, not bf16: numpy has no bf16 (it would need uint16 views and hand-made conversion), and fp16
 keeps 11 significant bits against bf16's 8 (an 8x smaller rounding error) while its range (65504)
@@ -22,6 +30,7 @@ from __future__ import annotations
 import json
 import os
 import tempfile
+import weakref
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -34,6 +43,7 @@ from torch import Tensor
 from common.data.index_store import PackedStrings
 
 FP16_MAX = float(np.finfo(np.float16).max)
+_PREADV = getattr(os, "preadv", None)
 
 
 def _no_barrier() -> None:
@@ -115,6 +125,124 @@ def open_tensor(path: str | Path) -> Tensor:
     return torch.from_numpy(open_array(path))
 
 
+def open_rows(path: str | Path) -> Tensor:
+    """A ``.npy`` file as a :class:`RowTensor` (a plain mapped tensor where rows cannot be read apart:
+    an empty or 0-d array, or a system without ``os.pread``).
+
+    For the wide rows (latents, code indices, text states), where fault-around maps 64 times the row.
+    Columns of one 8-byte id per item (labels, caption ids, text ends) stay plain maps: all of one is
+    smaller than the index a dataset holds in memory (tens of bytes per item), and a mapped read costs
+    a third of a pread (3 against 8 us), three times per item.
+    """
+    mapped = open_array(path)
+    reader = _reader_of(mapped)
+    return RowTensor.over(mapped, reader) if reader is not None else torch.from_numpy(mapped)
+
+
+class RowReader:
+    """Rows of a C-ordered array stored in a file at byte ``offset``, copied with ``os.pread`` into arrays
+    of this process (see the module docstring for why not from a memory map). Thread-safe; each process
+    (a forked or spawned loader worker) opens its own descriptor, closed when the reader is collected."""
+
+    def __init__(self, path: str | Path, offset: int, shape: tuple[int, ...], dtype: np.dtype) -> None:
+        self.path, self.offset, self.shape, self.dtype = os.fspath(path), int(offset), tuple(shape), np.dtype(dtype)
+        self.row_bytes = int(np.prod(self.shape[1:], dtype=np.int64)) * self.dtype.itemsize
+        self._pid, self._fd = -1, -1
+
+    def __getstate__(self) -> dict[str, Any]:
+        return {**self.__dict__, "_pid": -1, "_fd": -1}  # a descriptor means nothing in another process
+
+    def _descriptor(self) -> int:
+        if self._pid != os.getpid():
+            self._fd, self._pid = os.open(self.path, os.O_RDONLY | getattr(os, "O_BINARY", 0)), os.getpid()
+            weakref.finalize(self, os.close, self._fd)
+        return self._fd
+
+    def _pread(self, view: memoryview, start: int) -> None:
+        """Fill the bytes ``view`` from row ``start`` on."""
+        offset = self.offset + start * self.row_bytes
+        if _PREADV is not None:
+            done = _PREADV(self._descriptor(), [view], offset)
+        else:  # macOS before 11: one extra copy
+            data = os.pread(self._descriptor(), len(view), offset)
+            view[:len(data)], done = data, len(data)
+        if done != len(view):
+            raise OSError(f"{self.path} ends inside row {start + done // max(self.row_bytes, 1)} (a truncated file?): "
+                          "delete the cache folder to build it again")
+
+    def read_into(self, target: np.ndarray, start: int, count: int) -> None:
+        """Copy rows ``start`` to ``start + count`` into ``target``, C-contiguous and of their dtype and shape."""
+        if count and self.row_bytes:
+            self._pread(memoryview(target).cast("B"), start)
+
+    def read_run(self, start: int, count: int) -> np.ndarray:
+        """Rows ``start`` to ``start + count`` as a new array."""
+        out = np.empty((count, *self.shape[1:]), self.dtype)
+        self.read_into(out, start, count)
+        return out
+
+    def row(self, index: int) -> Tensor:
+        """Row ``index`` (negative counts from the end) as a new tensor: a loader's read of one item, so lean."""
+        count = self.shape[0]
+        if not -count <= index < count:
+            raise IndexError(f"index {index} is out of bounds for dimension 0 with size {count}")
+        out = np.empty(self.shape[1:], self.dtype)
+        if self.row_bytes:
+            self._pread(out.data.cast("B"), int(index) % count)
+        return torch.from_numpy(out)
+
+    def read(self, rows: np.ndarray) -> np.ndarray:
+        """Rows ``rows`` (K,) of int, in range, as a new (K, ...) array."""
+        out = np.empty((len(rows), *self.shape[1:]), self.dtype)
+        if out.size:
+            view, size = memoryview(out).cast("B"), self.row_bytes
+            for i, row in enumerate(rows.tolist()):
+                self._pread(view[i * size:(i + 1) * size], row)
+        return out
+
+
+class RowTensor(torch.Tensor):
+    """A CPU tensor over a memory-mapped ``.npy`` file whose row reads, ``t[i]`` and ``t[ids]`` with an
+    integer tensor, array or list, are copied from the file by a :class:`RowReader`; anything else
+    (slices, whole-tensor maths) uses the map and gives plain tensors."""
+
+    __torch_function__ = torch._C._disabled_torch_function_impl  # results are plain tensors
+    reader: RowReader
+
+    @classmethod
+    def over(cls, mapped: np.memmap, reader: RowReader) -> RowTensor:
+        tensor = torch.Tensor._make_subclass(cls, torch.from_numpy(mapped), False)
+        tensor.reader = reader
+        return tensor
+
+    def __getitem__(self, index: Any) -> Tensor:
+        if type(index) is int or isinstance(index, np.integer):  # a loader's read of one item: first, lean
+            return self.reader.row(index)
+        rows = _row_indices(index, self.shape[0])
+        if rows is None:
+            return super().__getitem__(index)
+        values = torch.from_numpy(self.reader.read(rows.reshape(-1)))
+        return values[0] if rows.ndim == 0 else values
+
+
+def _row_indices(index: Any, count: int) -> np.ndarray | None:
+    """``index`` as int64 row numbers (0-d for a single row) when it picks whole rows by number, else None."""
+    if isinstance(index, Tensor):
+        if index.dtype in (torch.bool, torch.uint8) or index.is_floating_point() or index.is_complex() \
+                or index.dim() > 1:
+            return None
+        index = index.detach().cpu().numpy()
+    elif isinstance(index, list) and index and all(isinstance(i, (int, np.integer)) for i in index):
+        index = np.asarray(index)
+    if not isinstance(index, np.ndarray) or index.dtype.kind not in "iu" or index.ndim > 1:
+        return None
+    rows = index.astype(np.int64)
+    outside = (rows < -count) | (rows >= count)
+    if outside.any():
+        raise IndexError(f"index {int(rows[outside].flat[0])} is out of bounds for dimension 0 with size {count}")
+    return np.where(rows < 0, rows + count, rows)
+
+
 def create_array(path: str | Path, shape: tuple[int, ...], dtype: np.dtype) -> None:
     """Allocate a ``.npy`` file that several processes then fill, each its rows (:func:`fill_rows`)."""
     np.lib.format.open_memmap(path, mode="w+", dtype=dtype, shape=shape).flush()
@@ -183,10 +311,13 @@ class TextStore:
 
     ``parts`` are (T_p, E) arrays (memory maps) holding consecutive texts' rows; ``ends`` (U,) the end
     of each text's rows counted over all parts; ``part_starts`` (P + 1,) where each part's rows start.
+    A batch's states are copied from the files (:class:`RowReader`), not read through the maps; the
+    8-byte ends are read through theirs (see :func:`open_rows`).
     """
 
     def __init__(self, parts: Sequence[np.ndarray], part_starts: np.ndarray, ends: np.ndarray, width: int) -> None:
         self.parts, self.part_starts, self.ends, self.width = list(parts), part_starts, ends, width
+        self.readers = [_reader_of(part) for part in self.parts]
 
     @classmethod
     def open(cls, directory: Path, stems: Sequence[str]) -> TextStore:
@@ -197,9 +328,8 @@ class TextStore:
             record = read_json(directory / f"{stem}.json")
             width = record["width"] or width
             count = record["rows"]
-            # a plain ndarray view of the map: slicing a np.memmap costs a subclass object per slice
-            parts.append(np.asarray(np.memmap(directory / f"{stem}.bin", dtype=record["dtype"], mode="r",
-                                              shape=(count, record["width"]))) if count else np.zeros((0, width)))
+            parts.append(np.memmap(directory / f"{stem}.bin", dtype=record["dtype"], mode="r",
+                                   shape=(count, record["width"])) if count else np.zeros((0, width), np.float16))
         starts = np.concatenate([[0], np.cumsum([len(p) for p in parts])]).astype(np.int64)
         return cls(parts, starts, open_array(directory / "text_ends.npy"), width)
 
@@ -231,14 +361,31 @@ class TextStore:
         starts = np.where(rows > 0, np.asarray(self.ends[np.maximum(rows - 1, 0)]), 0)
         counts = ends - starts
         size = length or max(int(counts.max(initial=0)), 1)
-        states = np.zeros((len(rows), size, self.width), np.float32)
+        parts = np.searchsorted(self.part_starts, starts, side="right") - 1
+        # in the stored dtype (fp32 if any part is): one conversion per batch
+        dtype = np.result_type(np.float16, *(part.dtype for part in self.parts))
+        stored = np.zeros((len(rows), size, self.width), dtype)
         mask = np.zeros((len(rows), size), bool)
-        for b, (start, count) in enumerate(zip(starts.tolist(), counts.tolist())):
+        for b, (start, count, part) in enumerate(zip(starts.tolist(), counts.tolist(), parts.tolist())):
             take = min(count, size)
             if not take:  # a text without tokens: all padding
                 continue
-            part = int(np.searchsorted(self.part_starts, start, side="right")) - 1
             local = start - int(self.part_starts[part])
-            states[b, :take] = self.parts[part][local:local + take]
+            reader = self.readers[part]
+            if reader is None:
+                stored[b, :take] = self.parts[part][local:local + take]
+            elif reader.dtype == dtype:
+                reader.read_into(stored[b, :take], local, take)
+            else:
+                stored[b, :take] = reader.read_run(local, take)
             mask[b, :take] = True
-        return torch.from_numpy(states).to(ids.device), torch.from_numpy(mask).to(ids.device)
+        states = torch.from_numpy(stored.astype(np.float32))
+        return states.to(ids.device), torch.from_numpy(mask).to(ids.device)
+
+
+def _reader_of(array: np.ndarray) -> RowReader | None:
+    """A :class:`RowReader` of a memory-mapped array, or None (held in memory, or no ``os.pread`` here)."""
+    if isinstance(array, np.memmap) and array.ndim and array.flags.c_contiguous and hasattr(os, "pread"):
+        return RowReader(array.filename, array.offset, array.shape, array.dtype)
+    return None
+

@@ -42,6 +42,7 @@ from common.array_store import (
     create_array,
     fill_rows,
     open_array,
+    open_rows,
     open_tensor,
     part_name,
     part_range,
@@ -88,9 +89,10 @@ class CacheSpec:
 
 @dataclass(frozen=True)
 class StoredCache:
-    """A built cache, every array a memory map: rows (N, ...), labels (N,), caption_ids (N,), captions (the
-    distinct captions, then their phrasings), text (None without text states), variants ((U, 1 + T) ids of
-    each caption's phrasings; None without templates), and the manifest."""
+    """A built cache, every array read from disk (rows: :func:`common.array_store.open_rows`, the id columns
+    memory-mapped): rows (N, ...), labels (N,), caption_ids (N,), captions (the distinct captions, then
+    their phrasings), text (None without text states), variants ((U, 1 + T) ids of each caption's
+    phrasings; None without templates), and the manifest."""
 
     rows: Tensor
     labels: Tensor
@@ -107,7 +109,7 @@ def open_cache(directory: str | Path) -> StoredCache:
     meta = read_json(directory / META_FILE)
     text = TextStore.open(directory, meta["text_parts"]) if meta["has_text"] else None
     variants = open_tensor(directory / "variants.npy") if meta["has_variants"] else None
-    return StoredCache(open_tensor(directory / f"{meta['rows']}.npy"), open_tensor(directory / "labels.npy"),
+    return StoredCache(open_rows(directory / f"{meta['rows']}.npy"), open_tensor(directory / "labels.npy"),
                        open_tensor(directory / "caption_ids.npy"), StoredStrings.open(directory, "captions"), text,
                        variants, meta)
 

@@ -13,7 +13,10 @@ the chosen ``target`` attribute (shapes: colour, shape, size, position; any data
 ``run.out_dir`` receives ``config.yaml``, ``metrics.jsonl``, training checkpoints (re-running the same
 command resumes), ``classifier/`` (the EMA weights as a component directory, written at every save)
 and ``eval.json``: accuracy on held-out items, clean (t=0), at a few fixed noise levels and at
-uniformly drawn t.
+uniformly drawn t. Held-out items are the data's ``heldout`` split: fixed for shapes and emoji, the
+test/validation split of a saved ``hf`` DatasetDict, and for a folder or webdataset shards the
+samples that ``data.heldout_fraction`` (by key hash; left out of training) or ``data.heldout_path``
+name. Without one, no accuracy is reported, never one measured on training items.
 """
 from __future__ import annotations
 
@@ -30,7 +33,7 @@ from torch.utils.data import Dataset
 from common import training
 from common.checkpoint import atomic_write, find_pipeline_dir
 from common.config import ConfigError
-from common.data import DataConfig
+from common.data import DataConfig, has_heldout, no_heldout_message
 from common.ema import EMA
 from common.init_from import Component, InitFrom, init_weights
 from common.resume import resume_run
@@ -88,26 +91,26 @@ class TrainConfig(InitFrom):
 
 
 class TargetDataset(Dataset):
-    """Cached latents with their attribute class ids: items ``{"latent": (D, h, w), "target": int}``."""
+    """Cached latents times ``scale`` with their attribute class ids: items ``{"latent": (D, h, w), "target": int}``.
+    The latents stay on disk (a cache's rows); each item is scaled when read."""
 
-    def __init__(self, latents: torch.Tensor, targets: torch.Tensor) -> None:
-        self.latents, self.targets = latents, targets
+    def __init__(self, latents: torch.Tensor, targets: torch.Tensor, scale: float = 1.0) -> None:
+        self.latents, self.targets, self.scale = latents, targets, scale
 
     def __len__(self) -> int:
         return self.latents.shape[0]
 
     def __getitem__(self, index: int) -> dict[str, torch.Tensor]:
-        return {"latent": self.latents[index], "target": self.targets[index]}
+        return {"latent": self.latents[index] * self.scale, "target": self.targets[index]}
 
 
 def load_latents(cfg: TrainConfig, pipeline: Path, data: DataConfig, text: TextEncoderConfig,
-                 latent_scale: float, device: torch.device, progress: bool) -> LatentCache:
-    """The latent cache of ``data``, rescaled to the pipeline's ``latent_scale`` (a cache of other
-    data computes its own scale, but the classifier must see the latents the sampler produces)."""
+                 latent_scale: float, device: torch.device, progress: bool) -> tuple[LatentCache, float]:
+    """The latent cache of ``data`` and the factor that rescales it to the pipeline's ``latent_scale`` (a
+    cache of other data computes its own scale, but the classifier must see the latents the sampler produces)."""
     cache = load_or_build_cache(pipeline / "autoencoder", data, text, cfg.cache_dir, device=device,
                                 progress=progress)
-    cache.latents = cache.latents * (latent_scale / cache.latent_scale)
-    return cache
+    return cache, latent_scale / cache.latent_scale
 
 
 def evaluate(model: NoisyLatentClassifier, schedule, heldout: TargetDataset | None, cfg: EvalConfig) -> dict:
@@ -115,8 +118,8 @@ def evaluate(model: NoisyLatentClassifier, schedule, heldout: TargetDataset | No
     if heldout is None:
         return {}
     device = next(model.parameters()).device
-    return noisy_accuracy(model, schedule, heldout.latents.to(device), heldout.targets.to(device), cfg.timesteps,
-                          seed=cfg.seed)
+    latents = heldout.latents.to(device) * heldout.scale  # eval.items of them: small
+    return noisy_accuracy(model, schedule, latents, heldout.targets.to(device), cfg.timesteps, seed=cfg.seed)
 
 
 def prepare_data(cfg: TrainConfig, pipeline: Path, text: TextEncoderConfig | None, latent_scale: float, accelerator):
@@ -124,17 +127,21 @@ def prepare_data(cfg: TrainConfig, pipeline: Path, text: TextEncoderConfig | Non
     text = text if text is not None else TextEncoderConfig()  # a text-free pipeline: captions are cached anyway
     progress = cfg.run.progress and accelerator.is_main_process
     with accelerator.main_process_first():
-        train = load_latents(cfg, pipeline, cfg.data, text, latent_scale, accelerator.device, progress)
+        train, scale = load_latents(cfg, pipeline, cfg.data, text, latent_scale, accelerator.device, progress)
         heldout = None
-        if cfg.eval.items > 0 and cfg.data.name != "folder":  # a folder has no held-out split
+        if cfg.eval.items > 0 and has_heldout(cfg.data):
             data = dataclasses.replace(cfg.data, split="heldout", size=cfg.eval.items)
-            heldout = load_latents(cfg, pipeline, data, text, latent_scale, accelerator.device, progress)
+            heldout, heldout_scale = load_latents(cfg, pipeline, data, text, latent_scale, accelerator.device,
+                                                  progress)
+        elif cfg.eval.items > 0:  # scoring the training items would pass them off as held-out accuracy
+            accelerator.print(f"no held-out accuracy: {no_heldout_message(cfg.data)}")
     classes = attribute_classes(cfg.target, cfg.data.name, train.labels)
-    train_set = TargetDataset(train.latents, attribute_targets(cfg.target, train.labels))
+    train_set = TargetDataset(train.latents, attribute_targets(cfg.target, train.labels), scale)
     heldout_set = None
     if heldout is not None:
         count = min(cfg.eval.items, len(heldout))
-        heldout_set = TargetDataset(heldout.latents[:count], attribute_targets(cfg.target, heldout.labels[:count]))
+        heldout_set = TargetDataset(heldout.latents[:count], attribute_targets(cfg.target, heldout.labels[:count]),
+                                    heldout_scale)
     return train_set, heldout_set, classes
 
 

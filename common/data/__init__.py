@@ -21,12 +21,15 @@ every epoch and resumes at the exact sample from the checkpointed step.
 """
 from __future__ import annotations
 
+import numpy as np
 from torch.utils.data import Dataset
 
 from common.config import ConfigError
 from common.data.dataset_config import DataConfig, DataError
 
-__all__ = ["DataConfig", "DataError", "build_dataset", "label_names"]
+__all__ = ["DataConfig", "DataError", "build_dataset", "has_heldout", "label_names", "no_heldout_message"]
+
+SPLIT_SOURCES = ("folder", "webdataset")  # the sources that data.heldout_fraction / data.heldout_path split
 
 
 def build_dataset(config: DataConfig) -> Dataset:
@@ -47,7 +50,7 @@ def build_dataset(config: DataConfig) -> Dataset:
     if config.name == "webdataset":
         from common.data.shards import ShardDataset
 
-        return ShardDataset(config.path, config.resolution)
+        return _split(ShardDataset(_split_path(config), config.resolution), config)
     if config.name == "hf":
         from common.data.hf_disk import HFDiskDataset
 
@@ -56,7 +59,52 @@ def build_dataset(config: DataConfig) -> Dataset:
                              split=config.split)
     from common.data.folder import FolderDataset
 
-    return FolderDataset(config.path, config.resolution)
+    return _split(FolderDataset(_split_path(config), config.resolution), config)
+
+
+def _split_path(config: DataConfig) -> str:
+    return config.heldout_path if config.split == "heldout" and config.heldout_path else config.path
+
+
+def _split(dataset, config: DataConfig) -> Dataset:
+    """The ``config.split`` of a folder or shard set held out by key hash (the whole of it otherwise)."""
+    if not config.heldout_fraction or config.split == "all":
+        return dataset
+    from common.data.decoding import Selection
+    from common.data.index_store import held_out
+
+    chosen = held_out(dataset.split_keys(), config.heldout_fraction)
+    rows = np.flatnonzero(chosen if config.split == "heldout" else ~chosen)
+    if not len(rows):
+        raise DataError(f"no sample of {dataset.source} falls in the {config.split} split of data.heldout_fraction="
+                        f"{config.heldout_fraction:g} ({len(chosen)} samples): choose a fraction nearer 0.5")
+    return Selection(dataset, rows, f"{config.split} split, {config.heldout_fraction:g} held out by key hash")
+
+
+def has_heldout(config: DataConfig) -> bool:
+    """Whether ``split=heldout`` of ``config`` reads data apart from the train split: shapes and emoji have a
+    fixed one; a folder or shard set when ``data.heldout_fraction`` or ``data.heldout_path`` is set; ``hf``
+    when the saved dataset is a DatasetDict with a test or validation split."""
+    if config.name in SPLIT_SOURCES:
+        return bool(config.heldout_fraction or config.heldout_path)
+    if config.name == "hf":
+        from common.data.hf_disk import load_saved
+
+        try:
+            load_saved(config.path, "heldout")
+        except DataError:
+            return False
+    return True
+
+
+def no_heldout_message(config: DataConfig) -> str:
+    """Why ``config`` has no held-out split, and the settings that give it one."""
+    if config.name == "hf":
+        return (f"the hf dataset at {config.path} has no test or validation split: save a DatasetDict with one "
+                "(e.g. dataset.train_test_split(0.05).save_to_disk(path))")
+    return (f"the {config.name} source {config.path} has no held-out split: set data.heldout_fraction=0.05 (that "
+            "fraction of samples, by a hash of their keys, left out of training) or data.heldout_path=<held-out "
+            f"{'shards' if config.name == 'webdataset' else 'images'}>")
 
 
 _PATH_EXAMPLES = {"folder": "data.path=/path/to/images", "webdataset": "data.path=/data/{00000..00009}.tar",
@@ -65,9 +113,19 @@ _HF_KEYS = ("image_column", "caption_column", "label_column")
 
 
 def _check_keys(config: DataConfig) -> None:
-    """Refuse a source read from disk without ``data.path``, and ``hf``-only keys given to another source."""
+    """Refuse a source read from disk without ``data.path``, ``hf``-only keys given to another source, and
+    held-out settings that do not apply or contradict each other."""
     if config.name in _PATH_EXAMPLES and not config.path:
         raise ConfigError(f"data.path is empty: the {config.name} dataset needs {_PATH_EXAMPLES[config.name]}")
+    if not 0 <= config.heldout_fraction < 1:
+        raise ConfigError(f"data.heldout_fraction={config.heldout_fraction:g} must be in [0, 1), e.g. 0.05")
+    if (config.heldout_fraction or config.heldout_path) and config.name not in SPLIT_SOURCES:
+        fixed = "reads its saved test/validation split" if config.name == "hf" else "has a fixed held-out split"
+        raise ConfigError(f"data.heldout_fraction and data.heldout_path apply to folder and webdataset, not "
+                          f"{config.name}, which {fixed}: remove them")
+    if config.heldout_fraction and config.heldout_path:
+        raise ConfigError("data.heldout_fraction and data.heldout_path both set: hold out by hash or by a separate "
+                          "path, not both")
     if config.name != "hf":
         default = DataConfig()
         changed = [f"data.{key}" for key in _HF_KEYS if getattr(config, key) != getattr(default, key)]

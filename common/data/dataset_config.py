@@ -22,7 +22,8 @@ class DataConfig:
         ``datasets`` dataset saved with ``save_to_disk``); the last three read ``path``.
     resolution: square side in pixels.
     split: ``train`` or ``heldout`` (the fixed evaluation split), or ``all``. ``hf``: a saved
-        ``DatasetDict`` is read at its ``train`` split, or ``test``/``validation`` for ``heldout``.
+        ``DatasetDict`` is read at its ``train`` split, or ``test``/``validation`` for ``heldout``;
+        ``folder``/``webdataset``: see ``heldout_fraction`` and ``heldout_path``.
     size: number of items of the procedural ``shapes`` dataset (its stream is infinite).
     seed: seed of the procedural data and of the augmentations.
     path: ``folder``: the image folder; ``hf``: the folder ``save_to_disk`` wrote; ``webdataset``: the
@@ -31,6 +32,14 @@ class DataConfig:
     augment: captioned augmentations (emoji: background colours), train split only.
     image_column, caption_column: ``hf``: the columns holding the image and its caption.
     label_column: ``hf``: the column holding an integer class label ("" = every label is 0).
+    heldout_fraction: ``folder``/``webdataset``: hold out this fraction of the samples, chosen by a hash
+        of each sample's key (its relative path; its tar key, which img2dataset numbers uniquely), so
+        a sample keeps its split when shards or files are added or re-cut: ``train`` leaves them out,
+        ``heldout`` reads them alone, ``all`` reads every sample. 0: no held-out split.
+    heldout_path: ``folder``/``webdataset``: held-out data apart, in the form of ``path`` (e.g. the
+        shards img2dataset wrote from a validation set), read by ``split=heldout``; ``train`` and
+        ``all`` read ``path``. Without either of these two, a folder or shard set has no held-out
+        split and ``split`` does not change what is read.
     """
 
     name: Literal["shapes", "emoji", "folder", "webdataset", "hf"] = "shapes"
@@ -43,3 +52,5 @@ class DataConfig:
     image_column: str = "image"
     caption_column: str = "text"
     label_column: str = ""
+    heldout_fraction: float = 0.0
+    heldout_path: str = ""

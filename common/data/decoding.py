@@ -3,8 +3,9 @@
 Every source (``folder``, ``webdataset``, ``hf``) turns one stored image into an item the same way:
 decode (JPEGs at a reduced scale when that is still large enough), upright it by its EXIF
 orientation, convert any mode to RGB (:func:`common.images.to_rgb`), centre-crop to a square and
-resize. :func:`image_problem` is the check an index runs without decoding the pixels, and
-:class:`DecodedOnRead` is the base that decodes only in ``__getitem__`` and skips what fails there.
+resize. :func:`image_problem` is the check an index runs without decoding the pixels,
+:class:`DecodedOnRead` is the base that decodes only in ``__getitem__`` and skips what fails there,
+and :class:`Selection` one split of such a source.
 """
 from __future__ import annotations
 
@@ -16,6 +17,7 @@ import struct
 from pathlib import Path
 from typing import IO, Union
 
+import numpy as np
 from PIL import Image, ImageOps
 from torch import Tensor
 from torch.utils.data import Dataset
@@ -168,3 +170,26 @@ class DecodedOnRead(Dataset):
         self.unreadable[index] = f"{self.name(index)}: {type(error).__name__}: {error}"
         logger.warning("skipped an unreadable image, %s (read as the next readable item instead; %d unreadable "
                        "so far in this process)", self.unreadable[index], len(self.unreadable))
+
+
+class Selection(DecodedOnRead):
+    """The items ``rows`` (int array, in order) of a source read from disk: one split of it."""
+
+    def __init__(self, base: DecodedOnRead, rows: np.ndarray, what: str) -> None:
+        self.base, self.rows = base, rows
+        self.resolution, self.source = base.resolution, f"{base.source} ({what})"
+
+    def __len__(self) -> int:
+        return len(self.rows)
+
+    def read_image(self, index: int) -> Image.Image:
+        return self.base.read_image(int(self.rows[index]))
+
+    def caption(self, index: int) -> str:
+        return self.base.caption(int(self.rows[index]))
+
+    def label(self, index: int) -> int:
+        return self.base.label(int(self.rows[index]))
+
+    def name(self, index: int) -> str:
+        return self.base.name(int(self.rows[index]))

@@ -144,3 +144,7 @@ class FolderDataset(DecodedOnRead):
 
     def name(self, index: int) -> str:
         return f"{self.root}/{self._files[index]}"
+
+    def split_keys(self) -> PackedStrings:
+        """What ``data.heldout_fraction`` hashes: each image's path relative to the folder."""
+        return self._files

@@ -11,8 +11,10 @@ from __future__ import annotations
 import json
 import os
 import unicodedata
+from collections.abc import Iterable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
+from itertools import chain
 from pathlib import Path, PurePosixPath
 from typing import Any
 
@@ -20,7 +22,7 @@ import numpy as np
 
 from common.data.dataset_config import DataError
 from common.data.decoding import file_problem
-from common.data.index_store import Arrays, PackedStrings, digest, load_or_build
+from common.data.index_store import Arrays, PackedStrings, StringPacker, digest, load_or_build
 
 IMAGE_EXTENSIONS = frozenset(
     {".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp", ".tif", ".tiff", ".ppm", ".pgm", ".pnm", ".tga"}
@@ -34,13 +36,14 @@ MAX_NAMED = 5
 class Listing:
     """What a walk of a folder found.
 
-    images: relative POSIX paths of the image files, sorted as paths.
-    stats: (relative path, size, mtime in ns) of every file the index depends on; -1 where stat fails.
+    images: relative POSIX paths of the image files, sorted as paths, packed (no Python object per file).
+    fingerprint: digest of the folder's absolute path, of (relative path, size, mtime in ns) of every file
+        the index depends on (-1 where stat fails), in walk order, then of ``left_out``.
     left_out: a description of each folder left out (a symlink loop, one that cannot be listed).
     """
 
-    images: list[str]
-    stats: list[tuple[str, int, int]]
+    images: PackedStrings
+    fingerprint: str
     left_out: list[str]
 
 
@@ -50,44 +53,64 @@ def list_folder(root: Path) -> Listing:
     Hidden files and folders are dropped silently because they are tool litter (.git, macOS
     ``._x.png``). A symlink back to a folder above it (a loop) and a folder that cannot be read are
     named in ``left_out``, not silently lost. Dangling symlinks are listed (their check names them).
+    Nothing per file outlives the walk but its packed path: the stats are hashed as they come, so the
+    start-up of a training run holds a few bytes per image, not a few Python objects.
     """
-    images: list[str] = []
-    stats: list[tuple[str, int, int]] = []
+    images = StringPacker()
     left_out: list[str] = []
 
-    def walk(directory: str, prefix: str, ancestors: frozenset[str]) -> None:
+    def walk(directory: str, prefix: str, ancestors: frozenset[str]) -> Iterator[tuple[str, int, int]]:
         try:
-            entries = sorted(os.scandir(directory), key=lambda entry: entry.name)
+            with os.scandir(directory) as scan:
+                names, folders = [], set()
+                for entry in scan:
+                    if not entry.name.startswith("."):
+                        names.append(entry.name)
+                        if _is_dir(entry):
+                            folders.add(entry.name)
         except OSError as error:
             left_out.append(f"{directory}: cannot be listed ({error.strerror or error})")
             return
-        for entry in entries:
-            if entry.name.startswith("."):
-                continue
-            relative = prefix + entry.name
-            if entry.is_dir():
-                real = os.path.realpath(entry.path)
+        names.sort()  # name by name, depth first: the order of sorting the paths by their parts
+        for name in names:
+            relative, path = prefix + name, os.path.join(directory, name)
+            if name in folders:
+                real = os.path.realpath(path)
                 if real in ancestors:
                     left_out.append(f"{relative}: symlink loop (points back to {real})")
                 else:
-                    walk(entry.path, relative + "/", ancestors | {real})
+                    yield from walk(path, relative + "/", ancestors | {real})
                 continue
-            suffix = os.path.splitext(entry.name)[1].lower()
+            suffix = os.path.splitext(name)[1].lower()
             if suffix in IMAGE_EXTENSIONS:
                 images.append(relative)
             elif suffix != ".txt" and relative != METADATA_FILE:
                 continue
-            try:
-                info = entry.stat()
-                stats.append((relative, info.st_size, info.st_mtime_ns))
-            except OSError:
-                stats.append((relative, -1, -1))
+            yield (relative, *_size_and_time(path))
 
-    walk(os.fspath(root), "", frozenset({os.path.realpath(root)}))
-    return Listing(sorted(images, key=lambda name: name.split("/")), stats, left_out)
+    stats = walk(os.fspath(root), "", frozenset({os.path.realpath(root)}))
+    fingerprint = digest(chain([os.fspath(root.absolute())], stats, left_out))  # left_out is read after the walk
+    return Listing(images.packed(), fingerprint, left_out)
 
 
-def classes_of(images: list[str]) -> list[str]:
+def _is_dir(entry: os.DirEntry) -> bool:
+    """Whether an entry is a folder (through symlinks); one that cannot be told is listed as a file, whose
+    check then names the problem, rather than losing its whole folder."""
+    try:
+        return entry.is_dir()
+    except OSError:
+        return False
+
+
+def _size_and_time(path: str) -> tuple[int, int]:
+    try:
+        info = os.stat(path)
+    except OSError:
+        return -1, -1
+    return info.st_size, info.st_mtime_ns
+
+
+def classes_of(images: Iterable[str]) -> list[str]:
     """Sorted class sub-folder names of the relative image paths; [] when any image sits at the root."""
     folders = {name.split("/", 1)[0] if "/" in name else None for name in images}
     return [] if None in folders else sorted(folders)  # type: ignore[type-var]
@@ -103,14 +126,13 @@ def folder_index(root: Path, listing: Listing, workers: int | None = None) -> tu
     Raises:
         DataError: a ``metadata.jsonl`` name matches two images, or gives one image two captions.
     """
-    fingerprint = digest([os.fspath(root.absolute()), *listing.stats, *listing.left_out])
-    return load_or_build("folder", [os.fspath(root.resolve())], fingerprint,
+    return load_or_build("folder", [os.fspath(root.resolve())], listing.fingerprint,
                          lambda: _build(root, listing, workers))
 
 
 def _build(root: Path, listing: Listing, workers: int | None) -> tuple[Arrays, dict[str, Any]]:
-    candidates = listing.images
-    reasons = _check_all(root, candidates, {name: size for name, size, _ in listing.stats}, workers)
+    candidates = list(listing.images)  # a Python list while building only
+    reasons = _check_all(root, candidates, workers)
     files = [name for name, reason in zip(candidates, reasons) if reason is None]
     skipped = [[name, reason] for name, reason in zip(candidates, reasons) if reason is not None]
     classes = classes_of(candidates)  # from the listing, not the checks, so labels do not shift
@@ -120,10 +142,10 @@ def _build(root: Path, listing: Listing, workers: int | None) -> tuple[Arrays, d
     return arrays, {"classes": classes, "skipped": skipped, "total": len(candidates), "caption_warning": warning}
 
 
-def _check_all(root: Path, names: list[str], sizes: dict[str, int], workers: int | None) -> list[str | None]:
+def _check_all(root: Path, names: list[str], workers: int | None) -> list[str | None]:
     """Header-level check of every image; file reads release the GIL, so threads help."""
     def check(name: str) -> str | None:
-        return "empty file (0 bytes)" if sizes.get(name) == 0 else file_problem(root / name)
+        return "empty file (0 bytes)" if _size_and_time(os.fspath(root / name))[0] == 0 else file_problem(root / name)
 
     workers = workers or min(8, os.cpu_count() or 1)
     if workers <= 1 or len(names) < 16:

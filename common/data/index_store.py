@@ -21,7 +21,8 @@ import shutil
 import tempfile
 import warnings
 import zipfile
-from collections.abc import Callable, Iterable, Sequence
+from array import array
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -183,6 +184,38 @@ class PackedStrings(Column):
         index = range(len(self.ends))[index]
         start = int(self.ends[index - 1]) if index else 0
         return self.data[start:int(self.ends[index])].tobytes().decode("utf-8", "surrogateescape")
+
+    def __iter__(self) -> Iterator[str]:
+        raw, start = self.data.tobytes(), 0  # one bytes object: slicing it is cheaper than indexing the array
+        for end in self.ends.tolist():
+            yield raw[start:end].decode("utf-8", "surrogateescape")
+            start = end
+
+
+def held_out(keys: PackedStrings, fraction: float) -> np.ndarray:
+    """Whether each key falls in the held-out ``fraction`` (bool (K,)): by a hash of the key alone, so a
+    sample keeps its split whatever else the source holds."""
+    threshold, raw, start = int(fraction * 2 ** 64), keys.data.tobytes(), 0
+    chosen = np.zeros(len(keys), bool)
+    for index, end in enumerate(keys.ends.tolist()):
+        chosen[index] = int.from_bytes(hashlib.blake2b(raw[start:end], digest_size=8).digest(), "little") < threshold
+        start = end
+    return chosen
+
+
+class StringPacker:
+    """Builds :class:`PackedStrings` one string at a time, holding only their bytes and end offsets (a listing
+    of a million files would otherwise be a million Python strings, whose freed memory the allocator keeps)."""
+
+    def __init__(self) -> None:
+        self.data, self.ends = bytearray(), array("q")
+
+    def append(self, text: str) -> None:
+        self.data += text.encode("utf-8", "surrogateescape")
+        self.ends.append(len(self.data))
+
+    def packed(self) -> PackedStrings:
+        return PackedStrings(np.frombuffer(bytes(self.data), np.uint8), np.frombuffer(self.ends, np.int64).copy())
 
 
 class Ints(Column):

@@ -244,3 +244,7 @@ class ShardDataset(DecodedOnRead):
 
     def name(self, index: int) -> str:
         return f"{self.shard_of(index)}:{self.keys[index]}"
+
+    def split_keys(self) -> PackedStrings:
+        """What ``data.heldout_fraction`` hashes: each sample's key (img2dataset numbers them across shards)."""
+        return self.keys
