@@ -154,6 +154,13 @@ class VectorQuantizer(nn.Module):
         config: the quantizer options.
     """
 
+    # Eager inside a compiled autoencoder (common.compile.compile_in_place reads this): the statistics change
+    # Python counters every step (each change would recompile), and k-means or a restart may rewrite the
+    # codebook between the forward and backward passes, which the forward's copy of the codebook only
+    # guards against eagerly. A flag, not @torch.compiler.disable: that imports torch._dynamo (~4 s, ~80 MB)
+    # into every process that imports the autoencoder.
+    compile_eager = True
+
     def __init__(self, config: QuantizerConfig) -> None:
         super().__init__()
         if config.code_dim is None:

@@ -21,6 +21,7 @@
 - ``common.resume``: resuming a run: guard the config against changes, restore the newest checkpoint.
 - ``common.safe_pickle``: checkpoint pickles read as weights and plain data only (pickled code never runs).
 - ``common.precision``: which floating-point precision to train and sample in (``precision: auto``).
+- ``common.compile``: whether a run compiles its network (``run.compile: auto``), and compiling in place.
 - ``common.progress``: the training progress bar, towards whichever limit ends the run.
 - ``common.ema``: exponential moving average of model weights.
 - ``common.init_from``: ``init_from=PATH``: a training run starts from a trained or imported component.

@@ -51,6 +51,7 @@ RESUME_SAFE: dict[str, str] = {
     # state are fp32 in every precision, so the checkpoint continues unchanged (a switch to fp16, whose loss
     # scaler the checkpoint may not hold, is checked separately: check_loss_scaler).
     "run.precision": "this machine's precision",
+    "run.compile": "speed only: compiled and eager steps agree to float rounding (common.compile)",
     "run.ema_decay": "applied to the restored EMA",
     "optim.*": "applied to the restored optimizers and schedulers",
     "sample.*": "sample grids (a prior's: also its pipeline's default sampling settings)",

@@ -32,6 +32,7 @@ from accelerate.utils import set_seed
 from torch.utils.data import DataLoader, Dataset, Sampler
 
 from common.checkpoint import CheckpointError, atomic_write
+from common.compile import CompileChoice, CompileMode, compile_in_place, resolve_compile
 from common.config import ConfigError, load_config
 from common.data import DataError
 from common.environment import accelerator_available, accelerator_type, environment_record
@@ -65,6 +66,9 @@ class RunConfig:
         the run (0: stop at the first), leaving the last checkpoint as it was.
     cpu_threads: torch threads per process when training on CPU; 0 = the usable cores divided among
         the processes on this machine (``accelerate launch`` alone would leave one thread per process).
+    compile: "auto" (the default) compiles the trained network with torch.compile only on runs long enough
+        to repay the compile time, never on short ones (the rule: :mod:`common.compile`); true / false force
+        it. The choice and its reason are logged and saved with the run.
     """
 
     out_dir: str = "runs/default"
@@ -83,8 +87,11 @@ class RunConfig:
     max_skipped_steps: int = 10
     cpu_threads: int = 0
     progress: bool = True
+    compile: CompileMode = "auto"
 
     def __post_init__(self) -> None:
+        if self.compile not in ("auto", True, False):
+            raise ConfigError(f"compile={self.compile!r} is not one of auto, true, false; set run.compile to one")
         check_ranges(self, steps=(0, None, "0 only builds what the run needs (e.g. the latent cache) and stops"),
                      max_minutes=(0, None, "0 = no wall-clock budget"), batch_size=(1, None, ""),
                      grad_accum=(1, None, ""), seed=(0, 2**32 - 1, ""), log_every=(1, None, ""),
@@ -148,8 +155,10 @@ def make_accelerator(run: RunConfig) -> Accelerator:
     """An Accelerator for ``run`` with tensorboard logging into the run directory, seeded, in the
     precision :func:`common.precision.resolve_precision` picks for this machine (logged, and written
     with the package versions to ``run_dir/environment.json``)."""
-    Path(run.out_dir).mkdir(parents=True, exist_ok=True)
     on_cpu = not accelerator_available()
+    device_type = "cpu" if on_cpu else _accelerator_device().type
+    compiled = compile_choice(run, device_type)  # an impossible run.compile=true fails before anything is written
+    Path(run.out_dir).mkdir(parents=True, exist_ok=True)
     if on_cpu:  # before the precision probe, which must time the thread count training will use
         cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
         torch.set_num_threads(run.cpu_threads or max(1, cores // int(os.environ.get("LOCAL_WORLD_SIZE", 1))))
@@ -165,8 +174,9 @@ def make_accelerator(run: RunConfig) -> Accelerator:
     watch_stop_signals()
     accelerator.init_trackers("tensorboard")
     accelerator.print(f"precision: {choice.precision} ({choice.reason})")
+    accelerator.print(f"compile: {'yes' if compiled.compile else 'no'} ({compiled.reason})")
     if accelerator.is_main_process:
-        record = {"precision": choice.as_record(), **environment_record()}
+        record = {"precision": choice.as_record(), "compile": compiled.as_record(), **environment_record()}
         atomic_write(Path(run.out_dir) / "environment.json", lambda path: path.write_text(json.dumps(record, indent=1)))
     set_seed(run.seed, device_specific=True)
     return accelerator
@@ -179,10 +189,16 @@ def _accelerator_device() -> torch.device:
     return torch.device(accelerator_type() or "cpu")
 
 
+def compile_choice(run: RunConfig, device_type: str) -> CompileChoice:
+    """Whether this run compiles its network on ``device_type`` (:func:`common.compile.resolve_compile`)."""
+    return resolve_compile(run.compile, device_type, run.steps, run.max_minutes)
+
+
 def resolved_config(cfg: Any, accelerator: Accelerator) -> Any:
-    """``cfg`` with ``run.precision`` replaced by the precision this run actually trains in, for config.yaml."""
+    """``cfg`` with ``run.precision`` and ``run.compile`` replaced by what this run actually does, for config.yaml."""
     chosen = {"no": "fp32"}.get(accelerator.mixed_precision, accelerator.mixed_precision)
-    return dataclasses.replace(cfg, run=dataclasses.replace(cfg.run, precision=chosen))
+    compiled = compile_choice(cfg.run, accelerator.device.type).compile
+    return dataclasses.replace(cfg, run=dataclasses.replace(cfg.run, precision=chosen, compile=compiled))
 
 
 class StreamSampler(Sampler[int]):
@@ -354,9 +370,12 @@ def optimizer_steps(accelerator: Accelerator, models: torch.nn.Module | Sequence
     ``step`` and the progress bar advance. Kept in one place so that the order of these calls, which
     a bit-exact resume depends on, cannot drift between scripts. Stops when ``budget`` is spent, only
     between optimizer steps (never within an accumulation); stopped by a signal, it saves the training
-    state and raises :class:`common.run_control.TrainingStopped`.
+    state and raises :class:`common.run_control.TrainingStopped`. The first of ``models`` is compiled in
+    place first when ``run.compile`` says so (after the EMA copied it: the shadow stays eager).
     """
     models = (models,) if isinstance(models, torch.nn.Module) else tuple(models)
+    if compile_choice(budget.run, accelerator.device.type).compile:
+        compile_in_place(models[0])
     scheds = [sched if isinstance(sched, tuple) else (sched, None)
               for sched in ((scheds,) if hasattr(scheds, "step") else scheds)]
     between_steps = True

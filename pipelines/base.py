@@ -185,6 +185,27 @@ class Pipeline:
     def __repr__(self) -> str:
         return f"{type(self).__name__}(device={self.device}, precision={self.requested_precision})"
 
+    def compile(self: PipelineT, **options: Any) -> PipelineT:
+        """Compile the sampling networks with ``torch.compile``, in place; returns the pipeline.
+
+        The diffusion U-Net and the autoencoder's decoder are compiled (a token prior's transformer is not:
+        its sampler calls it through cached decoding methods, not one forward); weights and results stay the
+        same to float rounding (fp32: within 1e-4). The first call at each new size pays the compile time
+        (minutes on a CPU), so it pays for many images of one size. ``options`` go to :func:`torch.compile`.
+
+        Raises:
+            common.compile.CompileError: inductor cannot run on this device (the message names why).
+        """
+        from common.compile import CompileError, compile_in_place, inductor_problem
+
+        problem = inductor_problem(self.device.type) if options.get("backend", "inductor") == "inductor" else None
+        if problem:
+            raise CompileError(f"cannot compile the pipeline: {problem}; run it without compile()")
+        for net in (getattr(self.model, "unet", None), self.model.autoencoder.decoder):
+            if net is not None:
+                compile_in_place(net, **options)
+        return self
+
     def load_lora(self: PipelineT, path: str | Path, scale: float = 1.0) -> PipelineT:
         """Put a LoRA adapter (its ``.safetensors`` file, its folder, or the training run that wrote ``lora/``)
         on this pipeline's U-Net or prior at ``scale`` (1.0: as trained; 0.0: the base's images exactly),
