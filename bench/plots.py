@@ -121,3 +121,36 @@ def data_growth(rows: list[dict], path: Path) -> Path:
         axis.grid(alpha=0.3)
         axis.legend(fontsize=7)
     return _save(figure, path)
+
+
+def time_to_quality(curves: dict[str, Curve], target: float, path: Path) -> Path:
+    """Prompt accuracy against wall-clock minutes, one line per training recipe, the target dashed."""
+    figure, axis = plt.subplots(figsize=(6.0, 3.8))
+    for name, points in curves.items():
+        points = sorted(points)
+        axis.plot([p[0] for p in points], [p[1] for p in points], marker="o", label=name)
+    axis.axhline(target, color="grey", linestyle="--", label=f"target {target:.0%}")
+    axis.set(xlabel="wall-clock minutes since launch", ylabel="best prompt accuracy", ylim=(-0.02, 1.02),
+             title="Time to quality, shapes diffusion")
+    axis.set_xlim(left=0)
+    axis.grid(alpha=0.3)
+    axis.legend(loc="lower right", fontsize="small")
+    return _save(figure, path)
+
+
+def autoencoder_time_to_quality(arms: dict[str, list[dict]], threshold: float, path: Path) -> Path:
+    """Held-out PSNR and codebook use against training minutes, one line per arm, the PSNR threshold dashed
+    (``arms`` maps a name to its snapshots as :mod:`bench.ttq_autoencoder` writes them)."""
+    figure, (left, right) = plt.subplots(1, 2, figsize=(9, 3.4))
+    for name, rows in arms.items():
+        minutes = [r["minutes"] for r in rows]
+        left.plot(minutes, [r["psnr"] for r in rows], marker="o", markersize=3, label=name)
+        right.plot(minutes, [r["codebook_used"] for r in rows], marker="o", markersize=3, label=name)
+    left.axhline(threshold, color="grey", linestyle="--", label=f"{threshold:g} dB")
+    left.set(xlabel="training minutes", ylabel="held-out PSNR (dB)", title="Reconstruction quality")
+    right.set(xlabel="training minutes", ylabel="fraction of the codebook used", ylim=(-0.02, 1.02),
+              title="Codebook use (held-out)")
+    for axis in (left, right):
+        axis.grid(alpha=0.3)
+        axis.legend(fontsize="small")
+    return _save(figure, path)

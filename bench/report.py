@@ -30,7 +30,8 @@ from typing import Any, Callable
 
 import torch
 
-from bench import measure, plots
+from bench import compile_report, growth_report, measure, plots, ttq_autoencoder_report, ttq_diffusion_report
+from bench.markdown import code, percent, seconds, table
 from bench.measure import PROFILES, Context, machine_info
 from common.environment import environment_record, versions_line
 
@@ -46,7 +47,15 @@ TRAIN = {  # markdown, with the run directory for {}
     "autoencoder": "`accelerate launch autoencoder/train.py configs/autoencoder/emoji32_quick.yaml run.out_dir={}` "
                    "(`make demo` trains `outputs/demo/autoencoder_run`)",
 }
-SECTIONS = ("speed", "samplers", "autoencoder", "shapes", "distribution", "curves", "growth")
+# Sections measured apart from the report (long runs on a quiet machine): the option naming their JSON, its default
+# and the renderer.
+APART: dict[str, tuple[str, str, Callable[[Any, Path], None]]] = {
+    "growth": ("--data-growth", "docs/data_growth.json", growth_report.section),
+    "ttq_diffusion": ("--ttq-diffusion", "docs/ttq_diffusion.json", ttq_diffusion_report.section),
+    "ttq_autoencoder": ("--ttq-autoencoder", "docs/ttq_autoencoder.json", ttq_autoencoder_report.section),
+    "compile": ("--compile-speed", "docs/compile_speed.json", compile_report.section),
+}
+SECTIONS = ("speed", "samplers", "autoencoder", "shapes", "distribution", "curves", *APART)
 EMOJI_RUNS = "diffusion=outputs/demo/pipeline,AR prior=runs/emoji32_quick_prior,MaskGIT=runs/emoji32_maskgit_prior"
 
 
@@ -60,8 +69,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--emoji-runs", default=EMOJI_RUNS,
                         help="NAME=PATH,...: emoji generators (pipelines or runs) for the distribution scores")
     parser.add_argument("--autoencoder-run", default="outputs/demo/autoencoder_run", help="emoji VQ autoencoder run")
-    parser.add_argument("--data-growth", default="docs/data_growth.json",
-                        help="the JSON of `python -m bench.data_growth` (a long measurement of its own)")
+    for option, default, _ in APART.values():
+        producer = option[2:].replace("-", "_")
+        parser.add_argument(option, default=default, help=f"the JSON of `python -m bench.{producer}` (measured apart)")
     parser.add_argument("--vq-minutes", type=float, default=None,
                         help="VQModel training minutes (default: the autoencoder run's recorded time; --quick: 0.5)")
     parser.add_argument("--sections", default=",".join(SECTIONS),
@@ -76,23 +86,6 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 
 
 # ------------------------------------------------------------------------------------ markdown helpers
-
-
-def table(headers: list[str], rows: list[list[Any]]) -> list[str]:
-    lines = ["| " + " | ".join(headers) + " |", "|" + "|".join("---" for _ in headers) + "|"]
-    return lines + ["| " + " | ".join(str(cell) for cell in row) + " |" for row in rows] + [""]
-
-
-def seconds(value: float) -> str:
-    return f"{value * 1e3:.1f} ms" if value < 1 else f"{value:.2f} s"
-
-
-def percent(value: float | None) -> str:
-    return "n/a" if value is None else f"{100 * value:.1f} %"
-
-
-def code(command: str) -> str:
-    return f"`{command}`"
 
 
 @dataclass
@@ -355,54 +348,6 @@ def curves_section(report: Report) -> None:
         report.lines += [f"![training curves]({figure.name})", ""]
 
 
-def growth_section(report: Report) -> None:
-    """The data pipeline against the dataset size, from the JSON of ``bench.data_growth`` (run apart: at 100k
-    images it generates, indexes and encodes for a long time)."""
-    ctx, path = report.ctx, Path(report.ctx.args.data_growth)
-    report.lines += ["## Data growth", ""]
-    if not path.is_file():
-        report.lines += [f"_Not run: `{path}` missing; measure it with `python -m bench.data_growth --out {path}` "
-                         "on a quiet machine._", ""]
-        return
-    result = report.attempt("data growth", lambda: json.loads(path.read_text()))
-    if not result:
-        return
-    report.lines += [f"Synthetic {result['resolution']} px images with distinct captions, as an image folder and as "
-                     f"webdataset shards; every figure from a fresh process. Measured apart from this report by "
-                     f"{code(result['command'])} (read from `{path}`). Start-up: constructing the dataset with its "
-                     "index built; RSS: peak resident memory of a process that constructs the dataset, opens the "
-                     f"latent cache and draws training batches of {result['batch_size']} (text states encoded with "
-                     f"`{result['text']}`); it counts the cache pages read, which the kernel shares and reclaims, and "
-                     "\"own\" is the process's anonymous memory alone.", ""]
-    report.lines += table(["source", "images", "first index", "start-up", "cache build", "start-up with cache",
-                           "peak RSS (train)", "peak RSS (build)", "cache", "index", "cache loader", "image loader",
-                           "text: encode / read per caption"], [growth_row(r) for r in result["rows"]])
-    for source, verdict in result["goals"]["sources"].items():
-        line = (f"- **{source}:** start-up at {verdict['items']:,} images {seconds(verdict['startup_s'])} "
-                f"(goal < {result['goals']['startup_goal_s']:.0f} s: {'met' if verdict['startup_met'] else 'missed'})")
-        if "rss_growth" in verdict:
-            line += (f"; peak RSS {percent(verdict['rss_growth'])} from {verdict['rss_from']:,} images (goal within "
-                     f"{percent(result['goals']['rss_goal'])}: {'met' if verdict['rss_met'] else 'missed'})")
-        report.lines.append(line)
-    figure = plots.data_growth(result["rows"], ctx.out / "data_growth.png")
-    report.lines += ["", f"![data growth]({figure.name})", ""]
-
-
-def rss(r: dict) -> str:
-    """The training process's peak RSS, and its own memory (not mapped cache pages) where measured."""
-    own = r.get("train_anon_rss_mb")
-    return f"{r['train_peak_rss_mb']:.0f} MB" + (f" (own {own:.0f} MB)" if own is not None else "")
-
-
-def growth_row(r: dict) -> list[Any]:
-    encode, read = r.get("encode_ms_per_caption"), r.get("read_ms_per_caption")
-    text = "n/a" if encode is None else f"{encode:.3f} / {read:.4f} ms"
-    return [r["source"], f"{r['items']:,}", seconds(r["first_index_s"]), seconds(r["startup_s"]),
-            seconds(r["cache_build_s"]), seconds(r["startup_with_cache_s"]), rss(r),
-            f"{r['build_peak_rss_mb']:.0f} MB", f"{r['cache_mb']:.1f} MB", f"{r['index_mb']:.2f} MB",
-            f"{r['cache_samples_per_s']:,.0f}/s", f"{r['image_samples_per_s']:,.0f}/s", text]
-
-
 # ------------------------------------------------------------------------------------ assembly
 
 
@@ -477,7 +422,8 @@ def main(argv: list[str] | None = None) -> int:
     section("autoencoder", lambda: autoencoder_section(report))
     section("distribution", lambda: distribution_section(report))
     section("curves", lambda: curves_section(report))
-    section("growth", lambda: growth_section(report))
+    for name, (option, _, render) in APART.items():
+        section(name, lambda: render(report, Path(getattr(args, option[2:].replace("-", "_")))))
     report.lines = [line for name in SECTIONS for line in parts[name]]
     finished = {"load_end": os.getloadavg()[0], "busy_end": measure.other_busy_cores(), "minutes": ctx.elapsed() / 60,
                 "date": time.strftime("%Y-%m-%d %H:%M %Z")}

@@ -9,7 +9,8 @@ perceptual training loss). It trains for ``--minutes`` (default: the wall time o
 ``metrics.jsonl``; ``--quick``: 0.5). Then both are scored by the same function,
 :func:`autoencoder.evaluate.evaluate`, on the held-out split: the ``VQModel`` is converted into our
 format first (:func:`autoencoder.convert.from_diffusers`, exact by the parity tests), so PSNR and
-codebook usage are computed identically. Prints JSON.
+codebook usage are computed identically. Prints JSON. (:class:`TrainingClock` lets
+:mod:`bench.ttq_autoencoder` snapshot the same training at fixed intervals of training time.)
 """
 from __future__ import annotations
 
@@ -66,18 +67,56 @@ def batches(data: DataConfig, batch_size: int, seed: int) -> Iterator[torch.Tens
     return endless()
 
 
+class TrainingClock:
+    """Seconds of training alone, with optional snapshots every ``every`` seconds of it.
+
+    ``begin`` starts it (after the data is ready). ``snapshot(step, seconds)`` is called when another
+    ``every`` seconds have passed (``tick``) and at the end (``finish``, unless that step was just
+    taken); the time it takes (saving weights) is not training time, so snapshots taken often do not
+    slow the curve they sample.
+    """
+
+    def __init__(self, every: float = 0.0, snapshot: Callable[[int, float], None] | None = None) -> None:
+        self.every, self.snapshot = every, snapshot
+        self.start, self.excluded, self.due, self.taken = time.perf_counter(), 0.0, every, -1
+
+    def begin(self) -> None:
+        self.start, self.excluded, self.due = time.perf_counter(), 0.0, self.every
+
+    @property
+    def seconds(self) -> float:
+        return time.perf_counter() - self.start - self.excluded
+
+    def tick(self, step: int) -> None:
+        if self.snapshot is not None and self.every > 0 and self.seconds >= self.due:
+            self.due = (self.seconds // self.every + 1) * self.every
+            self._take(step)
+
+    def finish(self, step: int) -> None:
+        if self.snapshot is not None and step != self.taken:
+            self._take(step)
+
+    def _take(self, step: int) -> None:
+        began, seconds = time.perf_counter(), self.seconds
+        self.snapshot(step, seconds)
+        self.excluded += time.perf_counter() - began
+        self.taken = step
+
+
 def train_for(model: nn.Module, cfg: TrainConfig, seconds: float, device: torch.device,
-              echo: Callable[[str], None] = lambda line: None) -> dict:
-    """Train ``model`` on ``cfg.data`` for ``seconds`` of wall time; returns steps and the loss curve."""
+              echo: Callable[[str], None] = lambda line: None, clock: TrainingClock | None = None) -> dict:
+    """Train ``model`` on ``cfg.data`` for ``seconds`` of training time (``clock``'s, which may take
+    snapshots on the way; default: none); returns steps and the loss curve."""
     torch.manual_seed(cfg.run.seed)
     optimizer, schedule = make_optimizer(model.parameters(), cfg.optim)
     data = batches(dataclasses.replace(cfg.data, split="train"), cfg.run.batch_size, cfg.run.seed)
     # The precision our run trained in (config.yaml records the resolved one; "auto" in an older record
     # resolves the same way on this machine), so both models train alike.
     bf16 = resolve_precision(cfg.run.precision, device).precision == "bf16"
-    curve, step, start = [], 0, time.perf_counter()
+    curve, step, clock = [], 0, clock or TrainingClock()
     model.train()
-    while time.perf_counter() - start < seconds:
+    clock.begin()
+    while clock.seconds < seconds:
         x = next(data).to(device)
         context = torch.autocast(device.type, dtype=torch.bfloat16) if bf16 else contextlib.nullcontext()
         with context:
@@ -93,10 +132,12 @@ def train_for(model: nn.Module, cfg: TrainConfig, seconds: float, device: torch.
         schedule.step()
         step += 1
         if step == 1 or step % 10 == 0:
-            curve.append({"step": step, "seconds": time.perf_counter() - start, "loss": loss.item(), "rec": rec.item()})
+            curve.append({"step": step, "seconds": clock.seconds, "loss": loss.item(), "rec": rec.item()})
         if step % cfg.run.log_every == 0:
             echo(f"  VQModel step {step}: loss {loss.item():.4f} ({curve[-1]['seconds']:.0f} s)")
-    return {"steps": step, "seconds": time.perf_counter() - start, "curve": curve}
+        clock.tick(step)
+    clock.finish(step)
+    return {"steps": step, "seconds": clock.seconds, "curve": curve, "bf16": bf16}
 
 
 def recorded_seconds(run_dir: str | Path) -> tuple[int, float]:
