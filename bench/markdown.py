@@ -36,3 +36,25 @@ def measured_apart(report: Any, title: str, path: Path, command: str) -> dict | 
                          ""]
         return None
     return report.attempt(title.lower(), lambda: json.loads(path.read_text()))
+
+
+def splice(document: str, sections: list[list[str]], note: str) -> str:
+    """``document`` (a generated BENCHMARKS.md) with each of ``sections`` (markdown lines starting ``## Title``) in
+    place of its same-titled section, or appended where it had none, and ``note`` added to the header list."""
+    blocks: list[list[str]] = [[]]
+    for line in document.rstrip("\n").split("\n"):
+        if line.startswith("## "):
+            blocks.append([])
+        blocks[-1].append(line)
+    titles = [block[0] for block in blocks[1:]]
+    tail = [blocks.pop()] if titles and titles[-1] == "## Failures" else []
+    for lines in sections:
+        at = next((i for i, block in enumerate(blocks) if i and block[0] == lines[0]), None)
+        if at is None:
+            blocks.append(lines)
+        else:
+            blocks[at] = lines
+    head = blocks[0]
+    last_item = max((i for i, line in enumerate(head) if line.startswith("- **")), default=len(head) - 1)
+    blocks[0] = head[:last_item + 1] + [note] + head[last_item + 1:]
+    return "\n".join(line for block in blocks + tail for line in block).rstrip("\n") + "\n"

@@ -31,7 +31,7 @@ from typing import Any, Callable
 import torch
 
 from bench import compile_report, growth_report, measure, plots, ttq_autoencoder_report, ttq_diffusion_report
-from bench.markdown import code, percent, seconds, table
+from bench.markdown import code, percent, seconds, splice, table
 from bench.measure import PROFILES, Context, machine_info
 from common.environment import environment_record, versions_line
 
@@ -76,12 +76,19 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                         help="VQModel training minutes (default: the autoencoder run's recorded time; --quick: 0.5)")
     parser.add_argument("--sections", default=",".join(SECTIONS),
                         help=f"comma-separated subset of {','.join(SECTIONS)}")
+    parser.add_argument("--update", action="store_true",
+                        help="re-render only the chosen --sections (measured apart) into the existing BENCHMARKS.md")
     parser.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: torch's default)")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     args = parser.parse_args(argv)
     unknown = set(args.sections.split(",")) - set(SECTIONS)
     if unknown:
         parser.error(f"unknown sections {sorted(unknown)}; valid: {', '.join(SECTIONS)}")
+    if args.update and (set(args.sections.split(",")) - set(APART) or args.sections == ",".join(SECTIONS)):
+        parser.error(f"--update re-renders sections measured apart only: pass --sections with some of "
+                     f"{', '.join(APART)}")
+    if args.update and not (Path(args.out) / "BENCHMARKS.md").is_file():
+        parser.error(f"--update needs an existing {Path(args.out) / 'BENCHMARKS.md'}; run without --update first")
     return args
 
 
@@ -429,6 +436,11 @@ def main(argv: list[str] | None = None) -> int:
                 "date": time.strftime("%Y-%m-%d %H:%M %Z")}
     if report.failures:
         report.lines += ["## Failures", ""] + [f"- {failure}" for failure in report.failures] + [""]
+    if args.update:  # the other sections and the header stay those of the run that measured them
+        note = f"- **Updated:** {', '.join(chosen)} by `{ctx.command}` (git {machine['git']}), {finished['date']}"
+        document = splice((out / "BENCHMARKS.md").read_text(), [parts[name] for name in chosen], note)
+        write_atomic(out / "BENCHMARKS.md", document)
+        return 1 if report.failures else 0
     write_atomic(out / "benchmarks.json", json.dumps({"command": ctx.command, "machine": machine,
                                                       "environment": environment, **finished,
                                                       "results": report.results}, indent=2, default=str) + "\n")

@@ -167,3 +167,29 @@ def test_data_growth_section_renders_the_json_of_bench_data_growth(runs, tmp_pat
                         *runs]) == 0
     assert f"_Not run: `{missing}` missing; measure it with `python -m bench.data_growth" in (
         out / "BENCHMARKS.md").read_text()
+
+
+def test_update_splices_sections_measured_apart_into_the_existing_document(runs, tmp_path, monkeypatch):
+    from bench.markdown import splice
+
+    document = "\n".join(["# Benchmarks", "", "- **Command:** `x`", "- **Machine:** m", "", "## Speed", "", "fast", "",
+                          "## Data growth", "", "old growth", "", "## Failures", "", "- one", ""])
+    growth = ["## Data growth", "", "new growth", ""]
+    ttq = ["## Diffusion time to quality", "", "4x", ""]
+    text = splice(document, [growth, ttq], "- **Updated:** growth")
+    assert text.split("\n") == ["# Benchmarks", "", "- **Command:** `x`", "- **Machine:** m", "- **Updated:** growth",
+                                "", "## Speed", "", "fast", "", "## Data growth", "", "new growth", "",
+                                "## Diffusion time to quality", "", "4x", "", "## Failures", "", "- one", ""]
+    monkeypatch.setattr(measure, "other_busy_cores", lambda seconds=2.0: 0.0)
+    out = tmp_path / "docs"
+    out.mkdir()
+    with pytest.raises(SystemExit):  # nothing to update yet
+        report.parse_args(["--out", str(out), "--sections", "growth", "--update"])
+    (out / "BENCHMARKS.md").write_text(document)
+    with pytest.raises(SystemExit):  # a section measured by the report itself cannot be spliced in
+        report.parse_args(["--out", str(out), "--sections", "speed", "--update"])
+    missing = tmp_path / "none.json"
+    assert report.main(["--out", str(out), "--sections", "growth", "--update", "--data-growth", str(missing)]) == 0
+    text = (out / "BENCHMARKS.md").read_text()
+    assert "## Speed\n\nfast" in text and "old growth" not in text and f"_Not run: `{missing}` missing" in text
+    assert "- **Updated:** growth by `python -m bench.report" in text and "- one" in text

@@ -21,7 +21,7 @@ from tiny import TINY_AUTOENCODER
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 ROOT = Path(__file__).resolve().parents[1]
-RUN = ("run.log_every=1", "run.sample_every=100000", "run.cpu_threads=1")
+RUN = ("run.log_every=1", "run.sample_every=100000", "run.cpu_threads=1", "run.compile=false")  # long: no compile
 
 
 @pytest.fixture(scope="module")
