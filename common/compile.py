@@ -8,19 +8,24 @@ on runs long enough to earn the compile time back. ``run.compile`` says what to 
 
   1. inductor can run here (on a CPU: a C++ compiler; on CUDA: triton), see :func:`inductor_problem`;
   2. ``run.steps >= MIN_STEPS``: a short run (every test, a smoke run) never compiles;
-  3. the run may last long enough: no time budget (``run.max_minutes`` 0, the step count decides), or a
+  3. compiling speeds training up on this device in this precision at all (:data:`ESTIMATES`);
+  4. the run may last long enough: no time budget (``run.max_minutes`` 0, the step count decides), or a
      budget of at least :func:`break_even_minutes` = ``PAYBACK`` x compile time / (1 - 1 / speed-up),
      the eager time after which the saved time is ``PAYBACK`` times the compile time.
 
 The speed-up and compile time are not known before compiling, so the rule uses the estimates in
-:data:`ESTIMATES` (``bench/compile_speed.py`` measures them). On a 2-core CPU the U-Net at batch 32
-compiled in 164 s and then ran 1.10x as fast: compiling pays after 30 minutes and the rule asks for
-twice that, 60 minutes; the quick CPU configs (5-20 minutes) therefore train eagerly.
+:data:`ESTIMATES`, per device and precision, from ``python -m bench.compile_speed``: on a 2-core Xeon
+with native bf16 (1 thread, batch 32) the emoji U-Net's training step ran 2.03x as fast in bf16 after
+166 s of compiling but 0.80x (slower) in fp32, and the autoencoder's 1.06x in bf16 after 113 s (1.81x in
+fp32). An
+estimate is the least gain among the trained networks, so ``auto`` never compiles CPU training in fp32
+and compiles bf16 CPU training only from about 66 minutes; every quick CPU config (5-20 minutes) trains eagerly.
 
 A module class may set ``compile_eager = True`` to stay eager inside the compiled network (the VQ
-quantizer does; ``autoencoder/quantizer.py`` says why). The module is compiled in place (:meth:`torch.nn.Module.compile`), so it stays the same object with the
-same parameter names: checkpoints, ``state_dict`` and the EMA see no ``_orig_mod.`` prefix, and a resumed
-run may switch between compiled and eager freely (the weights match to float rounding).
+quantizer does; ``autoencoder/quantizer.py`` says why). The module is compiled in place
+(:meth:`torch.nn.Module.compile`), so it stays the same object with the same parameter names: checkpoints,
+``state_dict`` and the EMA see no ``_orig_mod.`` prefix, and a resumed run may switch between compiled and
+eager (the weights then match to float rounding, not bit for bit: a resume that must be exact keeps the setting).
 """
 from __future__ import annotations
 
@@ -48,11 +53,21 @@ class CompileEstimate:
     source: str
 
 
-ESTIMATES = {
-    "cpu": CompileEstimate(1.10, 164.0, "measured: the report's U-Net at batch 32, 2 CPU cores, inductor"),
-    # Not measured on this project's machines: the usual range for convolutional U-Nets on one GPU.
-    "cuda": CompileEstimate(1.3, 90.0, "assumed for a CUDA device"),
+ESTIMATES = {  # (device type, precision) -> the least gain among the trained networks
+    ("cpu", "bf16"): CompileEstimate(1.06, 113.0, "measured: the autoencoder's training step; the U-Net's 2.03x "
+                                                  "after 166 s"),
+    ("cpu", "fp32"): CompileEstimate(0.80, 143.0, "measured: the U-Net's training step ran slower compiled; the "
+                                                  "autoencoder's 1.81x after 104 s"),
+    # Not measured on this project's machines (no GPU lent): the usual range for convolutional U-Nets.
+    ("cuda", "any"): CompileEstimate(1.3, 90.0, "assumed for a CUDA device"),
 }
+
+
+def estimate_for(device_type: str, precision: str) -> CompileEstimate:
+    """The estimate for ``device_type`` and ``precision`` (a CPU in fp16 as in fp32; other devices as CUDA)."""
+    if device_type == "cpu":
+        return ESTIMATES[("cpu", "bf16" if precision == "bf16" else "fp32")]
+    return ESTIMATES[("cuda", "any")]
 
 
 class CompileError(ConfigError):
@@ -71,9 +86,11 @@ class CompileChoice:
         return {"requested": self.requested, "chosen": self.compile, "reason": self.reason}
 
 
-def break_even_minutes(device_type: str) -> float:
-    """The eager run length (minutes) from which compiling saves ``PAYBACK`` times its compile time."""
-    estimate = ESTIMATES.get(device_type, ESTIMATES["cuda"])
+def break_even_minutes(device_type: str, precision: str) -> float | None:
+    """The eager run length (minutes) from which compiling saves ``PAYBACK`` times its compile time; None: never."""
+    estimate = estimate_for(device_type, precision)
+    if estimate.speedup <= 1:
+        return None
     return PAYBACK * estimate.compile_seconds / (1 - 1 / estimate.speedup) / 60
 
 
@@ -97,8 +114,10 @@ def inductor_problem(device_type: str) -> str | None:
     return None
 
 
-def resolve_compile(requested: CompileMode, device_type: str, steps: int, max_minutes: float) -> CompileChoice:
-    """Whether a run of ``steps`` steps and ``max_minutes`` budget on ``device_type`` compiles (module docstring).
+def resolve_compile(requested: CompileMode, device_type: str, steps: int, max_minutes: float,
+                    precision: str = "fp32") -> CompileChoice:
+    """Whether a run of ``steps`` steps and ``max_minutes`` budget on ``device_type`` in ``precision`` compiles
+    (module docstring).
 
     Raises:
         CompileError: ``requested`` is True where inductor cannot run, or not one of auto / True / False.
@@ -115,18 +134,20 @@ def resolve_compile(requested: CompileMode, device_type: str, steps: int, max_mi
         return CompileChoice(True, "requested explicitly", "true")
     if steps < MIN_STEPS:
         return CompileChoice(False, f"a short run ({steps} steps < {MIN_STEPS}) would not earn back the compile time")
-    needed = break_even_minutes(device_type)
+    needed, estimate = break_even_minutes(device_type, precision), estimate_for(device_type, precision)
+    if needed is None:
+        return CompileChoice(False, f"compiling does not speed up {precision} training on {device_type} "
+                                    f"({estimate.speedup}x, {estimate.source})")
     if 0 < max_minutes < needed:
-        estimate = ESTIMATES.get(device_type, ESTIMATES["cuda"])
         return CompileChoice(False, f"a {max_minutes:g}-minute budget is under the {needed:.0f} minutes in which "
-                                    f"compiling on {device_type} ({estimate.speedup}x after "
+                                    f"compiling {precision} training on {device_type} ({estimate.speedup}x after "
                                     f"{estimate.compile_seconds:.0f} s, {estimate.source}) repays itself "
                                     f"{PAYBACK:g} times")
     problem = inductor_problem(device_type)  # last: it imports inductor, which a short run never needs
     if problem:
         return CompileChoice(False, f"the run is long enough to compile, but {problem}")
     length = f"{max_minutes:g} minutes" if max_minutes else "no time budget"
-    return CompileChoice(True, f"a long run ({steps} steps, {length}) repays compiling on {device_type} "
+    return CompileChoice(True, f"a long run ({steps} steps, {length}) repays compiling {precision} on {device_type} "
                                f"(break-even x{PAYBACK:g}: {needed:.0f} minutes)")
 
 

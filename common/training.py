@@ -157,12 +157,13 @@ def make_accelerator(run: RunConfig) -> Accelerator:
     with the package versions to ``run_dir/environment.json``)."""
     on_cpu = not accelerator_available()
     device_type = "cpu" if on_cpu else _accelerator_device().type
-    compiled = compile_choice(run, device_type)  # an impossible run.compile=true fails before anything is written
+    compile_choice(run, device_type, "fp32")  # an impossible run.compile=true fails before anything is written
     Path(run.out_dir).mkdir(parents=True, exist_ok=True)
     if on_cpu:  # before the precision probe, which must time the thread count training will use
         cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
         torch.set_num_threads(run.cpu_threads or max(1, cores // int(os.environ.get("LOCAL_WORLD_SIZE", 1))))
     choice = resolve_precision(run.precision, "cpu" if on_cpu else _accelerator_device())
+    compiled = compile_choice(run, device_type, choice.precision)
     # Schedulers step once per optimizer step whatever the process count (accelerate's default
     # steps them once per process, which silently changes the schedule with the cluster size).
     # cpu=True when there is no accelerator: only then does `accelerate launch --multi_gpu` on a CPU
@@ -189,15 +190,20 @@ def _accelerator_device() -> torch.device:
     return torch.device(accelerator_type() or "cpu")
 
 
-def compile_choice(run: RunConfig, device_type: str) -> CompileChoice:
+def compile_choice(run: RunConfig, device_type: str, precision: str) -> CompileChoice:
     """Whether this run compiles its network on ``device_type`` (:func:`common.compile.resolve_compile`)."""
-    return resolve_compile(run.compile, device_type, run.steps, run.max_minutes)
+    return resolve_compile(run.compile, device_type, run.steps, run.max_minutes, precision)
+
+
+def trained_precision(accelerator: Accelerator) -> str:
+    """The precision ``accelerator`` trains in: fp32, bf16 or fp16."""
+    return {"no": "fp32"}.get(accelerator.mixed_precision, accelerator.mixed_precision)
 
 
 def resolved_config(cfg: Any, accelerator: Accelerator) -> Any:
     """``cfg`` with ``run.precision`` and ``run.compile`` replaced by what this run actually does, for config.yaml."""
-    chosen = {"no": "fp32"}.get(accelerator.mixed_precision, accelerator.mixed_precision)
-    compiled = compile_choice(cfg.run, accelerator.device.type).compile
+    chosen = trained_precision(accelerator)
+    compiled = compile_choice(cfg.run, accelerator.device.type, chosen).compile
     return dataclasses.replace(cfg, run=dataclasses.replace(cfg.run, precision=chosen, compile=compiled))
 
 
@@ -374,7 +380,7 @@ def optimizer_steps(accelerator: Accelerator, models: torch.nn.Module | Sequence
     place first when ``run.compile`` says so (after the EMA copied it: the shadow stays eager).
     """
     models = (models,) if isinstance(models, torch.nn.Module) else tuple(models)
-    if compile_choice(budget.run, accelerator.device.type).compile:
+    if compile_choice(budget.run, accelerator.device.type, trained_precision(accelerator)).compile:
         compile_in_place(models[0])
     scheds = [sched if isinstance(sched, tuple) else (sched, None)
               for sched in ((scheds,) if hasattr(scheds, "step") else scheds)]

@@ -54,37 +54,43 @@ def aot_eager(monkeypatch):
 def test_auto_trains_the_quick_cpu_configs_eagerly(config, monkeypatch):
     monkeypatch.setattr(compiling, "inductor_problem", lambda device: None)
     run = RunConfig(**yaml.safe_load((ROOT / "configs" / f"{config}.yaml").read_text())["run"])
-    choice = compiling.resolve_compile(run.compile, "cpu", run.steps, run.max_minutes)
-    assert run.compile == "auto" and not choice.compile
-    assert "minute budget is under the 60 minutes" in choice.reason or "short run" in choice.reason
+    for precision in ("bf16", "fp32"):
+        choice = compiling.resolve_compile(run.compile, "cpu", run.steps, run.max_minutes, precision)
+        assert run.compile == "auto" and not choice.compile
+        needed = compiling.break_even_minutes("cpu", "bf16")
+        assert any(why in choice.reason for why in (f"minute budget is under the {needed:.0f} minutes", "short run",
+                                                    "does not speed up fp32 training"))
 
 
-@pytest.mark.parametrize("steps, minutes, device, expected", [
-    (4, 0.0, "cpu", False),  # every test's run
-    (9_999, 0.0, "cuda", False),
-    (100_000, 59.0, "cpu", False),
-    (100_000, 61.0, "cpu", True),
-    (20_000, 0.0, "cpu", True),  # no time budget: the step count decides
-    (200_000, 0.0, "cuda", True),
-    (200_000, 14.0, "cuda", True),
-    (200_000, 12.0, "cuda", False),
+@pytest.mark.parametrize("steps, minutes, device, precision, expected", [
+    (4, 0.0, "cpu", "bf16", False),  # every test's run
+    (9_999, 0.0, "cuda", "bf16", False),
+    (100_000, 65.0, "cpu", "bf16", False),
+    (100_000, 67.0, "cpu", "bf16", True),
+    (20_000, 0.0, "cpu", "bf16", True),  # no time budget: the step count decides
+    (20_000, 0.0, "cpu", "fp32", False),  # measured slower compiled in fp32 on a CPU
+    (100_000, 600.0, "cpu", "fp16", False),  # a CPU in fp16 as in fp32
+    (200_000, 0.0, "cuda", "fp16", True),
+    (200_000, 14.0, "cuda", "bf16", True),
+    (200_000, 12.0, "cuda", "fp32", False),
 ])
-def test_auto_compiles_only_runs_long_enough_to_repay_it(steps, minutes, device, expected, monkeypatch):
+def test_auto_compiles_only_runs_long_enough_to_repay_it(steps, minutes, device, precision, expected, monkeypatch):
     monkeypatch.setattr(compiling, "inductor_problem", lambda device: None)
-    choice = compiling.resolve_compile("auto", device, steps, minutes)
+    choice = compiling.resolve_compile("auto", device, steps, minutes, precision)
     assert choice.compile is expected and choice.requested == "auto" and choice.reason
 
 
 def test_the_break_even_follows_from_the_measured_estimate():
-    cpu = compiling.ESTIMATES["cpu"]
-    # 164 s of compiling, then each eager second costs 1/1.1 s: 164 / (1 - 1/1.1) = 1804 s saved back, twice
-    assert compiling.break_even_minutes("cpu") == pytest.approx(2 * cpu.compile_seconds * 11 / 60)
-    assert 59 < compiling.break_even_minutes("cpu") < 61
+    bf16 = compiling.ESTIMATES[("cpu", "bf16")]
+    # 113 s of compiling, then each eager second costs 1/1.06 s: 113 / (1 - 1/1.06) s saved back, twice
+    assert compiling.break_even_minutes("cpu", "bf16") == pytest.approx(2 * bf16.compile_seconds / (1 - 1 / 1.06) / 60)
+    assert 65 < compiling.break_even_minutes("cpu", "bf16") < 67
+    assert compiling.break_even_minutes("cpu", "fp32") is None  # slower compiled: never pays
 
 
 def test_auto_without_a_compiler_trains_eagerly_and_true_is_refused_naming_why(monkeypatch, tmp_path):
     monkeypatch.setattr(compiling, "inductor_problem", lambda device: "no C++ compiler for inductor on the CPU")
-    choice = compiling.resolve_compile("auto", "cpu", 100_000, 0.0)
+    choice = compiling.resolve_compile("auto", "cpu", 100_000, 0.0, "bf16")
     assert not choice.compile and "no C++ compiler" in choice.reason
     with pytest.raises(compiling.CompileError, match="no C.. compiler.*run.compile=auto or false"):
         compiling.resolve_compile(True, "cpu", 4, 0.0)
@@ -227,7 +233,7 @@ def test_the_report_renders_the_measured_json_and_states_the_auto_rule(tmp_path)
     assert "| unet_train | bf16 | 200.0 ms | 160.0 ms | 1.25x | 120.00 s | 10.0 min | 4.0e-02 |" in text
     assert "| sampling | fp32 | 2.00 s | 2.10 s | 0.95x | 90.00 s | never | 2.0e-06 |" in text
     assert f"at least {compiling.MIN_STEPS:,} steps" in text
-    assert f"{compiling.break_even_minutes('cpu'):.0f} minutes" in text
+    assert f"{compiling.break_even_minutes('cpu', 'bf16'):.0f} minutes" in text and "fp32 never" in text
     missing = Report(Context(args=argparse.Namespace(), profile={}, out=tmp_path, argv=[]))
     compile_report.section(missing, tmp_path / "none.json")
     assert "_Not run: " in "\n".join(missing.lines) and "bench.compile_speed" in "\n".join(missing.lines)
