@@ -249,8 +249,9 @@ def minutes_to(rows: list[dict], threshold: float) -> dict[str, Any]:
     return {"minutes": None, "upper_bound": False, "codebook_used": None, "step": None}
 
 
-def goal(arms: dict[str, dict], budget: float) -> dict[str, Any]:
-    """Ours against each peer: peer minutes / our minutes (a lower bound when the peer never got there)."""
+def goal(arms: dict[str, dict]) -> dict[str, Any]:
+    """Ours against each peer: peer minutes / our minutes (a lower bound, from the peer's training time, when the
+    peer never got there)."""
     ours = arms.get("ours", {}).get("to_threshold", {}).get("minutes")
     verdicts = {}
     for peer in (a for a in arms if a != "ours"):
@@ -258,7 +259,7 @@ def goal(arms: dict[str, dict], budget: float) -> dict[str, Any]:
         if ours is None:
             verdicts[peer] = {"ratio": None, "lower_bound": False, "met": False if theirs is not None else None}
             continue
-        ratio = (theirs if theirs is not None else budget) / ours
+        ratio = (theirs if theirs is not None else arms[peer]["seconds"] / 60) / ours
         met = ratio >= GOAL_FACTOR if theirs is not None or ratio >= GOAL_FACTOR else None
         verdicts[peer] = {"ratio": ratio, "lower_bound": theirs is None, "met": met}
     return {"factor": GOAL_FACTOR, "ours_minutes": ours, "peers": verdicts}
@@ -300,7 +301,7 @@ def run(s: Settings, train: bool = True, echo: Callable[[str], None] = lambda li
     data = {"name": cfg.data.name, "split": "heldout", "resolution": cfg.model.resolution,
             "batch_size": cfg.run.batch_size}
     return {"settings": {**s.record(), "arms_at_once": arms_at_once(s)}, "threshold_db": s.threshold, "data": data,
-            "machine": machine, "arms": arms, "goal": goal(arms, s.minutes), "interpolation": INTERPOLATION}
+            "machine": machine, "arms": arms, "goal": goal(arms), "interpolation": INTERPOLATION}
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -317,6 +318,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--quick", action="store_true", help="a smoke test: 15 s per arm, snapshots every 3 s")
     parser.add_argument("--score-only", action="store_true", help="score the snapshots OUT already holds")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--merge", default="", help="a results file whose arms join this run's (e.g. one arm "
+                                                    "trained longer with --arms), replacing same-named ones")
     parser.add_argument("--worker", choices=("taming", "vqmodel"), help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.quick:
@@ -345,6 +348,11 @@ def main(argv: list[str] | None = None) -> dict[str, Any] | None:
     result = run(s, train=not args.score_only, echo=lambda line: print(line, file=sys.stderr, flush=True))
     result["command"] = shlex.join(["python", "-m", "bench.ttq_autoencoder", *(sys.argv[1:] if argv is None else argv)])
     result["total_minutes"] = (time.perf_counter() - started) / 60
+    if args.merge:
+        merged = json.loads(Path(args.merge).read_text())
+        result["arms"].update(merged["arms"])
+        result["goal"] = goal(result["arms"])
+        result["command"] += f"; arms {', '.join(merged['arms'])} from `{merged['command']}`"
     path = Path(args.json) if args.json else s.out / "ttq_autoencoder.json"
     path.parent.mkdir(parents=True, exist_ok=True)
     partial = path.with_name(f".{path.name}.partial")

@@ -113,8 +113,8 @@ def test_minutes_to_threshold_interpolates_and_the_goal_compares():
     assert ttq_autoencoder.minutes_to(rows, 10.0)["upper_bound"] is True
     assert ttq_autoencoder.minutes_to(rows, 30.0)["minutes"] is None
     arms = {"ours": {"to_threshold": {"minutes": 2.0}}, "taming": {"to_threshold": {"minutes": 5.0}},
-            "vqmodel": {"to_threshold": {"minutes": None}}}
-    goal = ttq_autoencoder.goal(arms, budget=3.0)
+            "vqmodel": {"to_threshold": {"minutes": None}, "seconds": 180.0}}  # trained 3 minutes
+    goal = ttq_autoencoder.goal(arms)
     assert goal["peers"]["taming"] == {"ratio": 2.5, "lower_bound": False, "met": True}
     assert goal["peers"]["vqmodel"] == {"ratio": 1.5, "lower_bound": True, "met": None}  # needs a longer budget
 
