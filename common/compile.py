@@ -19,7 +19,7 @@ with native bf16 (1 thread, batch 32) the emoji U-Net's training step ran 2.03x 
 166 s of compiling but 0.80x (slower) in fp32, and the autoencoder's 1.06x in bf16 after 113 s (1.81x in
 fp32). An
 estimate is the least gain among the trained networks, so ``auto`` never compiles CPU training in fp32
-and compiles bf16 CPU training only from about 66 minutes; every quick CPU config (5-20 minutes) trains eagerly.
+and compiles bf16 CPU training only from about 67 minutes; every quick CPU config (5-20 minutes) trains eagerly.
 
 A module class may set ``compile_eager = True`` to stay eager inside the compiled network (the VQ
 quantizer does; ``autoencoder/quantizer.py`` says why). The module is compiled in place
