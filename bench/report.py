@@ -84,9 +84,10 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     unknown = set(args.sections.split(",")) - set(SECTIONS)
     if unknown:
         parser.error(f"unknown sections {sorted(unknown)}; valid: {', '.join(SECTIONS)}")
-    if args.update and (set(args.sections.split(",")) - set(APART) or args.sections == ",".join(SECTIONS)):
+    apart = [*APART, *(["samplers"] if (Path(args.out) / "sampler_table.json").is_file() else [])]
+    if args.update and (set(args.sections.split(",")) - set(apart) or args.sections == ",".join(SECTIONS)):
         parser.error(f"--update re-renders sections measured apart only: pass --sections with some of "
-                     f"{', '.join(APART)}")
+                     f"{', '.join(apart)} (samplers: with OUT/sampler_table.json)")
     if args.update and not (Path(args.out) / "BENCHMARKS.md").is_file():
         parser.error(f"--update needs an existing {Path(args.out) / 'BENCHMARKS.md'}; run without --update first")
     return args

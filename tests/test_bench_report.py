@@ -188,6 +188,10 @@ def test_update_splices_sections_measured_apart_into_the_existing_document(runs,
     (out / "BENCHMARKS.md").write_text(document)
     with pytest.raises(SystemExit):  # a section measured by the report itself cannot be spliced in
         report.parse_args(["--out", str(out), "--sections", "speed", "--update"])
+    with pytest.raises(SystemExit):  # the sampler table only when it was measured apart
+        report.parse_args(["--out", str(out), "--sections", "samplers", "--update"])
+    (out / "sampler_table.json").write_text("{}")
+    assert report.parse_args(["--out", str(out), "--sections", "samplers,growth", "--update"]).update
     missing = tmp_path / "none.json"
     assert report.main(["--out", str(out), "--sections", "growth", "--update", "--data-growth", str(missing)]) == 0
     text = (out / "BENCHMARKS.md").read_text()
