@@ -132,11 +132,15 @@ def other_busy_cores(seconds: float = 2.0) -> float | None:
 
 
 def machine_info() -> dict[str, Any]:
-    """The machine, collected automatically: CPU, cores, GPU, OS, torch build and threads, load."""
+    """The machine, collected automatically: CPU (and its native bf16 flags), cores, GPU, OS, torch build and
+    threads, load."""
+    from common.precision import cpu_description
+
     config = torch.__config__.show()
     usable = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
     return {
-        "cpu": cpu_model(), "logical_cores": os.cpu_count(), "usable_cores": usable,
+        "cpu": cpu_model(), "bf16_flags": list(cpu_description()[1]), "logical_cores": os.cpu_count(),
+        "usable_cores": usable,
         "gpu": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None,
         "os": platform.platform(), "python": platform.python_version(), "torch": torch.__version__,
         "blas": _first_match(r"BLAS_INFO=(\w+)", config),

@@ -50,7 +50,6 @@ from bench import vqmodel_equal_time as vq
 from bench.taming_recipe import TamingTrainer
 from common.config import load_config
 from common.data import DataConfig
-from common.precision import cpu_description
 from common.training import read_metrics
 
 ARMS = ("ours", "taming", "vqmodel")
@@ -297,7 +296,7 @@ def run(s: Settings, train: bool = True, echo: Callable[[str], None] = lambda li
     arms = {arm: arm_record(arm, s, score_arm(arm, s, cfg, data, echo)) for arm in s.arms}
     from bench.measure import machine_info
 
-    machine = {**machine_info(), "bf16_flags": list(cpu_description()[1])}
+    machine = machine_info()
     data = {"name": cfg.data.name, "split": "heldout", "resolution": cfg.model.resolution,
             "batch_size": cfg.run.batch_size}
     return {"settings": {**s.record(), "arms_at_once": arms_at_once(s)}, "threshold_db": s.threshold, "data": data,

@@ -49,7 +49,6 @@ import torch
 from bench.diffusers_recipe import DEFAULTS, SNAPSHOTS
 from bench.measure import machine_info
 from common.evaluation import number_list
-from common.precision import cpu_description
 from common.run_state import latest_checkpoint
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -262,14 +261,6 @@ def verdict(scored: dict[str, list[dict]], s: Settings) -> dict[str, Any]:
 # ------------------------------------------------------------------------------------ assembly
 
 
-def machine() -> dict[str, Any]:
-    """The machine (CPU model, native bf16 flags, torch) and how busy it was before training."""
-    model, flags = cpu_description()
-    info = machine_info()
-    return {"cpu": model, "bf16_flags": list(flags), "usable_cores": info["usable_cores"], "torch": torch.__version__,
-            "git": info["git"], "load_start": info["load_start"], "busy_start": info["busy_start"]}
-
-
 def precisions(out: Path) -> dict[str, Any]:
     """The precision each arm trained in: ours as its run recorded it, the baseline's the script's default."""
     environment = out / "ours" / "environment.json"
@@ -280,7 +271,7 @@ def precisions(out: Path) -> dict[str, Any]:
 
 def measure(s: Settings, out: Path, train: bool = True, log: Callable[[str], None] = print) -> dict[str, Any]:
     """Train (unless ``train`` is False: score the snapshots already in ``out``), score, and return the JSON."""
-    begin, before = time.time(), machine()
+    begin, before = time.time(), machine_info()
     if train:
         log(f"training both arms for {s.minutes} min each ({'sequential' if s.sequential else 'concurrent'}, "
             f"{s.threads} thread(s) each) into {out}")
