@@ -303,6 +303,15 @@ def run(s: Settings, train: bool = True, echo: Callable[[str], None] = lambda li
             "machine": machine, "arms": arms, "goal": goal(arms), "interpolation": INTERPOLATION}
 
 
+def merge(result: dict[str, Any], earlier: dict[str, Any]) -> None:
+    """Add the arms of an ``earlier`` results file that ``result`` did not measure (its own arms win)."""
+    taken = [arm for arm in earlier["arms"] if arm not in result["arms"]]
+    arms = {**{arm: earlier["arms"][arm] for arm in taken}, **result["arms"]}
+    result["arms"] = {arm: arms[arm] for arm in ARMS if arm in arms}
+    result["goal"] = goal(result["arms"])
+    result["command"] += f"; arms {', '.join(taken)} from `{earlier['command']}`"
+
+
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--config", default="configs/autoencoder/emoji32_quick.yaml", help="our stage-1 config")
@@ -317,8 +326,11 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--quick", action="store_true", help="a smoke test: 15 s per arm, snapshots every 3 s")
     parser.add_argument("--score-only", action="store_true", help="score the snapshots OUT already holds")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    parser.add_argument("--merge", default="", help="a results file whose arms join this run's (e.g. one arm "
-                                                    "trained longer with --arms), replacing same-named ones")
+    parser.add_argument("--merge", default="", help="a results file whose arms join this run's: those this run "
+                                                    "did not measure (e.g. train one peer longer with --arms X "
+                                                    "and merge the earlier file for the other arms)")
+    parser.add_argument("--also", default="", help="a results file measured on another machine, kept beside "
+                                                   "this run's (minutes compare only within one machine)")
     parser.add_argument("--worker", choices=("taming", "vqmodel"), help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.quick:
@@ -348,10 +360,10 @@ def main(argv: list[str] | None = None) -> dict[str, Any] | None:
     result["command"] = shlex.join(["python", "-m", "bench.ttq_autoencoder", *(sys.argv[1:] if argv is None else argv)])
     result["total_minutes"] = (time.perf_counter() - started) / 60
     if args.merge:
-        merged = json.loads(Path(args.merge).read_text())
-        result["arms"].update(merged["arms"])
-        result["goal"] = goal(result["arms"])
-        result["command"] += f"; arms {', '.join(merged['arms'])} from `{merged['command']}`"
+        merge(result, json.loads(Path(args.merge).read_text()))
+    if args.also:
+        earlier = json.loads(Path(args.also).read_text())
+        result["also"] = [{k: v for k, v in earlier.items() if k != "also"}, *earlier.get("also", [])]
     path = Path(args.json) if args.json else s.out / "ttq_autoencoder.json"
     path.parent.mkdir(parents=True, exist_ok=True)
     partial = path.with_name(f".{path.name}.partial")

@@ -15,28 +15,37 @@ COMMAND = "python -m bench.ttq_autoencoder --out runs/ttq_autoencoder --json {}"
 
 
 def section(report: Any, path: Path) -> None:
-    """Append the section to ``report`` (a :class:`bench.report.Report`)."""
+    """Append the section to ``report`` (a :class:`bench.report.Report`): the newest measurement with its plot,
+    then those kept under ``also`` (other machines: minutes compare only within one machine)."""
     result = measured_apart(report, "Autoencoder time to quality", path, COMMAND)
     if not result:
         return
+    report.lines += measurement(result, path)
+    curves = {record["label"]: record["snapshots"] for record in result["arms"].values()}
+    figure = plots.autoencoder_time_to_quality(curves, result["threshold_db"],
+                                               report.ctx.out / "autoencoder_time_to_quality.png")
+    report.lines += [f"![held-out PSNR and codebook use vs training minutes]({figure.name})", ""]
+    for earlier in result.get("also", []):
+        report.lines += [f"Also measured on {earlier['machine']['cpu']}:", "", *measurement(earlier, path)]
+
+
+def measurement(result: dict, path: Path) -> list[str]:
+    """The description, table and verdicts of one run of the benchmark (all its arms on one machine)."""
     s, machine, threshold = result["settings"], result["machine"], result["threshold_db"]
-    report.lines += [
+    lines = [
         f"Training minutes until the held-out PSNR reaches {threshold:g} dB ({result['data']['name']} "
         f"{result['data']['resolution']} px, batch {result['data']['batch_size']}, the architecture of "
-        f"`{s['config']}` in every arm), each arm trained for {s['minutes']:g} min on {s['threads']} CPU thread(s), "
-        f"{s['arms_at_once']} arm(s) at a time on {machine['cpu']} (bf16 flags: "
+        f"`{s['config']}` in every arm), each arm trained for a fixed budget (the table's third column) on "
+        f"{s['threads']} CPU thread(s), up to {s['arms_at_once']} arm(s) at a time on {machine['cpu']} (bf16 flags: "
         f"{', '.join(machine['bf16_flags']) or 'none'}; torch {machine['torch']}). Every snapshot is scored by "
         f"`autoencoder.evaluate.evaluate` (taming and VQModel weights converted exactly by `autoencoder.convert`); "
         f"ours is the EMA the run ships. "
         f"{result['interpolation']}; codebook use is that of the first snapshot at or above it. Measured apart "
         f"from this report by {code(result['command'])} (read from `{path}`).", ""]
     rows = [arm_row(record, threshold) for record in result["arms"].values()]
-    report.lines += table(["arm", "precision", "training in the budget", f"minutes to {threshold:g} dB",
-                           "codebook used then", "best PSNR (dB)", "final PSNR (dB)"], rows)
-    report.lines += goal_lines(result["goal"], threshold) + [""]
-    curves = {record["label"]: record["snapshots"] for record in result["arms"].values()}
-    figure = plots.autoencoder_time_to_quality(curves, threshold, report.ctx.out / "autoencoder_time_to_quality.png")
-    report.lines += [f"![held-out PSNR and codebook use vs training minutes]({figure.name})", ""]
+    lines += table(["arm", "precision", "training in the budget", f"minutes to {threshold:g} dB",
+                    "codebook used then", "best PSNR (dB)", "final PSNR (dB)"], rows)
+    return lines + goal_lines(result["goal"], threshold) + [""]
 
 
 def arm_row(record: dict, threshold: float) -> list[str]:

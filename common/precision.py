@@ -10,8 +10,8 @@ matmul 4.7x, a 3x3 conv forward + backward 2.8x), so ``auto`` must never assume 
 - CUDA: bf16 where ``torch.cuda.is_bf16_supported()``, else fp16 (accelerate adds loss scaling);
 - CPU: fp32 unless the CPU advertises native bf16 instructions *and* a short measured probe (a conv
   forward + backward under bf16 autocast against fp32 on one thread, under a second, cached per
-  CPU model and torch version) shows bf16 faster; the flags alone are not trusted because
-  oneDNN may still pick an emulated kernel on some builds;
+  CPU model, torch version and ``ONEDNN_MAX_CPU_ISA``) shows bf16 faster; the flags alone are not
+  trusted because oneDNN may still pick an emulated kernel on some builds (or when capped by that variable);
 - anything else (MPS, XPU): fp32, the precision every backend runs correctly.
 
 An explicit ``bf16``/``fp32``/``fp16`` is obeyed, with a warning when bf16 would be emulated, and
@@ -148,6 +148,9 @@ def cpu_bf16_speedup() -> float:
     """:func:`measure_cpu_bf16_speedup`, cached on disk per CPU model and torch version."""
     model, flags = cpu_description()
     key = f"{model}|{','.join(flags)}|torch={torch.__version__}"
+    isa = os.environ.get("ONEDNN_MAX_CPU_ISA")
+    if isa:  # a capped oneDNN (e.g. AVX512_CORE) emulates bf16 on a native CPU: a different machine to the probe
+        key += f"|ONEDNN_MAX_CPU_ISA={isa}"
     path = _cache_file()
     try:
         cache = json.loads(path.read_text())

@@ -62,6 +62,19 @@ def test_the_probe_is_cached_on_disk_per_cpu_and_torch_version(fake_cpu, tmp_pat
     assert SAPPHIRE_RAPIDS[0] in key and torch.__version__ in key and value == 2.0
 
 
+def test_a_capped_onednn_is_probed_apart_from_the_same_cpu_uncapped(fake_cpu, monkeypatch):
+    # ONEDNN_MAX_CPU_ISA=AVX512_CORE makes oneDNN emulate bf16 on a CPU with AVX512_BF16 (measured here:
+    # the probe 1.5x uncapped, 0.5x capped), so the cached uncapped reading must not decide for it.
+    monkeypatch.delenv("ONEDNN_MAX_CPU_ISA", raising=False)
+    probes = fake_cpu(SAPPHIRE_RAPIDS, speedup=2.0)
+    assert resolve_precision("auto", "cpu").precision == "bf16"
+    monkeypatch.setenv("ONEDNN_MAX_CPU_ISA", "AVX512_CORE")
+    monkeypatch.setattr(precision, "measure_cpu_bf16_speedup", lambda: probes.append(1) or 0.5)
+    precision.clear_cache()
+    choice = resolve_precision("auto", "cpu")
+    assert choice.precision == "fp32" and "0.50x" in choice.reason and len(probes) == 2
+
+
 @pytest.mark.parametrize("bf16_supported, expected", [(True, "bf16"), (False, "fp16")])
 def test_auto_on_cuda_devices_with_and_without_bf16(monkeypatch, bf16_supported, expected):
     monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda *a, **k: bf16_supported)

@@ -119,6 +119,19 @@ def test_minutes_to_threshold_interpolates_and_the_goal_compares():
     assert goal["peers"]["vqmodel"] == {"ratio": 1.5, "lower_bound": True, "met": None}  # needs a longer budget
 
 
+def test_merge_adds_only_the_arms_this_run_did_not_measure():
+    def arm(minutes, seconds):
+        return {"to_threshold": {"minutes": minutes}, "seconds": seconds}
+    earlier = {"command": "first", "arms": {"ours": arm(8.0, 960.0), "taming": arm(None, 960.0),
+                                            "vqmodel": arm(None, 1440.0)}}
+    result = {"command": "python -m bench.ttq_autoencoder --arms taming", "arms": {"taming": arm(None, 1200.0)}}
+    ttq_autoencoder.merge(result, earlier)
+    assert list(result["arms"]) == ["ours", "taming", "vqmodel"]  # the report's order
+    assert result["arms"]["taming"]["seconds"] == 1200.0  # the new, longer taming arm wins
+    assert result["goal"]["peers"]["taming"] == {"ratio": 2.5, "lower_bound": True, "met": True}
+    assert result["command"].endswith("; arms ours, vqmodel from `first`")
+
+
 def test_our_arm_runs_the_public_entry_point_with_every_checkpoint_kept(tmp_path):
     args = ttq_autoencoder.parse_args(["--out", str(tmp_path / "new"), "--our-save-every", "40"])
     s = settings(tmp_path / "new", our_save_every=args.our_save_every)
@@ -169,10 +182,16 @@ def test_the_report_section_renders_the_json(tmp_path):
               "goal": {"factor": 2.0, "ours_minutes": 1.67,
                        "peers": {"taming": {"ratio": 1.2, "lower_bound": True, "met": None}}}}
     path = tmp_path / "ttq.json"
-    path.write_text(json.dumps(result))
+    other = {**result, "machine": {"cpu": "other cpu", "bf16_flags": ["amx_bf16"], "torch": "2"},
+             "goal": {"factor": 2.0, "ours_minutes": 1.67, "peers": {"taming": {"ratio": 3.0, "lower_bound": False,
+                                                                               "met": True}}}}
+    path.write_text(json.dumps({**result, "also": [other]}))  # an earlier run on another machine, kept beside
     report = Report(Context(args=argparse.Namespace(), profile={}, out=tmp_path, argv=[]))
     ttq_autoencoder_report.section(report, path)
     text = "\n".join(report.lines)
     assert "| ours | fp32 | 20 steps in 2.0 min | 1.67 |" in text and "not reached in 2.0" in text
     assert "at least 1.20x sooner (goal 2x: undecided" in text
+    newest, earlier = text.split("Also measured on other cpu:")
+    assert "on cpu (bf16 flags: none" in newest and "on other cpu (bf16 flags: amx_bf16" in earlier
+    assert "ours reached 22 dB 3.00x sooner (goal 2x: met)" in earlier and earlier.count("| ours |") == 1
     assert (tmp_path / "autoencoder_time_to_quality.png").stat().st_size > 0
