@@ -145,7 +145,7 @@ def measure_cpu_bf16_speedup() -> float:
 
 
 def cpu_bf16_speedup() -> float:
-    """:func:`measure_cpu_bf16_speedup`, cached on disk per CPU model and torch version."""
+    """:func:`measure_cpu_bf16_speedup`, cached on disk per CPU model, torch version and oneDNN ISA cap."""
     model, flags = cpu_description()
     key = f"{model}|{','.join(flags)}|torch={torch.__version__}"
     isa = os.environ.get("ONEDNN_MAX_CPU_ISA")

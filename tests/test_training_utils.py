@@ -7,7 +7,7 @@ import torch
 from torch import nn
 
 from common.ema import EMA
-from common.training import StreamSampler, cosine_warmup
+from common.training import OptimConfig, StreamSampler, cosine_warmup, make_optimizer
 
 
 def take(sampler, n):
@@ -44,6 +44,27 @@ def test_cosine_warmup_shape():
     assert cosine_warmup(0, 10, 100) == 0.1 and cosine_warmup(9, 10, 100) == 1.0
     assert abs(cosine_warmup(100, 10, 100) - 0.1) < 1e-9
     assert cosine_warmup(5000, 10, 0) == 1.0  # no decay configured
+
+
+def test_adamw_is_fused_on_cpu_and_updates_like_the_unfused_one():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(8, 16), nn.SiLU(), nn.Linear(16, 4))
+    reference = nn.Sequential(nn.Linear(8, 16), nn.SiLU(), nn.Linear(16, 4))
+    reference.load_state_dict(model.state_dict())
+    optim = OptimConfig(lr=1e-2, weight_decay=0.01, warmup_steps=0)
+    opt, _ = make_optimizer(model.parameters(), optim)
+    groups = [{"params": [reference[0].weight]}, {"params": list(reference.parameters())[1:], "weight_decay": 0.0}]
+    ref_opt, _ = make_optimizer(groups, optim)  # parameter groups (the prior's form) are fused too
+    assert opt.defaults["fused"] is True and ref_opt.defaults["fused"] is True
+    plain = torch.optim.AdamW(reference.parameters(), lr=1e-2, betas=optim.betas, weight_decay=0.01)
+    for _ in range(5):
+        x = torch.randn(32, 8)
+        for net, optimizer in ((model, opt), (reference, plain)):
+            optimizer.zero_grad()
+            net(x).square().mean().backward()
+            optimizer.step()
+    for fused, unfused in zip(model.parameters(), reference.parameters()):
+        torch.testing.assert_close(fused, unfused, rtol=1e-6, atol=1e-6)
 
 
 def test_optimizer_steps_orders_schedulers_ema_and_bar_and_retries_a_skipped_update():
