@@ -54,8 +54,8 @@ def test_adamw_is_fused_on_cpu_and_updates_like_the_unfused_one():
     optim = OptimConfig(lr=1e-2, weight_decay=0.01, warmup_steps=0)
     opt, _ = make_optimizer(model.parameters(), optim)
     groups = [{"params": [reference[0].weight]}, {"params": list(reference.parameters())[1:], "weight_decay": 0.0}]
-    ref_opt, _ = make_optimizer(groups, optim)  # parameter groups (the prior's form) are fused too
-    assert opt.defaults["fused"] is True and ref_opt.defaults["fused"] is True
+    grouped, _ = make_optimizer(groups, optim)  # parameter groups (the prior's form) are fused too
+    assert opt.defaults["fused"] is True and grouped.defaults["fused"] is True
     plain = torch.optim.AdamW(reference.parameters(), lr=1e-2, betas=optim.betas, weight_decay=0.01)
     for _ in range(5):
         x = torch.randn(32, 8)
