@@ -24,6 +24,7 @@ dropout and :func:`training_loss` are what the training script shares with the b
 """
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Literal
@@ -221,6 +222,10 @@ class DiffusionConfig(ScheduleConfig):
             independently (``diffusion.train_latent.drop_conditions``), so a class + text U-Net sees every
             pair the pipelines guide with: (class, "") and (null, prompt) each with probability p (1 - p),
             against (null, "") with p^2.
+        timestep_bias: how training draws t: t/T ~ Beta(bias, 1), density proportional to (t/T)^(bias - 1).
+            1 is DDPM's uniform draw; 2 draws noisy timesteps more often (twice as often at T as on average,
+            rarely near t = 0), where the prompt alone must say which image to make. On the emoji set, at 3,000
+            steps, 2 drew 55 % of the prompted glyphs against 28 % for 1 (``bench.emoji_recall``).
         spacing: how sampling picks its timesteps ("trailing" starts at T-1).
         steps_offset: added to "leading" timesteps (diffusers' ``steps_offset``, 1 in Stable Diffusion).
         set_alpha_to_one: DDIM's last step lands on the clean endpoint (alpha_bar 1); False lands it on
@@ -231,6 +236,7 @@ class DiffusionConfig(ScheduleConfig):
     weighting: Weighting = "min_snr"
     snr_gamma: float = 5.0
     cond_drop_prob: float = 0.1
+    timestep_bias: float = 1.0
     spacing: Spacing = "trailing"
     steps_offset: int = 0
     set_alpha_to_one: bool = True
@@ -238,12 +244,27 @@ class DiffusionConfig(ScheduleConfig):
     def __post_init__(self) -> None:
         if not 0.0 <= self.cond_drop_prob < 1.0:
             raise ValueError(f"cond_drop_prob must be in [0, 1), got {self.cond_drop_prob}")
+        if not (math.isfinite(self.timestep_bias) and self.timestep_bias > 0):
+            raise ValueError(f"timestep_bias must be a finite number > 0 (1 = uniform t, 2 = favour noisy t), got "
+                             f"{self.timestep_bias}")
         if self.steps_offset < 0 or (self.steps_offset and self.spacing != "leading"):
             raise ValueError(f"steps_offset must be >= 0 and only shifts 'leading' spacing, got {self.steps_offset} "
                              f"with spacing {self.spacing!r}")
         if self.zero_terminal_snr and self.prediction == "epsilon":
             raise ValueError("zero_terminal_snr needs prediction 'v' or 'x0': an epsilon network cannot "
                              "recover x0 from pure noise at the last timestep")
+
+
+def sample_timesteps(batch: int, num_steps: int, bias: float, device: torch.device | str) -> Tensor:
+    """(batch,) training timesteps in {0, ..., num_steps - 1}, t/T ~ Beta(bias, 1) (:class:`DiffusionConfig`).
+
+    ``bias`` 1 takes ``torch.randint``, so uniform runs keep the random stream they always had; otherwise
+    t = floor(T u^(1 / bias)) for u ~ U[0, 1), the inverse of the Beta(bias, 1) distribution function.
+    """
+    if bias == 1.0:
+        return torch.randint(0, num_steps, (batch,), device=device)
+    u = torch.rand(batch, device=device)
+    return (u.pow(1.0 / bias) * num_steps).long().clamp_(max=num_steps - 1)
 
 
 def drop_condition(ids: Tensor, prob: float, null_id: int, generator: torch.Generator | None = None) -> Tensor:
@@ -256,13 +277,13 @@ def drop_condition(ids: Tensor, prob: float, null_id: int, generator: torch.Gene
 
 def training_loss(unet: nn.Module, schedule: NoiseSchedule, config: DiffusionConfig, latents: Tensor,
                   text: TextEmbedding | None = None, class_labels: Tensor | None = None) -> Tensor:
-    """The weighted denoising loss (B,) of clean scaled latents (B, D, h, w), t ~ U{0, ..., T-1}.
+    """The weighted denoising loss (B,) of clean scaled latents (B, D, h, w) at t from :func:`sample_timesteps`.
 
     Draws t and the noise from the global RNG (what accelerate checkpoints, so resume is exact).
     ``class_labels`` are already shifted (label + 1, or NULL_CLASS) as the U-Net takes them.
     """
     batch = latents.shape[0]
-    t = torch.randint(0, schedule.num_steps, (batch,), device=latents.device)
+    t = sample_timesteps(batch, schedule.num_steps, config.timestep_bias, latents.device)
     noise = torch.randn_like(latents)
     x_t = q_sample(schedule, latents, t, noise)
     context = dict(context=text.states, context_mask=text.mask) if text is not None else {}

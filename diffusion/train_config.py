@@ -23,7 +23,7 @@ SHAPES_PROMPTS = (
 # Diffusion settings that only shape the training loss: a fine-tune may change them (e.g. no condition
 # dropout, so that the null prompt of guidance keeps the base's meaning), not the process itself. As keyword
 # values that neutralise them, for comparing two processes.
-TRAINING_ONLY = dict(weighting="none", snr_gamma=0.0, cond_drop_prob=0.0)
+TRAINING_ONLY = dict(weighting="none", snr_gamma=0.0, cond_drop_prob=0.0, timestep_bias=1.0)
 
 
 @dataclass(frozen=True)

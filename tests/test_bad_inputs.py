@@ -126,6 +126,8 @@ CONFIG_CASES = {  # name -> (script, YAML text, overrides, words of the message)
                           ("run.precision: 'bf61' is not one of", "'bf16'")),
     "value_out_of_range": ("diffusion.train_latent", "", ("diffusion.cond_drop_prob=1.5",),
                            ("diffusion: cond_drop_prob must be in [0, 1), got 1.5",)),
+    "timestep_bias_not_positive": ("diffusion.train_latent", "", ("diffusion.timestep_bias=0",),
+                                   ("diffusion: timestep_bias must be a finite number > 0", "1 = uniform t")),
     "unknown_grid_sampler": ("diffusion.train_latent", "", ("sample.sampler=plms",),
                              ("sample: sampler 'plms' is unknown", "valid samplers")),
     "inconsistent_values": ("autoencoder.train", "loss:\n  disc_start: 5\n  gan_start: 2\n", (),

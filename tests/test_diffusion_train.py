@@ -88,6 +88,16 @@ def test_caption_templates_train_and_resume_exactly(setup):
     assert saved["caption_templates"] == ["a {}", "{} please"]
 
 
+def test_timestep_bias_changes_the_training_draw_and_is_saved(setup):
+    """``diffusion.timestep_bias`` reaches the loss (same seed, other timesteps, other losses) and the pipeline."""
+    train(setup, f"run.out_dir={setup / 'biased'}", "run.steps=2", "diffusion.timestep_bias=2")
+    biased = {m["step"]: m["loss"] for m in read_metrics(setup / "biased")}
+    plain = {m["step"]: m["loss"] for m in read_metrics(setup / "full")}
+    assert biased[1] != plain[1]
+    assert LatentDiffusion.from_pretrained(setup / "biased" / "pipeline").config.timestep_bias == 2.0
+    assert LatentDiffusion.from_pretrained(setup / "full" / "pipeline").config.timestep_bias == 1.0
+
+
 def test_run_directory_is_complete_and_the_cache_is_shared(setup):
     run_dir = setup / "full"
     saved = yaml.safe_load((run_dir / "config.yaml").read_text())

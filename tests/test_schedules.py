@@ -9,8 +9,10 @@ import torch
 
 from diffusion.objectives import (
     Denoiser,
+    DiffusionConfig,
     diffusion_loss,
     loss_weight,
+    sample_timesteps,
     to_eps,
     to_x0,
     training_target,
@@ -207,3 +209,19 @@ def test_denoiser_wraps_each_prediction_in_fp32() -> None:
         torch.testing.assert_close(x0_hat, x0, atol=0.1, rtol=0.02)  # bf16 network output, fp32 conversion
     with pytest.raises(ValueError, match="valid types"):
         Denoiser(lambda x, t: x, schedule, "sample")  # type: ignore[arg-type]
+
+
+def test_timestep_bias_one_is_the_uniform_draw_and_two_favours_noisy_timesteps() -> None:
+    torch.manual_seed(0)
+    uniform = sample_timesteps(64, 1000, 1.0, "cpu")
+    torch.manual_seed(0)
+    assert torch.equal(uniform, torch.randint(0, 1000, (64,))), "bias 1 must keep the random stream of old runs"
+    for bias in (2.0, 3.0, 0.5):
+        t = sample_timesteps(200_000, 1000, bias, "cpu")
+        assert t.dtype == torch.long and t.min() >= 0 and t.max() <= 999
+        fraction = (t + 0.5) / 1000  # t/T ~ Beta(bias, 1): mean bias / (bias + 1), P(t/T < x) = x^bias
+        assert fraction.mean().item() == pytest.approx(bias / (bias + 1), abs=3e-3)
+        assert (t < 500).float().mean().item() == pytest.approx(0.5 ** bias, abs=3e-3)
+    for bad in (0.0, -1.0, math.nan, math.inf):
+        with pytest.raises(ValueError, match="timestep_bias must be a finite number > 0"):
+            DiffusionConfig(timestep_bias=bad)
