@@ -121,7 +121,7 @@ def preview_datasets(out: Path, count: int = 64) -> dict[str, str]:
 def main(argv: list[str] | None = None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--out", default="outputs/demo", help="where every output goes")
-    # 4.5 + 11.5: the grid is limited by diffusion steps (emoji recall 64 % at 3,800 steps, 91 % at 5,000, 97.5 %
+    # 4.5 + 11.5: the grid is limited by diffusion steps (recall, uniform t: 64 % at 3,800 steps, 91 % at 5,000, 97.5 %
     # at 7,600), not by stage 1 (a 1,800-step autoencoder's reconstructions: 99.7 % nearest their own glyph).
     # Moving a minute from 5.5 + 10.5 raised the fp32 demo's recall from 68.8 % to 82.1 % (README).
     parser.add_argument("--autoencoder-minutes", type=float, default=4.5, help="wall-clock budget of stage 1")
