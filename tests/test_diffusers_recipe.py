@@ -159,11 +159,12 @@ def test_the_unet_is_ours_in_size_and_computes_ours(batch):
     assert sizes[0] == sizes[1]
 
 
-def test_the_recipe_trains_and_snapshots_by_wall_clock(tiny_parts, tmp_path):
-    from tiny import TINY_DATA
+def test_the_recipe_trains_and_snapshots_by_wall_clock(tiny_parts, tmp_path, monkeypatch):
+    from tiny import TINY_DATA, SteppingClock
 
+    monkeypatch.setattr(recipe, "time", SteppingClock(0.12))
     cfg = TrainConfig(autoencoder=str(tiny_parts["ae"]), text=tiny_parts["text"], model=TINY_UNET, data=TINY_DATA)
-    steps = recipe.train(cfg, tmp_path, minutes=0.04, snapshot_minutes=0.015, start=__import__("time").time())
+    steps = recipe.train(cfg, tmp_path, minutes=0.04, snapshot_minutes=0.015, start=0.0)
     snaps = ttq.read_jsonl(tmp_path / recipe.SNAPSHOTS)
     assert steps >= 1 and 2 <= len(snaps) <= 3
     assert [s["minutes"] for s in snaps] == sorted(s["minutes"] for s in snaps) and snaps[-1]["minutes"] >= 0.04

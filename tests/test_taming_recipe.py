@@ -16,6 +16,7 @@ from autoencoder.quantizer import QuantizerConfig
 from bench import taming_recipe, ttq_autoencoder, ttq_autoencoder_report
 from bench.taming_recipe import NoPerceptual, TamingGenerator, TamingRecipe, TamingTrainer
 from bench.vqmodel_equal_time import TrainingClock
+from tiny import SteppingClock
 
 # taming's GroupNorm has 32 groups and its 3-layer PatchGAN needs 32 px: the smallest model both allow.
 CONFIG = AutoencoderConfig(resolution=32, base_channels=32, channel_mult=(1, 2), num_res_blocks=1,
@@ -152,6 +153,7 @@ def settings(out, config="configs/autoencoder/emoji32_quick.yaml", **changes) ->
 
 def test_the_peer_arms_train_snapshot_and_score_end_to_end(tmp_path, monkeypatch):
     monkeypatch.setattr("bench.measure.machine_info", lambda: {"cpu": "test"})  # it samples the load for 2 s
+    monkeypatch.setattr(ttq_autoencoder.vq, "time", SteppingClock(0.05))
     config = tmp_path / "tiny.yaml"
     config.write_text(yaml.safe_dump(TINY_RUN))
     s = settings(tmp_path / "out", config=str(config), minutes=0.01)

@@ -181,3 +181,17 @@ def train_in_process(main: Callable[[list[str]], Any], *argv: str | Path) -> Non
     finally:
         AcceleratorState._reset_state(reset_partial_state=True)  # leave no accelerate singleton behind
 
+
+class SteppingClock:
+    """A ``time`` stand-in whose clock advances ``tick`` seconds per reading (``time()`` or ``perf_counter()``):
+    a run with a time budget then ends after the same steps and snapshots on every machine, however slow its
+    loading or first step (a slow first step once left a single snapshot in CI)."""
+
+    def __init__(self, tick: float) -> None:
+        self.now, self.tick = 0.0, tick
+
+    def time(self) -> float:
+        self.now += self.tick
+        return self.now
+
+    perf_counter = time
