@@ -234,10 +234,11 @@ class LatentPipeline(Pipeline):
 
         Every chunk draws its start noise from the call's one generator, in image order, so a deterministic
         sampler (dpmpp_2m, euler, ddim with eta 0) gives the same latents for any chunk size: each chunk's
-        draw continues the stream where the previous chunk's ended. That holds bit for bit for a CPU
-        generator (``seed=`` makes one) when a chunk's latents hold a multiple of 16 values (torch draws
-        normals in blocks of 16; D * h * w is such a multiple for 4-channel latents with h * w a multiple
-        of 4); a CUDA generator's blocks follow its kernel launches instead. A stochastic sampler (ddpm,
+        draw continues the stream where the previous chunk's ended. The start noise is the same bit for bit
+        for a CPU generator (``seed=`` makes one) when a chunk's latents hold a multiple of 16 values (torch
+        draws normals in blocks of 16; D * h * w is such a multiple for 4-channel latents with h * w a
+        multiple of 4); a CUDA generator's blocks follow its kernel launches instead. The latents then agree
+        to float rounding: some CPUs' kernels round another batch size differently. A stochastic sampler (ddpm,
         ddim with eta > 0) also draws per step, so its images depend on ``chunk_size`` (recorded in the
         settings); the same seed and chunk size always repeat them. ``callback`` runs for each chunk's
         steps, with that chunk's latents.

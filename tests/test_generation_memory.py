@@ -48,15 +48,24 @@ def call(pipes: dict, which: str, **options):
     return pipe(*arguments, **options).images
 
 
+def same_latents(first: torch.Tensor, second: torch.Tensor) -> bool:
+    """The prior's codes bit for bit; diffusion latents to the float rounding of a U-Net run on another batch
+    size (an AVX2 CPU's fp32 kernels round differently for batch 1 and 6, by up to 1.3e-5 here). Other start
+    noise would differ by about 1."""
+    if not first.is_floating_point():
+        return torch.equal(first, second)
+    return first.shape == second.shape and float((first - second).abs().max()) <= 1e-4
+
+
 @pytest.mark.parametrize("which", ["text", "class", "img2img", "inpaint", "tokens"])
 def test_images_do_not_depend_on_the_chunk_size(pipes, which):
-    """The sampled latents (the prior's codes) are the same bits for any chunk size, for a seed and for a
-    generator; the decoded images agree up to the float rounding of a decoder run on another batch size."""
+    """The sampled latents are the same for any chunk size, for a seed and for a generator (the prior's codes
+    bit for bit); the decoded images agree up to the float rounding of a decoder run on another batch size."""
     seeded = [call(pipes, which, chunk_size=chunk, seed=7, output_type="latent") for chunk in CHUNKS[::2]]
     generated = call(pipes, which, chunk_size=CHUNKS[1], generator=torch.Generator().manual_seed(7),
                      output_type="latent")
     for latents in (seeded[1], generated):
-        assert torch.equal(latents, seeded[0])
+        assert same_latents(latents, seeded[0])
     decoded = [call(pipes, which, chunk_size=chunk, seed=7) for chunk in CHUNKS[1:]]
     torch.testing.assert_close(decoded[1], decoded[0], rtol=0, atol=1e-5)
     assert decoded[0].shape == (6, 3, 16, 16)
@@ -66,7 +75,7 @@ def test_classifier_guidance_and_negative_prompts_follow_their_images_across_chu
     steered = dict(classifier=tiny_classifier(), classifier_labels=["red", "blue"], classifier_scale=3.0)
     runs = [call(pipes, "text", chunk_size=chunk, seed=1, negative_prompt=["a dog", "a cat"], output_type="latent",
                  **steered) for chunk in CHUNKS]
-    assert all(torch.equal(images, runs[0]) for images in runs[1:])
+    assert all(same_latents(images, runs[0]) for images in runs[1:])
 
 
 def test_a_stochastic_sampler_repeats_itself_at_one_chunk_size(pipes):
