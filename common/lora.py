@@ -20,20 +20,21 @@ import copy
 import hashlib
 import json
 import math
+import sys
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
-from peft import LoraConfig as PeftLoraConfig
-from peft import get_peft_model_state_dict, inject_adapter_in_model, set_peft_model_state_dict
-from peft.tuners.lora import LoraLayer
 from safetensors import safe_open
 from safetensors.torch import save_file
 from torch import Tensor, nn
 
 from common.checkpoint import CheckpointError, atomic_write, read_json_object
 from common.config import ConfigError
+
+if TYPE_CHECKING:
+    from peft import LoraConfig as PeftLoraConfig
 
 ADAPTER_DIR = "lora"  # a training run's adapter sub-directory
 ADAPTER_FILE = "adapter_model.safetensors"  # peft's names, so peft tools read the directory
@@ -80,6 +81,8 @@ class LoraConfig:
         return self.rank > 0
 
     def peft_config(self) -> PeftLoraConfig:
+        from peft import LoraConfig as PeftLoraConfig  # peft (and transformers) take seconds to import: lazily
+
         return PeftLoraConfig(r=self.rank, lora_alpha=self.alpha or self.rank, target_modules=list(self.targets),
                               lora_dropout=self.dropout)
 
@@ -98,6 +101,8 @@ def add_adapters(network: nn.Module, lora: LoraConfig, where: str = "lora.target
     Raises:
         ConfigError: a target matches no linear layer; the message lists the names that would.
     """
+    from peft import inject_adapter_in_model
+
     try:
         inject_adapter_in_model(lora.peft_config(), network, ADAPTER_NAME)
     except ValueError as error:
@@ -126,9 +131,18 @@ def trainable(params: Any) -> list:
     return [p for p in params if p.requires_grad]
 
 
+def lora_layers(network: nn.Module) -> list[tuple[str, nn.Module]]:
+    """The modules that carry an adapter, with their names. None can before peft is imported (an adapter is
+    added or attached through it), so a run or pipeline without adapters never imports peft: 6 s saved."""
+    peft_lora = sys.modules.get("peft.tuners.lora")
+    if peft_lora is None:
+        return []
+    return [(name, module) for name, module in network.named_modules() if isinstance(module, peft_lora.LoraLayer)]
+
+
 def adapted_names(network: nn.Module) -> list[str]:
     """The names of the modules that carry an adapter."""
-    return [name for name, module in network.named_modules() if isinstance(module, LoraLayer)]
+    return [name for name, _ in lora_layers(network)]
 
 
 def without_adapters(network: nn.Module) -> nn.Module:
@@ -151,6 +165,8 @@ def fingerprint(network: nn.Module, names: list[str]) -> str:
 def save_adapter(network: nn.Module, directory: str | Path, lora: LoraConfig, component: str, base: str) -> Path:
     """Write ``network``'s adapter alone to ``directory`` (see the module docstring); returns the weights file."""
     directory = Path(directory)
+    from peft import get_peft_model_state_dict
+
     state = {k: v.detach().to("cpu", copy=True).contiguous() for k, v in get_peft_model_state_dict(network).items()}
     names = sorted({key.rsplit(".lora_", 1)[0] for key in state})
     meta = {"format": "latentgen-lora", "component": component, "base_fingerprint": fingerprint(network, names)}
@@ -238,6 +254,9 @@ def check_fits(network: nn.Module, adapter: Adapter) -> None:
 
 def attach(network: nn.Module, adapter: Adapter, scale: float = 1.0) -> None:
     """Put ``adapter`` on ``network`` (replacing any adapter it carries) at ``scale`` x alpha / rank."""
+    from peft import LoraConfig as PeftLoraConfig
+    from peft import inject_adapter_in_model, set_peft_model_state_dict
+
     check_fits(network, adapter)
     detach(network)
     config = PeftLoraConfig(r=adapter.rank, lora_alpha=adapter.alpha, target_modules=adapter.modules)
@@ -254,9 +273,8 @@ def set_scale(network: nn.Module, scale: float) -> None:
     """Set the strength of the adapter ``network`` carries (0: the base's outputs exactly)."""
     if not math.isfinite(scale):
         raise ValueError(f"scale={scale!r} must be a finite number (1.0: as trained, 0.0: off)")
-    for module in network.modules():
-        if isinstance(module, LoraLayer):
-            module.set_scale(ADAPTER_NAME, scale)
+    for _, module in lora_layers(network):
+        module.set_scale(ADAPTER_NAME, scale)
 
 
 def detach(network: nn.Module) -> nn.Module:
