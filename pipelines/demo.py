@@ -16,6 +16,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
+import math
 import shutil
 import subprocess
 import sys
@@ -31,6 +32,10 @@ from pipelines.png_info import Layout, Parameters, call, identify, recorded_opti
 
 CONFIGS = Path(__file__).resolve().parents[1] / "configs"
 PROMPTS = ("a dog", "dog face", "cat face", "red apple", "rocket", "grinning face", "snowman", "ghost")
+# The steps each stage needs for a grid in which every row shows its emoji, measured on fresh clones (README):
+# 723 autoencoder + 5,230 diffusion steps drew every row in fp32; 250 + 2,200 (an AVX2 CPU without AVX-512)
+# drew 7 of 40 rows, and 3,000 diffusion steps 65 % of the samples.
+FULL_GRID_STEPS = {"autoencoder": 700, "diffusion": 5000}
 
 
 def launch(script: str, config: Path, *overrides: str) -> None:
@@ -46,6 +51,17 @@ def run_python(module: str, *args: str) -> dict:
     result = subprocess.run([sys.executable, "-m", module, *args], check=True, cwd=CONFIGS.parent,
                             capture_output=True, text=True)
     return json.loads(result.stdout[result.stdout.index("{"):])
+
+
+def full_grid_minutes(runs: dict[str, dict], minutes: dict[str, float]) -> dict[str, float] | None:
+    """The stage budgets that would reach :data:`FULL_GRID_STEPS` at each stage's measured rate on this
+    machine (never less than the budget given, rounded up to half minutes), or None when every stage already
+    reached its steps or a stage logged no rate to scale."""
+    rates = {stage: runs[stage]["steps_per_second"] for stage in FULL_GRID_STEPS}
+    if all((runs[stage]["steps"] or 0) >= steps for stage, steps in FULL_GRID_STEPS.items()) or not all(rates.values()):
+        return None
+    return {stage: max(minutes[stage], math.ceil(steps / rates[stage] / 30) / 2)  # steps / rate / 60, in halves
+            for stage, steps in FULL_GRID_STEPS.items()}
 
 
 def run_facts(run_dir: Path) -> dict:
@@ -152,8 +168,10 @@ def main(argv: list[str] | None = None) -> dict:
     timed("diffusion", train_diffusion(out, out / "autoencoder_run", args.diffusion_minutes, args.precision))
     timed("text_to_image", render_prompts(out, out / "diffusion_run", args.prompts, args.per_prompt, args.seed))
     runs = {stage: run_facts(out / f"{stage}_run") for stage in ("autoencoder", "diffusion")}
+    needed = full_grid_minutes(runs, {"autoencoder": args.autoencoder_minutes, "diffusion": args.diffusion_minutes})
     summary = {"outputs": outputs, "seconds": timings, "total_seconds": round(time.monotonic() - start, 1),
-               "training": runs, "autoencoder_heldout": json.loads((out / "autoencoder_heldout.json").read_text())}
+               "training": runs, "autoencoder_heldout": json.loads((out / "autoencoder_heldout.json").read_text()),
+               "full_grid_minutes": needed}
     (out / "summary.json").write_text(json.dumps(summary, indent=2))
     print("\nlatentgen demo finished")
     for key, path in outputs.items():
@@ -163,6 +181,11 @@ def main(argv: list[str] | None = None) -> dict:
         print(f"  {stage}: {facts['steps']} steps, {facts['steps_per_second'] or 0:.2f} steps/s, {facts['precision']} "
               f"({facts['precision_reason']})")
     print(f"  total {summary['total_seconds']} s (summary: {out / 'summary.json'})")
+    if needed:
+        print(f"  this machine trained fewer steps than a full grid needs (about {FULL_GRID_STEPS['autoencoder']:,} + "
+              f"{FULL_GRID_STEPS['diffusion']:,}), so some rows may not show their emoji; at its measured rates "
+              f"they take {needed['autoencoder']:g} + {needed['diffusion']:g} minutes: make demo ARGS=\"--fresh "
+              f"--autoencoder-minutes {needed['autoencoder']:g} --diffusion-minutes {needed['diffusion']:g}\"")
     print(f"try: python -m pipelines.generate {out / 'pipeline'} \"a dog\" -n 4 --seed 1 -o dog.png")
     return summary
 
