@@ -164,9 +164,9 @@ def fingerprint(network: nn.Module, names: list[str]) -> str:
 
 def save_adapter(network: nn.Module, directory: str | Path, lora: LoraConfig, component: str, base: str) -> Path:
     """Write ``network``'s adapter alone to ``directory`` (see the module docstring); returns the weights file."""
-    directory = Path(directory)
     from peft import get_peft_model_state_dict
 
+    directory = Path(directory)
     state = {k: v.detach().to("cpu", copy=True).contiguous() for k, v in get_peft_model_state_dict(network).items()}
     names = sorted({key.rsplit(".lora_", 1)[0] for key in state})
     meta = {"format": "latentgen-lora", "component": component, "base_fingerprint": fingerprint(network, names)}
