@@ -32,10 +32,8 @@ from pipelines.png_info import Layout, Parameters, call, identify, recorded_opti
 
 CONFIGS = Path(__file__).resolve().parents[1] / "configs"
 PROMPTS = ("a dog", "dog face", "cat face", "red apple", "rocket", "grinning face", "snowman", "ghost")
-# The steps each stage needs for a grid in which every row shows its emoji, as the runs log them (every 50),
-# measured on fresh clones (README): 723 autoencoder + 5,230 diffusion steps drew every row in fp32 on an
-# AVX-512 CPU, 682 + 6,392 on an AVX2 one, where 299 + 2,243 drew 7 of 40 rows; 3,000 diffusion steps drew
-# 65 % of the samples.
+# The steps each stage needs for a grid in which every row shows its emoji, as the runs log them (every 50):
+# the fewest with which a fresh-clone demo drew every row, on each kind of CPU (the README's demo table).
 FULL_GRID_STEPS = {"autoencoder": 650, "diffusion": 5000}
 
 
