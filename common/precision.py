@@ -116,6 +116,10 @@ def _fastest_times(steps, repeats: int = 7) -> list[float]:
     return best
 
 
+# The first call may come from inside a pipeline's no_grad (or a caller's inference_mode, whose tensors
+# cannot take part in autograd): a fresh machine's first image must not need a training run before it.
+@torch.inference_mode(False)
+@torch.enable_grad()
 def measure_cpu_bf16_speedup() -> float:
     """fp32 time / bf16-autocast time of a small conv forward + backward on the CPU (> 1: bf16 faster).
 

@@ -103,6 +103,26 @@ def test_the_real_probe_returns_a_positive_ratio_quickly():
     assert precision.measure_cpu_bf16_speedup() > 0
 
 
+def test_a_pipelines_first_call_on_a_cold_cache_runs_the_real_probe(monkeypatch, tmp_path):
+    """On a fresh machine with native bf16 flags, the first image resolves ``auto`` inside the pipeline's
+    no_grad: the probe (a backward pass) must run there, and under a caller's inference_mode."""
+    from pipelines import TextToImage
+    from tiny import make_tiny_pipeline
+
+    directory = make_tiny_pipeline(tmp_path).save_pretrained(tmp_path / "pipe")
+    monkeypatch.setenv("LATENTGEN_CACHE_DIR", str(tmp_path / "cold"))
+    monkeypatch.setattr(precision, "cpu_description", lambda: SAPPHIRE_RAPIDS)
+    precision.clear_cache()
+    try:
+        with torch.inference_mode():
+            image = TextToImage.from_pretrained(directory)("a dog", num_inference_steps=1, seed=0, output_type="pt",
+                                                           progress=False).images
+        assert torch.isfinite(image).all()
+        assert len(json.loads((tmp_path / "cold" / "precision_probe.json").read_text())) == 1
+    finally:
+        precision.clear_cache()
+
+
 def budget(steps, seconds, elapsed):
     return SimpleNamespace(steps=steps, seconds=seconds, elapsed=elapsed)
 
