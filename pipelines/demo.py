@@ -33,7 +33,7 @@ from pipelines.png_info import Layout, Parameters, call, identify, recorded_opti
 CONFIGS = Path(__file__).resolve().parents[1] / "configs"
 PROMPTS = ("a dog", "dog face", "cat face", "red apple", "rocket", "grinning face", "snowman", "ghost")
 # The steps each stage needs for a grid in which every row shows its emoji, as the runs log them (every 50):
-# the fewest with which a fresh-clone demo drew every row, on each kind of CPU (the README's demo table).
+# the fewest with which a fresh-clone demo of the shipped recipes drew every row (the README's demo table).
 FULL_GRID_STEPS = {"autoencoder": 650, "diffusion": 4950}
 
 
